@@ -1,0 +1,168 @@
+"""Every audio file the workbench reads or writes goes through here.
+
+Reading streams in blocks so memory never grows with a recording's length. Writing always goes to a
+temporary file beside the target and is renamed into place only when complete, so a failure or a kill
+leaves either the old file or nothing, never half a file. Source recordings are never written to.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import re
+import secrets
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import soundfile as sf
+
+from workbench.errors import WorkbenchError
+
+AUDIO_SUFFIXES = {".wav", ".bwf", ".rf64", ".w64", ".flac", ".aif", ".aiff", ".aifc"}
+
+
+@dataclass(frozen=True)
+class AudioInfo:
+    path: Path
+    sample_rate: int
+    channels: int
+    frames: int
+    format: str  # soundfile's major format, e.g. "WAV", "FLAC"
+    subtype: str  # e.g. "PCM_24", "FLOAT"
+
+    @property
+    def seconds(self) -> float:
+        return self.frames / self.sample_rate
+
+
+def audio_info(path: Path) -> AudioInfo:
+    """Header facts of an audio file, or a WorkbenchError naming the file and why it cannot be read."""
+    path = Path(path)
+    if not path.is_file():
+        raise WorkbenchError(f"{path}: no such file")
+    if path.stat().st_size == 0:
+        raise WorkbenchError(f"{path}: empty file")
+    try:
+        info = sf.info(str(path))
+    except (sf.LibsndfileError, RuntimeError, TypeError) as error:
+        raise WorkbenchError(f"{path}: not readable audio ({_reason(error)})") from None
+    if info.frames <= 0:
+        raise WorkbenchError(f"{path}: no audio frames")
+    # libsndfile quietly shortens a truncated WAV/AIFF to what is there; its header dump says so.
+    if re.search(r"^(data|SSND)\s*:.*should be", info.extra_info or "", re.MULTILINE):
+        raise WorkbenchError(f"{path}: truncated (the header promises more audio than the file holds)")
+    return AudioInfo(path, int(info.samplerate), int(info.channels), int(info.frames), info.format, info.subtype)
+
+
+def _reason(error: Exception) -> str:
+    return " ".join(str(error).split()).replace(str(error.__class__.__name__), "").strip() or "unknown error"
+
+
+def iter_blocks(path: Path, block_frames: int) -> Iterator[np.ndarray]:
+    """Yield float32 blocks of shape (channels, frames) until the end of the file.
+
+    A file whose body is shorter than its header says (truncated) or that libsndfile cannot decode
+    part-way raises a WorkbenchError naming the file.
+    """
+    info = audio_info(path)
+    read = 0
+    try:
+        with sf.SoundFile(str(path)) as handle:
+            while True:
+                block = handle.read(block_frames, dtype="float32", always_2d=True)
+                if block.shape[0] == 0:
+                    break
+                read += block.shape[0]
+                yield np.ascontiguousarray(block.T)
+    except (sf.LibsndfileError, RuntimeError) as error:
+        raise WorkbenchError(f"{path}: unreadable at {read / info.sample_rate:.2f} s ({_reason(error)})") from None
+    if read < info.frames:
+        raise WorkbenchError(f"{path}: truncated ({read} of {info.frames} frames readable)")
+
+
+def read_audio(path: Path) -> tuple[np.ndarray, int]:
+    """The whole file as float32 (channels, frames) and its sample rate: for short files only."""
+    info = audio_info(path)
+    blocks = list(iter_blocks(path, 1 << 18))
+    return np.concatenate(blocks, axis=1), info.sample_rate
+
+
+def sha256_file(path: Path, chunk_bytes: int = 1 << 20) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while chunk := handle.read(chunk_bytes):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+@contextlib.contextmanager
+def atomic_path(path: Path) -> Iterator[Path]:
+    """Yield a temporary path beside `path`; rename it onto `path` only if the block completes.
+
+    The temporary name keeps the suffix so that tools which infer a format from it still work.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f".{path.stem}.{secrets.token_hex(4)}.partial{path.suffix}")
+    try:
+        yield temporary
+        os.replace(temporary, path)
+    finally:
+        temporary.unlink(missing_ok=True)
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    with atomic_path(path) as temporary:
+        temporary.write_bytes(data)
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_write_json(path: Path, data) -> None:
+    atomic_write_text(path, json.dumps(data, indent=2, sort_keys=False, ensure_ascii=False, default=str) + "\n")
+
+
+def format_for(path: Path) -> str:
+    """soundfile's major format for an output file's suffix (.bwf and .rf64 are WAV variants)."""
+    suffix = Path(path).suffix.lower()
+    formats = {".wav": "WAV", ".bwf": "WAV", ".rf64": "RF64", ".w64": "W64", ".flac": "FLAC",
+               ".aif": "AIFF", ".aiff": "AIFF", ".aifc": "AIFF", ".ogg": "OGG"}
+    if suffix not in formats:
+        raise WorkbenchError(f"{path}: unknown audio suffix {suffix!r} (use one of {', '.join(sorted(formats))})")
+    return formats[suffix]
+
+
+@contextlib.contextmanager
+def atomic_audio_writer(path: Path, sample_rate: int, channels: int, subtype: str | None = None,
+                        format: str | None = None) -> Iterator[sf.SoundFile]:
+    """An open soundfile for streaming writes that appears at `path` only once closed successfully.
+
+    Write (frames, channels) float arrays to it; soundfile converts to `subtype` (default: the
+    format's default, e.g. PCM_16 for WAV).
+    """
+    format = format or format_for(path)
+    with atomic_path(path) as temporary:
+        with sf.SoundFile(str(temporary), "w", samplerate=int(sample_rate), channels=int(channels),
+                          subtype=subtype, format=format) as handle:
+            yield handle
+
+
+def write_audio(path: Path, samples: np.ndarray, sample_rate: int, subtype: str | None = None,
+                format: str | None = None) -> None:
+    """Write (channels, frames) samples atomically."""
+    samples = np.atleast_2d(samples)
+    with atomic_audio_writer(path, sample_rate, samples.shape[0], subtype, format) as handle:
+        handle.write(samples.T)
+
+
+def same_file(a: Path, b: Path) -> bool:
+    a, b = Path(a), Path(b)
+    if a.exists() and b.exists():
+        return os.path.samefile(a, b)
+    return a.resolve() == b.resolve()

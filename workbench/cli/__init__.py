@@ -1,0 +1,42 @@
+"""The `workbench` command line: thin commands that parse, call one library function and render.
+
+Each area's commands live in their own module and attach themselves to the one Typer app. Errors the
+user can fix arrive as `WorkbenchError` and are printed as one line; the exit status is then 2.
+"""
+
+from __future__ import annotations
+
+import sys
+
+from workbench.cli._app import app
+from workbench.cli import workspace as _workspace  # noqa: F401  (registers init, devices)
+from workbench.cli import noise as _noise  # noqa: F401  (capture-noise, noise)
+from workbench.cli import synth as _synth  # noqa: F401  (synth)
+from workbench.cli import model as _model  # noqa: F401  (import-checkpoint)
+from workbench.cli import denoise as _denoise  # noqa: F401  (denoise)
+from workbench.cli import train as _train  # noqa: F401  (corpus, pretrain)
+from workbench.cli import registry as _registry  # noqa: F401  (finetune, models, ui)
+from workbench.cli import demo as _demo  # noqa: F401  (demo)
+from workbench.cli._render import err_console
+from workbench.errors import WorkbenchError
+
+__all__ = ["app", "main"]
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the CLI; returns the exit status (0 ok, 2 a WorkbenchError, 1 anything else Click reports)."""
+    try:
+        app(args=argv, prog_name="workbench", standalone_mode=True)
+    except SystemExit as exit_:
+        return exit_.code if isinstance(exit_.code, int) else (0 if exit_.code is None else 1)
+    except WorkbenchError as error:
+        err_console.print(f"[bold red]error:[/] {error}", highlight=False, soft_wrap=True)
+        return 2
+    except KeyboardInterrupt:
+        err_console.print("interrupted")
+        return 130
+    return 0
+
+
+def entry_point() -> None:
+    sys.exit(main())
