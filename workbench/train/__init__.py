@@ -1,0 +1,1 @@
+"""Training: mixing (Eq. 1), data, the loop shared by pretrain and finetune, and Optuna tuning."""
