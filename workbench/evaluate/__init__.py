@@ -1,0 +1,1 @@
+"""Evaluation with the research protocol: metrics, fixed test fragments, baselines and the report."""
