@@ -16,14 +16,12 @@ import numpy as np
 
 from workbench.evaluate.fragments import FragmentSet
 from workbench.evaluate.metrics import Summary, mean_ci, si_sdr_db, snr_db
+from workbench.noise.profile import PSD_SEGMENT_SECONDS
 from workbench.progress import Progress, no_progress
 
 METRICS = ("snr", "delta_snr", "si_sdr", "delta_si_sdr")
 METRIC_TITLES = {"snr": "SNR (dB)", "delta_snr": "ΔSNR (dB)", "si_sdr": "SI-SDR (dB)", "delta_si_sdr": "ΔSI-SDR (dB)"}
 POOLED = "all"
-# Welch segment for the residual spectra: 4096 samples ≈ 10.8 Hz bins at 44.1 kHz, fine enough to
-# separate mains hum harmonics, as in the noise profile.
-WELCH_SEGMENT = 4096
 NOISE_ADDED = "noise added"
 
 
@@ -93,10 +91,12 @@ def _to_db(psd: np.ndarray) -> np.ndarray:
 
 
 def _welch(x: np.ndarray, sample_rate: int) -> tuple[np.ndarray, np.ndarray]:
-    """Mean Welch PSD over the rows of x (N, T)."""
+    """Mean Welch PSD over the rows of x (N, T), with the noise profile's segment (Hann, 50 % overlap),
+    so residual spectra and the device's noise profile are read on the same frequency grid."""
     from scipy.signal import welch
 
-    frequencies, psd = welch(x.astype(np.float64), fs=sample_rate, nperseg=min(WELCH_SEGMENT, x.shape[-1]), axis=-1)
+    segment = min(int(round(PSD_SEGMENT_SECONDS * sample_rate)), x.shape[-1])
+    frequencies, psd = welch(x.astype(np.float64), fs=sample_rate, window="hann", nperseg=segment, axis=-1)
     return frequencies, psd.reshape(-1, psd.shape[-1]).mean(axis=0)
 
 
