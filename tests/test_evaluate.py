@@ -11,7 +11,7 @@ from scipy import stats
 
 from workbench.errors import WorkbenchError
 from workbench.evaluate.baselines import NOISY_INPUT, SPECTRAL_GATING, noisy_input, spectral_gating
-from workbench.evaluate.evaluate import NOISE_ADDED, POOLED, evaluate_methods
+from workbench.evaluate.evaluate import NOISE_ADDED, POOLED, PerSet, evaluate_methods
 from workbench.evaluate.fragments import (Source, evaluation_fragments, fragment_digest, fragments_dir,
                                           load_fragments)
 from workbench.evaluate.metrics import delta_si_sdr_db, delta_snr_db, mean_ci, si_sdr_db, snr_db
@@ -188,9 +188,15 @@ def test_evaluate_methods_scores_known_methods_exactly(tmp_path, sources):
         clean_rows = np.stack([clean_by_noisy[row.tobytes()] for row in np.atleast_2d(noisy)])
         return (clean_rows + 0.5 * (noisy - clean_rows)).astype(np.float32)
 
-    gate = spectral_gating(hiss(2.0, 42))
-    result = evaluate_methods(sets, {NOISY_INPUT: noisy_input, "half noise": half_noise, SPECTRAL_GATING: gate},
-                              batch_size=2)
+    built_for = []
+
+    def gate_for(fragment_set):  # spectral gating given the noise of each set's own speed
+        built_for.append(fragment_set.label)
+        return spectral_gating(hiss(2.0, int(fragment_set.speed * 4)))
+
+    result = evaluate_methods(sets, {NOISY_INPUT: noisy_input, "half noise": half_noise,
+                                     SPECTRAL_GATING: PerSet(gate_for)}, batch_size=2)
+    assert sorted(set(built_for)) == ["revox-a77@3.75", "revox-a77@7.5"]
     assert result.labels == ["revox-a77@7.5", "revox-a77@3.75"]
     for snr in (10.0, 16.0):
         assert result.summary(NOISY_INPUT, snr).mean == pytest.approx(0.0, abs=1e-4)

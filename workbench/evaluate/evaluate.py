@@ -25,6 +25,14 @@ POOLED = "all"
 NOISE_ADDED = "noise added"
 
 
+@dataclass(frozen=True)
+class PerSet:
+    """A method that depends on the fragment set, e.g. spectral gating given the noise of that set's speed:
+    `build(fragment_set)` returns the callable used on that set."""
+
+    build: Callable[[FragmentSet], Callable[[np.ndarray], np.ndarray]]
+
+
 @dataclass
 class EvaluationResult:
     """Every number of one evaluation; `to_dict` gives them all as JSON-ready data."""
@@ -112,7 +120,7 @@ def _run_method(method: Callable[[np.ndarray], np.ndarray], noisy: np.ndarray, b
 
 
 def evaluate_methods(fragments: FragmentSet | Sequence[FragmentSet],
-                     methods: Mapping[str, Callable[[np.ndarray], np.ndarray]], *, batch_size: int = 4,
+                     methods: Mapping[str, Callable[[np.ndarray], np.ndarray] | PerSet], *, batch_size: int = 4,
                      example_index: int = 0, progress: Progress = no_progress) -> EvaluationResult:
     """Run every method on every fragment set at each of its input SNRs and score the estimates."""
     sets = [fragments] if isinstance(fragments, FragmentSet) else list(fragments)
@@ -138,6 +146,8 @@ def evaluate_methods(fragments: FragmentSet | Sequence[FragmentSet],
             if snr == min(snrs):
                 examples[label] = {"snr": snr, "clean": clean[example_at], "noisy": noisy[example_at]}
             for name, method in methods.items():
+                if isinstance(method, PerSet):
+                    method = method.build(fragment_set)
                 estimate = _run_method(method, noisy, batch_size)
                 if not np.all(np.isfinite(estimate)):
                     raise ValueError(f"method {name!r} returned non-finite samples")
