@@ -1,0 +1,144 @@
+"""The two-stage U-Net, its STFT and loss: shapes, parameter counts, reconstruction and layer semantics."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from workbench.errors import WorkbenchError
+from workbench.model.stft import (EDGE_PAD, FREQ_BINS, HOP, N_FFT, analysis, analysis_frames, istft, stft,
+                                  synthesis)
+from workbench.model.unet import (SIZES, ModelConfig, TwoStageUNet, center_crop, count_parameters,
+                                  denoise_waveform, denoising_loss, frequency_embedding, get_config,
+                                  mirror_pad)
+
+
+@pytest.fixture(autouse=True)
+def one_torch_thread():
+    # On a shared 2-core machine, OpenMP threads spin against other processes: one thread is far faster.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_paper_size_has_exactly_the_reference_parameter_count():
+    assert count_parameters(SIZES["paper"]) == 71_408_196
+
+
+def test_smaller_sizes_are_much_smaller():
+    assert 20_000 < count_parameters(SIZES["tiny"]) < 300_000
+    assert count_parameters(SIZES["tiny"]) < count_parameters(SIZES["small"]) < count_parameters(SIZES["paper"])
+
+
+@pytest.mark.parametrize("size", ["tiny", "small"])
+@pytest.mark.parametrize("frames", [1, 37])
+def test_forward_keeps_the_input_shape_for_any_frame_count(size, frames):
+    torch.manual_seed(0)
+    model = TwoStageUNet(SIZES[size]).eval()
+    spec = torch.randn(2, 2, frames, FREQ_BINS)
+    with torch.no_grad():
+        s1, s2 = model(spec)
+    assert s1.shape == s2.shape == spec.shape
+    assert torch.isfinite(s1).all() and torch.isfinite(s2).all()
+
+
+@pytest.mark.parametrize("frames", [5, 64])
+def test_paper_size_shapes_on_the_meta_device(frames):
+    # The full network's shape flow (all crops and concatenations) without spending CPU on 71 M weights.
+    with torch.device("meta"):
+        model = TwoStageUNet(SIZES["paper"])
+        s1, s2 = model(torch.empty(1, 2, frames, FREQ_BINS))
+    assert s1.shape == s2.shape == (1, 2, frames, FREQ_BINS)
+
+
+def test_config_round_trips_as_plain_data_and_unknown_sizes_are_refused():
+    config = SIZES["small"]
+    assert ModelConfig.from_dict(config.to_dict()) == config
+    assert get_config("tiny") is SIZES["tiny"]
+    with pytest.raises(WorkbenchError, match="unknown model size 'huge'"):
+        get_config("huge")
+
+
+def test_mirror_pad_repeats_the_edge_like_tf_symmetric():
+    x = torch.arange(1.0, 4.0).reshape(1, 1, 1, 3).expand(1, 1, 3, 3)  # rows [1 2 3]
+    padded = mirror_pad(x, 4)  # 2 before, 1 after, as the reference pads a 4×4 stride-2 conv
+    assert padded[0, 0, 0].tolist() == [2, 1, 1, 2, 3, 3]
+    padded = mirror_pad(x, 7)  # wider than the map: keeps mirroring
+    assert padded[0, 0, 0].tolist() == [3, 2, 1, 1, 2, 3, 3, 2, 1]
+
+
+def test_center_crop_takes_the_reference_offset():
+    x = torch.arange(10.0).reshape(1, 1, 1, 10).expand(1, 1, 4, 10)
+    like = torch.zeros(1, 1, 2, 7)
+    cropped = center_crop(x, like)
+    assert cropped.shape[-2:] == (2, 7) and cropped[0, 0, 0].tolist() == [1, 2, 3, 4, 5, 6, 7]
+
+
+def test_frequency_embedding_is_the_ten_cosines():
+    embedding = frequency_embedding(FREQ_BINS, 10)
+    assert embedding.shape == (10, FREQ_BINS)
+    k = torch.arange(FREQ_BINS, dtype=torch.float64)
+    for j in range(10):
+        assert torch.allclose(embedding[j].double(), torch.cos(2 ** j * math.pi * k / 1024), atol=2e-4)
+
+
+def test_stft_frames_and_layout_match_a_direct_dft():
+    torch.manual_seed(1)
+    wave = torch.randn(1, N_FFT + 3 * HOP + 100)
+    spec = stft(wave)
+    assert spec.shape == (1, 2, 4, FREQ_BINS)
+    window = torch.hamming_window(N_FFT, periodic=True, dtype=torch.float64)
+    frame = wave[0, 2 * HOP:2 * HOP + N_FFT].double() * window
+    expected = torch.fft.rfft(frame)
+    assert torch.allclose(spec[0, 0, 2].double(), expected.real, atol=1e-3)
+    assert torch.allclose(spec[0, 1, 2].double(), expected.imag, atol=1e-3)
+
+
+@pytest.mark.parametrize("length", [1, 511, 512, 44_100, 3 * 44_100 + 7])
+def test_analysis_synthesis_reconstructs_every_sample(length):
+    torch.manual_seed(2)
+    wave = torch.rand(2, length) * 2 - 1
+    spec = analysis(wave)
+    assert spec.shape == (2, 2, analysis_frames(length), FREQ_BINS)
+    assert (synthesis(spec, length) - wave).abs().max() < 1e-5
+
+
+def test_istft_inverts_stft_on_covered_samples_and_zero_fills_beyond():
+    torch.manual_seed(3)
+    wave = torch.randn(1, N_FFT + 5 * HOP)
+    back = istft(stft(wave), wave.shape[-1] + 10)
+    assert (back[:, :wave.shape[-1]] - wave).abs().max() < 1e-5
+    assert back[:, wave.shape[-1]:].abs().max() == 0
+    assert EDGE_PAD == N_FFT - HOP
+
+
+def test_loss_is_equation_2():
+    clean = torch.zeros(1, 2, 3, FREQ_BINS)
+    s1 = torch.full_like(clean, 0.5)
+    s2 = torch.full_like(clean, -0.25)
+    assert denoising_loss(s1, s2, clean).item() == pytest.approx(0.75)
+
+
+def test_denoise_waveform_returns_exact_length_and_a_tiny_model_learns():
+    torch.manual_seed(4)
+    model = TwoStageUNet(SIZES["tiny"])
+    clean = torch.sin(torch.arange(8192) * 2 * math.pi * 440 / 44_100)[None] * 0.5
+    noisy = clean + 0.05 * torch.randn_like(clean)
+    noisy_spec, clean_spec = analysis(noisy), analysis(clean)
+    optimiser = torch.optim.Adam(model.parameters(), lr=3e-3, betas=(0.5, 0.9))
+    losses = []
+    for _ in range(20):
+        s1, s2 = model(noisy_spec)
+        loss = denoising_loss(s1, s2, clean_spec)
+        optimiser.zero_grad()
+        loss.backward()
+        optimiser.step()
+        losses.append(loss.item())
+    identity_loss = 2 * (noisy_spec - clean_spec).abs().mean().item()  # what S1 = S2 = X would score
+    assert losses[-1] < 0.8 * losses[0] and losses[-1] < identity_loss
+    model.eval()
+    out = denoise_waveform(model, noisy[:, :5000])
+    assert out.shape == (1, 5000) and torch.isfinite(out).all()

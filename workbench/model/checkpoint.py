@@ -1,0 +1,166 @@
+"""Checkpoints: safetensors weights plus a JSON sidecar that says what they are. Never pickle.
+
+`model.safetensors` holds the state dict; `model.json` beside it holds the architecture and its config,
+the size name, sample rate, STFT parameters, parameter count, the sha256 of the weights file and the
+lineage (where the weights came from). The config is also embedded in the safetensors header, so a
+weights file that lost its sidecar still loads. Both files are written atomically.
+
+Loading checks every tensor name and shape against the config and refuses with one line listing what is
+missing, unexpected or mis-shaped; a corrupt or truncated file, or weights that do not match their
+sidecar's sha256, are refused with one line too.
+"""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+
+from workbench.audio.io import atomic_path, atomic_write_json, sha256_file
+from workbench.errors import WorkbenchError
+from workbench.model.stft import SAMPLE_RATE, STFT_PARAMS
+from workbench.model.unet import ModelConfig, TwoStageUNet, frequency_embedding
+
+FORMAT = "workbench-checkpoint"
+FORMAT_VERSION = 1
+ARCHITECTURE = "two-stage-unet"
+CONFIG_METADATA_KEY = "workbench_config"
+MAX_LISTED = 20  # names listed per category in a mismatch message before "… and N more"
+
+
+def config_path_for(path: Path) -> Path:
+    return Path(path).with_suffix(".json")
+
+
+def weights_path_for(path: Path) -> Path:
+    """Accept either file of a checkpoint (weights or sidecar) and return the weights file."""
+    path = Path(path)
+    return path.with_suffix(".safetensors") if path.suffix == ".json" else path
+
+
+def describe(model: TwoStageUNet, lineage: dict | None = None) -> dict:
+    """The JSON sidecar's content, less the weights file's name and hash."""
+    import workbench
+
+    return {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "architecture": ARCHITECTURE,
+        "reference": "Moliner & Välimäki, ICASSP 2022 (eloimoliner/denoising-historical-recordings)",
+        "size": model.config.size,
+        "config": model.config.to_dict(),
+        "sample_rate": SAMPLE_RATE,
+        "stft": dict(STFT_PARAMS),
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "dtype": "float32",
+        "lineage": lineage or {},
+        "software": {"workbench": workbench.__version__, "torch": torch.__version__},
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+def save_checkpoint(path: Path, model: TwoStageUNet, lineage: dict | None = None) -> None:
+    """Write `path` (.safetensors) and its `.json` sidecar, each atomically (weights first)."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    assert path.suffix == ".safetensors", f"checkpoint weights go in a .safetensors file, not {path.name}"
+    info = describe(model, lineage)
+    state = {name: tensor.detach().to("cpu", torch.float32).contiguous()
+             for name, tensor in model.state_dict().items()}
+    with atomic_path(path) as temporary:
+        save_file(state, str(temporary), metadata={CONFIG_METADATA_KEY: json.dumps(
+            {key: info[key] for key in ("format", "format_version", "architecture", "size", "config")})})
+        info["weights_file"] = path.name
+        info["weights_sha256"] = sha256_file(temporary)
+    atomic_write_json(config_path_for(path), info)
+
+
+def _read_sidecar(weights: Path) -> dict | None:
+    sidecar = config_path_for(weights)
+    if not sidecar.exists():
+        return None
+    try:
+        info = json.loads(sidecar.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise WorkbenchError(f"{sidecar}: not a readable checkpoint config ({error})") from None
+    if not isinstance(info, dict) or info.get("format") != FORMAT or "config" not in info:
+        raise WorkbenchError(f"{sidecar}: not a workbench checkpoint config (no format/config fields)")
+    return info
+
+
+def _listed(names: list[str]) -> str:
+    shown = ", ".join(names[:MAX_LISTED])
+    return shown + (f" … and {len(names) - MAX_LISTED} more" if len(names) > MAX_LISTED else "")
+
+
+def mismatch_message(expected: dict[str, tuple], found: dict[str, tuple]) -> str | None:
+    """One-line description of how `found` (name -> shape) differs from `expected`; None if it does not."""
+    missing = sorted(set(expected) - set(found))
+    unexpected = sorted(set(found) - set(expected))
+    misshaped = sorted(name for name in set(expected) & set(found) if tuple(expected[name]) != tuple(found[name]))
+    parts = []
+    if missing:
+        parts.append(f"{len(missing)} missing: {_listed(missing)}")
+    if unexpected:
+        parts.append(f"{len(unexpected)} unexpected: {_listed(unexpected)}")
+    if misshaped:
+        parts.append(f"{len(misshaped)} mis-shaped: " + _listed(
+            [f"{name} {tuple(found[name])} (expected {tuple(expected[name])})" for name in misshaped]))
+    return "; ".join(parts) or None
+
+
+def load_checkpoint(path: Path, device: str | torch.device = "cpu") -> tuple[TwoStageUNet, dict]:
+    """Load a checkpoint written by `save_checkpoint`: (model in eval mode on `device`, its JSON config)."""
+    from safetensors import SafetensorError, safe_open
+
+    weights = weights_path_for(path)
+    if not weights.is_file():
+        raise WorkbenchError(f"checkpoint {weights} does not exist")
+    info = _read_sidecar(weights)
+    if info is not None and info.get("weights_sha256") and sha256_file(weights) != info["weights_sha256"]:
+        raise WorkbenchError(f"{weights}: weights do not match the sha256 in {config_path_for(weights).name} "
+                             "(file changed or corrupt)")
+    try:
+        with safe_open(str(weights), framework="pt", device="cpu") as handle:
+            metadata = handle.metadata() or {}
+            state = {name: handle.get_tensor(name) for name in handle.keys()}
+    except (SafetensorError, OSError, ValueError, RuntimeError) as error:
+        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise WorkbenchError(f"{weights}: not a readable safetensors checkpoint ({reason})") from None
+    if info is None:
+        if CONFIG_METADATA_KEY not in metadata:
+            raise WorkbenchError(f"{weights}: no {config_path_for(weights).name} beside it and no config "
+                                 "in its header; cannot tell which network it holds")
+        info = json.loads(metadata[CONFIG_METADATA_KEY])
+    try:
+        config = ModelConfig.from_dict(info["config"])
+    except (TypeError, KeyError, AssertionError) as error:
+        raise WorkbenchError(f"{weights}: invalid model config in checkpoint ({error})") from None
+
+    with torch.device("meta"):
+        model = TwoStageUNet(config)
+    expected = {name: tuple(t.shape) for name, t in model.state_dict().items()}
+    problem = mismatch_message(expected, {name: tuple(t.shape) for name, t in state.items()})
+    if problem:
+        raise WorkbenchError(f"{weights} does not fit the {config.size!r} network: {problem}")
+    bad = [name for name, tensor in state.items() if not torch.isfinite(tensor).all()]
+    if bad:
+        raise WorkbenchError(f"{weights}: non-finite values in {_listed(bad)}")
+    model = model.to_empty(device=device)
+    model.load_state_dict(state, strict=True)
+    # The frequency embedding is a non-persistent buffer (not in the file): recompute it on the device.
+    model.freq_embedding = frequency_embedding(config.freq_bins, config.freq_embeddings).to(device)
+    return model.eval(), info
+
+
+def checkpoint_summary(path: Path) -> dict:
+    """What `workbench model info` shows: the sidecar (or header) config plus a parameter count check."""
+    model, info = load_checkpoint(path, device="cpu")
+    summary = dict(info)
+    summary["weights_file"] = str(weights_path_for(path))
+    summary["parameters_loaded"] = sum(p.numel() for p in model.parameters())
+    summary.setdefault("parameters", summary["parameters_loaded"])
+    return summary

@@ -1,0 +1,299 @@
+"""The two-stage U-Net denoiser of Moliner & Välimäki (ICASSP 2022), as used for tape noise by Irigaray et al.
+
+Written in PyTorch to match the published TensorFlow/Keras network (eloimoliner/denoising-historical-
+recordings, `unet.py`) layer for layer, so that its published weights import exactly:
+
+- input: the complex spectrum as 2 channels (B, 2, frames, 1025); the model itself appends the 10 fixed
+  frequency channels cos(2^j·π·k/1024), j = 0..9, after [real, imag] (12 channels in all);
+- every convolution is VALID after explicit mirrored padding (TF "SYMMETRIC": the edge sample repeats);
+  odd kernels pad k//2 on both sides, the 4×4 stride-2 downsamplers pad 2 before and 1 after;
+- dense block: three 3×3 conv + ELU layers; layer i sees [output i-1, output i-2, ..., block input]
+  (newest first, as the reference concatenates) and the block returns only its last layer's output;
+  I-block = dense block + 1×1 projection of the block input (no activation), summed;
+- encoder level i: I-block with channels[i] (the skip), then 4×4 stride-2 conv + ELU to channels[i+1];
+  bottleneck: I-block with channels[depth];
+- decoder level i: 4×4 stride-2 transposed conv + ELU of the UNPADDED input (the reference computes a
+  padded copy and then ignores it), plus nearest ×2 upsampling (followed by 1×1 conv + ELU only when
+  the channel count changes), the transposed conv's output centre-cropped to the upsampled size and
+  added; the sum centre-cropped to the skip and concatenated BEFORE it; then an I-block;
+- stage 1: 7×7 conv + ELU (12 -> channels[0]), U-Net, supervised attention module (SAM): 3×3 conv of
+  the features gives a residual r, S1 = X + r; M = sigmoid(3×3 conv of S1); Fout = (3×3 conv of the
+  features) ⊙ M + features;
+- stage 2: its own 7×7 conv + ELU of the 12-channel input, concatenated before Fout, U-Net, then a 3×3
+  conv to 2 channels = S2, the clean estimate. No normalisation anywhere.
+
+Weights start from PyTorch's default (fan-in scaled) initialisation, not the reference's Keras
+TruncatedNormal(σ = 0.05): without normalisation that fixed σ makes the paper-size network's untrained
+output ~1e8 times its input, while the fan-in scaled start gives S1 ≈ X and a small S2 at every size.
+Any number of frames works: mirrored padding wider than a (tiny) feature map keeps mirroring, and the
+decoder crops to the skip shapes as the reference does.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from workbench.model.stft import FREQ_BINS, analysis, synthesis
+
+FREQ_EMBEDDINGS = 10
+INPUT_KERNEL = 7
+DOWN_KERNEL = 4  # stride 2 + 2, as the reference sizes its (de)convolutions
+DOWN_STRIDE = 2
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Plain-data description of one network; `SIZES` names the ones recipes pick."""
+
+    size: str
+    channels: tuple[int, ...]  # channels per level: channels[0] at full resolution .. channels[depth]
+    dense_layers: int = 3  # conv layers per dense block ("num_tfc")
+    freq_bins: int = FREQ_BINS
+    freq_embeddings: int = FREQ_EMBEDDINGS
+
+    def __post_init__(self):
+        object.__setattr__(self, "channels", tuple(int(c) for c in self.channels))
+        assert len(self.channels) >= 2, "a U-Net needs at least one downsampling level"
+        assert all(c > 0 for c in self.channels) and self.dense_layers >= 1
+
+    @property
+    def depth(self) -> int:
+        return len(self.channels) - 1
+
+    def to_dict(self) -> dict:
+        data = asdict(self)
+        data["channels"] = list(self.channels)
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "ModelConfig":
+        known = {name: data[name] for name in cls.__dataclass_fields__ if name in data}
+        return cls(**known)
+
+
+SIZES: dict[str, ModelConfig] = {
+    # The published configuration: exactly 71,408,196 parameters, importable from the Keras checkpoint.
+    "paper": ModelConfig("paper", (32, 64, 64, 128, 128, 256, 512)),
+    # Half the width and two levels fewer: 2.7 M parameters, for fine-tuning experiments on a CPU.
+    "small": ModelConfig("small", (16, 32, 32, 64, 64)),
+    # For tests and demos (56 k parameters): trains in seconds on a CPU.
+    "tiny": ModelConfig("tiny", (4, 8, 8, 16), dense_layers=2),
+}
+
+
+def get_config(size: str) -> ModelConfig:
+    from workbench.errors import WorkbenchError
+
+    if size not in SIZES:
+        raise WorkbenchError(f"unknown model size {size!r}; known sizes: {', '.join(SIZES)}")
+    return SIZES[size]
+
+
+# ---------------------------------------------------------------------------------------------- layers
+
+def _mirror_pad_dim(x: Tensor, dim: int, before: int, after: int) -> Tensor:
+    n = x.shape[dim]
+    if before == 0 and after == 0:
+        return x
+    if before <= n and after <= n:  # TF "SYMMETRIC": the edge sample itself is repeated
+        parts = [x.narrow(dim, 0, before).flip(dim), x, x.narrow(dim, n - after, after).flip(dim)]
+        return torch.cat(parts, dim)
+    # Wider than the map (only on tiny inputs, where TF would refuse): keep mirroring periodically.
+    index = torch.arange(-before, n + after, device=x.device) % (2 * n)
+    index = torch.where(index >= n, 2 * n - 1 - index, index)
+    return x.index_select(dim, index)
+
+
+def mirror_pad(x: Tensor, kernel: int) -> Tensor:
+    """Pad time and frequency as the reference's get_paddings: k//2 before, k//2 - (1 - k%2) after."""
+    before, after = kernel // 2, kernel // 2 - (1 - kernel % 2)
+    return _mirror_pad_dim(_mirror_pad_dim(x, -2, before, after), -1, before, after)
+
+
+def center_crop(x: Tensor, like: Tensor) -> Tensor:
+    """Crop time and frequency of `x` to `like`'s, offset (excess // 2) as the reference's crop blocks."""
+    (t, f), (tt, ff) = x.shape[-2:], like.shape[-2:]
+    assert t >= tt and f >= ff, f"cannot crop {tuple(x.shape)} to {tuple(like.shape)}"
+    dt, df = (t - tt) // 2, (f - ff) // 2
+    return x[..., dt:dt + tt, df:df + ff]
+
+
+def conv(in_channels: int, out_channels: int, kernel: int, stride: int = 1) -> nn.Conv2d:
+    """A VALID convolution (callers pad by mirroring first)."""
+    return nn.Conv2d(in_channels, out_channels, kernel, stride=stride)
+
+
+class DenseBlock(nn.Module):
+    """`layers` 3×3 conv + ELU; each sees all earlier outputs (newest first) and the input."""
+
+    def __init__(self, in_channels: int, channels: int, layers: int):
+        super().__init__()
+        self.convs = nn.ModuleList(
+            conv(in_channels + i * channels, channels, 3) for i in range(layers))
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = F.elu(self.convs[0](mirror_pad(x, 3)))
+        for layer in self.convs[1:]:
+            x = torch.cat([out, x], dim=1)
+            out = F.elu(layer(mirror_pad(x, 3)))
+        return out
+
+
+class IBlock(nn.Module):
+    """Dense block plus a 1×1 projection of its input."""
+
+    def __init__(self, in_channels: int, channels: int, dense_layers: int):
+        super().__init__()
+        self.dense = DenseBlock(in_channels, channels, dense_layers)
+        self.skip = conv(in_channels, channels, 1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.dense(x) + self.skip(x)
+
+
+class EncoderBlock(nn.Module):
+    def __init__(self, in_channels: int, channels: int, out_channels: int, dense_layers: int):
+        super().__init__()
+        self.iblock = IBlock(in_channels, channels, dense_layers)
+        self.down = conv(channels, out_channels, DOWN_KERNEL, stride=DOWN_STRIDE)
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        skip = self.iblock(x)
+        return F.elu(self.down(mirror_pad(skip, DOWN_KERNEL))), skip
+
+
+class DecoderBlock(nn.Module):
+    def __init__(self, in_channels: int, channels: int, dense_layers: int):
+        super().__init__()
+        self.up_conv = nn.ConvTranspose2d(in_channels, channels, DOWN_KERNEL, stride=DOWN_STRIDE)
+        # The reference projects the upsampled input only when the channel count changes.
+        self.up_projection = conv(in_channels, channels, 1) if in_channels != channels else None
+        self.iblock = IBlock(2 * channels, channels, dense_layers)
+
+    def forward(self, x: Tensor, skip: Tensor) -> Tensor:
+        up = F.elu(self.up_conv(x))  # (2s + 2): the reference does not pad before it
+        nearest = F.interpolate(x, scale_factor=2, mode="nearest")
+        if self.up_projection is not None:
+            nearest = F.elu(self.up_projection(nearest))
+        up = center_crop(up, nearest) + nearest
+        return self.iblock(torch.cat([center_crop(up, skip), skip], dim=1))
+
+
+class Encoder(nn.Module):
+    def __init__(self, in_channels: int, config: ModelConfig):
+        super().__init__()
+        ch = config.channels
+        self.blocks = nn.ModuleList(
+            EncoderBlock(in_channels if i == 0 else ch[i], ch[i], ch[i + 1], config.dense_layers)
+            for i in range(config.depth))
+        self.bottleneck = IBlock(ch[-1], ch[-1], config.dense_layers)
+
+    def forward(self, x: Tensor) -> tuple[Tensor, list[Tensor]]:
+        skips = []
+        for block in self.blocks:
+            x, skip = block(x)
+            skips.append(skip)
+        return self.bottleneck(x), skips
+
+
+class Decoder(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        ch = config.channels
+        # blocks[i] produces level i's channels from level i+1's; applied deepest first.
+        self.blocks = nn.ModuleList(
+            DecoderBlock(ch[i + 1], ch[i], config.dense_layers)
+            for i in range(config.depth))
+
+    def forward(self, x: Tensor, skips: list[Tensor]) -> Tensor:
+        for i in reversed(range(len(self.blocks))):
+            x = self.blocks[i](x, skips[i])
+        return x
+
+
+class SupervisedAttention(nn.Module):
+    """SAM: the stage-1 estimate S1 = X + conv(F1) and attention-weighted features for stage 2."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.feature_conv = conv(channels, channels, 3)
+        self.residual_conv = conv(channels, 2, 3)
+        self.mask_conv = conv(2, channels, 3)
+
+    def forward(self, features: Tensor, noisy_spec: Tensor) -> tuple[Tensor, Tensor]:
+        s1 = self.residual_conv(mirror_pad(features, 3)) + noisy_spec
+        mask = torch.sigmoid(self.mask_conv(mirror_pad(s1, 3)))
+        return self.feature_conv(mirror_pad(features, 3)) * mask + features, s1
+
+
+def frequency_embedding(freq_bins: int, count: int) -> Tensor:
+    """(count, freq_bins): cos(2^j·π·k/(freq_bins-1)), computed in float32 exactly as the reference does."""
+    n = (torch.arange(freq_bins, dtype=torch.float64) / (freq_bins - 1)).float()
+    pi = torch.tensor(math.pi, dtype=torch.float32)
+    return torch.stack([torch.cos((pi * 2 ** j) * n) for j in range(count)])
+
+
+class TwoStageUNet(nn.Module):
+    """(B, 2, frames, bins) noisy spectrum -> (S1, S2), the stage-1 and final clean-spectrum estimates."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        ch0, inputs = config.channels[0], 2 + config.freq_embeddings
+        self.register_buffer("freq_embedding", frequency_embedding(config.freq_bins, config.freq_embeddings),
+                             persistent=False)
+        self.input_conv1 = conv(inputs, ch0, INPUT_KERNEL)
+        self.encoder1 = Encoder(ch0, config)
+        self.decoder1 = Decoder(config)
+        self.sam = SupervisedAttention(ch0)
+        self.input_conv2 = conv(inputs, ch0, INPUT_KERNEL)
+        self.encoder2 = Encoder(2 * ch0, config)
+        self.decoder2 = Decoder(config)
+        self.output_conv = conv(ch0, 2, 3)
+
+    def forward(self, noisy_spec: Tensor) -> tuple[Tensor, Tensor]:
+        batch, channels, frames, bins = noisy_spec.shape
+        assert channels == 2 and bins == self.config.freq_bins, \
+            f"expected (batch, 2, frames, {self.config.freq_bins}), got {tuple(noisy_spec.shape)}"
+        embedding = self.freq_embedding.to(noisy_spec.dtype)[None, :, None, :]
+        x = torch.cat([noisy_spec, embedding.expand(batch, -1, frames, -1)], dim=1)
+
+        features1 = self.decoder1(*self.encoder1(F.elu(self.input_conv1(mirror_pad(x, INPUT_KERNEL)))))
+        attended, s1 = self.sam(features1, noisy_spec)
+
+        stage2_in = torch.cat([F.elu(self.input_conv2(mirror_pad(x, INPUT_KERNEL))), attended], dim=1)
+        features2 = self.decoder2(*self.encoder2(stage2_in))
+        s2 = self.output_conv(mirror_pad(features2, 3))
+        return s1, s2
+
+
+def count_parameters(config: ModelConfig) -> int:
+    """Parameter count of a configuration, built on the meta device (no memory, no time)."""
+    with torch.device("meta"):
+        model = TwoStageUNet(config)
+    return sum(p.numel() for p in model.parameters())
+
+
+def denoising_loss(s1: Tensor, s2: Tensor, clean_spec: Tensor) -> Tensor:
+    """Eq. 2 of the paper: mean |S2 − Y| + mean |S1 − Y| over batch, real/imag, frames and bins."""
+    return (s2 - clean_spec).abs().mean() + (s1 - clean_spec).abs().mean()
+
+
+def denoise_waveform(model: TwoStageUNet, wave: Tensor) -> Tensor:
+    """(B, T) mono 44.1 kHz waveforms -> (B, T) clean estimates (the S2 output), exactly T samples.
+
+    The whole signal goes through the network at once (see `stft.analysis`: every sample, the first and
+    last included, is under four frames). No gradients; long recordings belong to the chunked,
+    streaming `workbench denoise`.
+    """
+    assert wave.dim() == 2, f"denoise_waveform expects (batch, samples), got {tuple(wave.shape)}"
+    parameter = next(model.parameters())
+    with torch.no_grad():
+        spec = analysis(wave.to(device=parameter.device, dtype=torch.float32))
+        _, s2 = model(spec.to(parameter.dtype))
+        return synthesis(s2.float(), wave.shape[-1]).to(wave.dtype)
