@@ -21,7 +21,7 @@ import torch
 from workbench.audio.io import atomic_path, atomic_write_json, sha256_file
 from workbench.errors import WorkbenchError
 from workbench.model.stft import SAMPLE_RATE, STFT_PARAMS
-from workbench.model.unet import ModelConfig, TwoStageUNet, frequency_embedding
+from workbench.model.unet import ModelConfig, TwoStageUNet
 
 FORMAT = "workbench-checkpoint"
 FORMAT_VERSION = 1
@@ -134,26 +134,22 @@ def load_checkpoint(path: Path, device: str | torch.device = "cpu") -> tuple[Two
         if CONFIG_METADATA_KEY not in metadata:
             raise WorkbenchError(f"{weights}: no {config_path_for(weights).name} beside it and no config "
                                  "in its header; cannot tell which network it holds")
-        info = json.loads(metadata[CONFIG_METADATA_KEY])
+        info = metadata[CONFIG_METADATA_KEY]
     try:
+        info = json.loads(info) if isinstance(info, str) else info
         config = ModelConfig.from_dict(info["config"])
-    except (TypeError, KeyError, AssertionError) as error:
+    except (TypeError, KeyError, AssertionError, ValueError) as error:
         raise WorkbenchError(f"{weights}: invalid model config in checkpoint ({error})") from None
 
     with torch.device("meta"):
-        model = TwoStageUNet(config)
-    expected = {name: tuple(t.shape) for name, t in model.state_dict().items()}
+        expected = {name: tuple(t.shape) for name, t in TwoStageUNet(config).state_dict().items()}
     problem = mismatch_message(expected, {name: tuple(t.shape) for name, t in state.items()})
     if problem:
         raise WorkbenchError(f"{weights} does not fit the {config.size!r} network: {problem}")
     bad = [name for name, tensor in state.items() if not torch.isfinite(tensor).all()]
     if bad:
         raise WorkbenchError(f"{weights}: non-finite values in {_listed(bad)}")
-    model = model.to_empty(device=device)
-    model.load_state_dict(state, strict=True)
-    # The frequency embedding is a non-persistent buffer (not in the file): recompute it on the device.
-    model.freq_embedding = frequency_embedding(config.freq_bins, config.freq_embeddings).to(device)
-    return model.eval(), info
+    return TwoStageUNet.from_state_dict(config, state, device), info
 
 
 def checkpoint_summary(path: Path) -> dict:

@@ -21,11 +21,14 @@ or mis-shaped; optimizer state (`optimizer/...`, `.OPTIMIZER_SLOT`) and the save
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
 
-from workbench.model.unet import ModelConfig, TwoStageUNet
+from workbench.errors import WorkbenchError
+from workbench.model.unet import SIZES, ModelConfig, TwoStageUNet
+from workbench.progress import Progress, no_progress
 
 ROOT = "layer_with_weights-0"
 SUFFIX = "/.ATTRIBUTES/VARIABLE_VALUE"
@@ -115,3 +118,57 @@ def keras_from_state(config: ModelConfig, state: dict[str, torch.Tensor]) -> dic
     """Keras-keyed arrays from our state dict, in the checkpoint's layouts (used to write test bundles)."""
     return {v.key: to_keras(v.kind, state[v.parameter]) for v in keras_variable_map(config)}
 
+
+
+def import_keras_checkpoint(index_path: Path, out: Path, config: ModelConfig | None = None,
+                            progress: Progress = no_progress) -> dict:
+    """Convert a Keras `save_weights` checkpoint of the reference network into our checkpoint at `out`.
+
+    `index_path` is `PREFIX.index`, the prefix, or the folder holding it; `config` defaults to the `paper`
+    size (the published model). Refuses (WorkbenchError, nothing written) if any variable is missing,
+    left over or mis-shaped, or if a file is corrupt. Returns a summary for the CLI.
+    """
+    from workbench.audio.io import same_file, sha256_file
+    from workbench.model.checkpoint import config_path_for, mismatch_message, save_checkpoint
+    from workbench.model.tf_checkpoint import FLOAT_DTYPES, TensorBundle
+
+    config = config or SIZES["paper"]
+    out = Path(out)
+    if out.suffix != ".safetensors":
+        raise WorkbenchError(f"{out}: the imported checkpoint must be a .safetensors file")
+    bundle = TensorBundle(index_path)
+    sources = [bundle.index_path, *bundle.shard_paths()]
+    for target in (out, config_path_for(out)):
+        if any(target.exists() and same_file(target, source) for source in sources):
+            raise WorkbenchError(f"{target}: output would overwrite the checkpoint being imported")
+
+    weights = {name: entry for name, entry in bundle.entries.items() if not is_skipped_key(name)}
+    skipped = sorted(set(bundle.entries) - set(weights))
+    problem = mismatch_message(expected_shapes(config), {name: e.shape for name, e in weights.items()})
+    if problem:
+        raise WorkbenchError(f"{bundle.index_path} does not match the {config.size!r} two-stage U-Net: {problem}")
+    not_float = sorted(f"{name} ({e.dtype_name})" for name, e in weights.items() if e.dtype not in FLOAT_DTYPES)
+    if not_float:
+        raise WorkbenchError(f"{bundle.index_path}: non-float weights: {', '.join(not_float)}")
+
+    arrays = {}
+    for done, name in enumerate(sorted(weights), start=1):
+        arrays[name] = bundle.read(name)
+        progress("import", done, len(weights))
+    bad = sorted(name for name, array in arrays.items() if not np.isfinite(array).all())
+    if bad:
+        raise WorkbenchError(f"{bundle.index_path}: non-finite values in {', '.join(bad)}")
+
+    model = TwoStageUNet.from_state_dict(config, state_from_keras(config, arrays))
+    lineage = {
+        "source": "keras-checkpoint",
+        "reference": "eloimoliner/denoising-historical-recordings unet.py (Keras save_weights)",
+        "index": str(bundle.index_path.resolve()),
+        "files_sha256": {path.name: sha256_file(path) for path in sources},
+        "variables": len(weights),
+        "skipped_entries": skipped,
+    }
+    save_checkpoint(out, model, lineage=lineage)
+    return {"out": str(out), "config": str(config_path_for(out)), "size": config.size,
+            "variables": len(weights), "skipped_entries": skipped,
+            "parameters": sum(p.numel() for p in model.parameters()), "source": str(bundle.index_path)}

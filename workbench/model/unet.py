@@ -256,6 +256,18 @@ class TwoStageUNet(nn.Module):
         self.decoder2 = Decoder(config)
         self.output_conv = conv(ch0, 2, 3)
 
+    @classmethod
+    def from_state_dict(cls, config: ModelConfig, state: dict[str, Tensor],
+                        device: str | torch.device = "cpu") -> "TwoStageUNet":
+        """A model in eval mode holding `state` (names and shapes must match), without a random init."""
+        with torch.device("meta"):
+            model = cls(config)
+        model = model.to_empty(device=device)
+        model.load_state_dict(state, strict=True)
+        # The frequency embedding is a non-persistent buffer, never in a state dict: recompute it.
+        model.freq_embedding = frequency_embedding(config.freq_bins, config.freq_embeddings).to(device)
+        return model.eval()
+
     def forward(self, noisy_spec: Tensor) -> tuple[Tensor, Tensor]:
         batch, channels, frames, bins = noisy_spec.shape
         assert channels == 2 and bins == self.config.freq_bins, \
