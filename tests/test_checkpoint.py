@@ -10,7 +10,7 @@ from safetensors.torch import save_file
 
 from workbench.audio.io import sha256_file
 from workbench.errors import WorkbenchError
-from workbench.model.checkpoint import load_checkpoint, save_checkpoint
+from workbench.model.checkpoint import load_checkpoint, read_checkpoint_info, save_checkpoint
 from workbench.model.stft import FREQ_BINS
 from workbench.model.unet import SIZES, ModelConfig, TwoStageUNet
 
@@ -58,7 +58,9 @@ def test_sidecar_describes_the_weights(tiny_checkpoint):
 
 def test_weights_without_sidecar_load_from_the_header(tiny_checkpoint):
     path, model = tiny_checkpoint
+    assert read_checkpoint_info(path)["weights_sha256"] == sha256_file(path)
     path.with_suffix(".json").unlink()
+    assert read_checkpoint_info(path)["size"] == "tiny"
     loaded, info = load_checkpoint(path)
     assert info["config"] == SIZES["tiny"].to_dict()
     assert torch.equal(loaded.output_conv.weight, model.output_conv.weight)
@@ -107,6 +109,8 @@ def test_corrupt_and_missing_files_are_one_clear_line(tiny_checkpoint, tmp_path)
         load_checkpoint(garbage)
     with pytest.raises(WorkbenchError, match="does not exist"):
         load_checkpoint(tmp_path / "absent.safetensors")
+    with pytest.raises(WorkbenchError, match="garbage.safetensors: not a readable safetensors checkpoint"):
+        read_checkpoint_info(garbage)
 
 
 def test_custom_configs_round_trip(tmp_path):

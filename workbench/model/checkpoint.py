@@ -91,6 +91,32 @@ def _read_sidecar(weights: Path) -> dict | None:
     return info
 
 
+def read_checkpoint_info(path: Path) -> dict:
+    """A checkpoint's config (its JSON sidecar, else its safetensors header) without loading or hashing
+    the weights: cheap enough to plan work (e.g. learn the size) before anything heavy runs."""
+    from safetensors import SafetensorError, safe_open
+
+    weights = weights_path_for(path)
+    if not weights.is_file():
+        raise WorkbenchError(f"checkpoint {weights} does not exist")
+    info = _read_sidecar(weights)
+    if info is not None:
+        return info
+    try:
+        with safe_open(str(weights), framework="pt", device="cpu") as handle:
+            metadata = handle.metadata() or {}
+        info = json.loads(metadata[CONFIG_METADATA_KEY])
+    except KeyError:
+        raise WorkbenchError(f"{weights}: no {config_path_for(weights).name} beside it and no config "
+                             "in its header; cannot tell which network it holds") from None
+    except (SafetensorError, OSError, ValueError) as error:
+        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise WorkbenchError(f"{weights}: not a readable safetensors checkpoint ({reason})") from None
+    if not isinstance(info, dict) or "config" not in info:
+        raise WorkbenchError(f"{weights}: the config in its header is not a workbench checkpoint config")
+    return info
+
+
 def _listed(names: list[str]) -> str:
     shown = ", ".join(names[:MAX_LISTED])
     return shown + (f" … and {len(names) - MAX_LISTED} more" if len(names) > MAX_LISTED else "")
@@ -117,26 +143,17 @@ def load_checkpoint(path: Path, device: str | torch.device = "cpu") -> tuple[Two
     from safetensors import SafetensorError, safe_open
 
     weights = weights_path_for(path)
-    if not weights.is_file():
-        raise WorkbenchError(f"checkpoint {weights} does not exist")
-    info = _read_sidecar(weights)
-    if info is not None and info.get("weights_sha256") and sha256_file(weights) != info["weights_sha256"]:
+    info = read_checkpoint_info(weights)
+    if info.get("weights_sha256") and sha256_file(weights) != info["weights_sha256"]:
         raise WorkbenchError(f"{weights}: weights do not match the sha256 in {config_path_for(weights).name} "
                              "(file changed or corrupt)")
     try:
         with safe_open(str(weights), framework="pt", device="cpu") as handle:
-            metadata = handle.metadata() or {}
             state = {name: handle.get_tensor(name) for name in handle.keys()}
     except (SafetensorError, OSError, ValueError, RuntimeError) as error:
         reason = str(error).splitlines()[0] if str(error) else type(error).__name__
         raise WorkbenchError(f"{weights}: not a readable safetensors checkpoint ({reason})") from None
-    if info is None:
-        if CONFIG_METADATA_KEY not in metadata:
-            raise WorkbenchError(f"{weights}: no {config_path_for(weights).name} beside it and no config "
-                                 "in its header; cannot tell which network it holds")
-        info = metadata[CONFIG_METADATA_KEY]
     try:
-        info = json.loads(info) if isinstance(info, str) else info
         config = ModelConfig.from_dict(info["config"])
     except (TypeError, KeyError, AssertionError, ValueError) as error:
         raise WorkbenchError(f"{weights}: invalid model config in checkpoint ({error})") from None
@@ -153,7 +170,7 @@ def load_checkpoint(path: Path, device: str | torch.device = "cpu") -> tuple[Two
 
 
 def checkpoint_summary(path: Path) -> dict:
-    """What `workbench model info` shows: the sidecar (or header) config plus a parameter count check."""
+    """What `workbench checkpoint-info` shows: the sidecar (or header) config plus a parameter count check."""
     model, info = load_checkpoint(path, device="cpu")
     summary = dict(info)
     summary["weights_file"] = str(weights_path_for(path))
