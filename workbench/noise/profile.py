@@ -12,7 +12,8 @@ block (a streaming ingest never holds the audio), `result()` turns the sums into
 
 Two Welch estimates run side by side: a moderate one (`PSD_SEGMENT_SECONDS`, ≈5.4 Hz bins at
 44.1 kHz) for the spectrum, tilt and bandwidth, and a long one (`HUM_SEGMENT_SECONDS`, ≈0.67 Hz bins,
-zero-padded to twice that resolution) kept only below `HUM_BAND_HZ` for the hum. Hum harmonics are
+zero-padded to twice that resolution) of the audio decimated to about `HUM_ANALYSIS_RATE_HZ`, kept
+only below `HUM_BAND_HZ`, for the hum. Hum harmonics are
 located by a harmonic sum over candidate fundamentals, then each is refined by parabolic interpolation
 of the log spectrum; the fundamental is the k²-weighted mean of f_k / k over the harmonics that stand
 out, so higher harmonics (k times more precise in f0) count more.
@@ -32,7 +33,8 @@ from workbench.audio.dsp import dbfs
 PSD_SEGMENT_SECONDS = 8192 / 44100  # Welch segment for the spectrum (Hann, 50 % overlap)
 HUM_SEGMENT_SECONDS = 65536 / 44100  # long Welch segment for the hum (Hann, 50 % overlap)
 HUM_ZERO_PAD = 2  # FFT length = HUM_ZERO_PAD x segment: finer grid for the peak interpolation
-HUM_BAND_HZ = 1500.0  # the long spectrum is kept only below this
+HUM_BAND_HZ = 1500.0  # the long spectrum is kept only below this ...
+HUM_ANALYSIS_RATE_HZ = 6000.0  # ... and computed after decimating (torchaudio) to about this rate
 HUM_FAMILIES = (50, 60)
 HUM_HARMONICS = 10  # harmonics k = 1..10 are reported
 HUM_SEARCH_FRACTION = 0.03  # a fundamental within ±3 % of 50 or 60 Hz (mains drift, speed error)
@@ -114,7 +116,7 @@ class NoiseProfile:
         )
 
 
-def _segment_length(sample_rate: int, seconds: float) -> int:
+def _segment_length(sample_rate: float, seconds: float) -> int:
     """The power of two nearest to `seconds` at `sample_rate` (8192 and 65536 at 44.1 kHz)."""
     return 1 << max(4, round(math.log2(seconds * sample_rate)))
 
@@ -123,9 +125,11 @@ class _WelchSum:
     """Running sum of Hann-windowed periodograms over 50 %-overlapping segments of one or more streams.
 
     Holds at most one segment of audio per channel between calls. Bins above `keep_hz` are dropped.
+    A stream shorter than one segment (a short snippet) still counts: it is analysed as one shorter
+    Hann segment, zero-padded to the same FFT length, so many short snippets add up.
     """
 
-    def __init__(self, sample_rate: int, segment: int, nfft: int, keep_hz: float | None = None):
+    def __init__(self, sample_rate: float, segment: int, nfft: int, keep_hz: float | None = None):
         self.sample_rate, self.segment, self.nfft, self.hop = sample_rate, segment, nfft, segment // 2
         self.window = np.hanning(segment + 1)[:-1].astype(np.float64)  # periodic Hann
         frequencies = np.fft.rfftfreq(nfft, 1.0 / sample_rate)
@@ -134,7 +138,7 @@ class _WelchSum:
         self.power = np.zeros(self.bins, dtype=np.float64)
         self.segments = 0
         self.pending: np.ndarray | None = None  # (channels, frames) not yet in a full segment
-        self.last_partial: np.ndarray | None = None  # the tail of the last stream, for very short input
+        self.stream_segments = 0  # full segments of the current stream
 
     def add(self, block: np.ndarray) -> None:
         pending = block if self.pending is None else np.concatenate([self.pending, block], axis=1)
@@ -145,6 +149,7 @@ class _WelchSum:
             frames = np.lib.stride_tricks.sliding_window_view(
                 pending[:, start * self.hop: (stop - 1) * self.hop + self.segment], self.segment, axis=1)[:, :: self.hop]
             self._add_segments(frames.reshape(-1, self.segment), self.window)
+        self.stream_segments += count
         self.pending = pending[:, count * self.hop:].copy() if count else pending
 
     def _add_segments(self, segments: np.ndarray, window: np.ndarray) -> None:
@@ -159,19 +164,19 @@ class _WelchSum:
         self.segments += segments.shape[0]
 
     def end_stream(self) -> None:
-        """The next block starts a new stream: no segment spans the two."""
-        if self.pending is not None and self.pending.shape[1]:
-            self.last_partial = self.pending
+        """The next block starts a new stream: no segment spans the two. A stream that never filled
+        one segment is analysed as one shorter segment."""
+        if self.stream_segments == 0 and self.pending is not None and self.pending.shape[1] >= 16:
+            window = np.hanning(self.pending.shape[1] + 1)[:-1]
+            self._add_segments(self.pending.astype(np.float64), window)
         self.pending = None
+        self.stream_segments = 0
 
     def density(self) -> np.ndarray:
-        """Mean periodogram; when no full segment was seen, one shorter segment of what there was."""
+        """Mean periodogram over every segment of every stream (ends the current stream)."""
+        self.end_stream()
         if self.segments == 0:
-            tail = self.pending if self.pending is not None and self.pending.shape[1] else self.last_partial
-            if tail is None or tail.shape[1] < 16:
-                raise ValueError("not enough audio for a noise profile")
-            window = np.hanning(tail.shape[1] + 1)[:-1]
-            self._add_segments(tail.astype(np.float64), window)
+            raise ValueError("not enough audio for a noise profile")
         return self.power / self.segments
 
 
@@ -179,16 +184,20 @@ class ProfileAccumulator:
     """Build a `NoiseProfile` block by block: `add` (channels, frames) or (frames,) blocks, then `result()`.
 
     Consecutive `add` calls are one continuous stream; call `end_stream()` between unrelated pieces of
-    audio (e.g. separate snippets) so no analysis segment spans a discontinuity.
+    audio (e.g. separate snippets) so no analysis segment spans a discontinuity. `result()` ends the
+    current stream too.
     """
 
     def __init__(self, sample_rate: int):
         self.sample_rate = int(sample_rate)
         psd_segment = _segment_length(self.sample_rate, PSD_SEGMENT_SECONDS)
-        hum_segment = _segment_length(self.sample_rate, HUM_SEGMENT_SECONDS)
         self.psd = _WelchSum(self.sample_rate, psd_segment, psd_segment)
-        self.hum = _WelchSum(self.sample_rate, hum_segment, hum_segment * HUM_ZERO_PAD,
-                             keep_hz=min(HUM_BAND_HZ, self.sample_rate / 2))
+        # The hum needs only the band below HUM_BAND_HZ: decimating first makes its long FFTs cheap.
+        self.hum_decimation = max(1, int(self.sample_rate // HUM_ANALYSIS_RATE_HZ))
+        hum_rate = self.sample_rate / self.hum_decimation
+        hum_segment = _segment_length(hum_rate, HUM_SEGMENT_SECONDS)
+        self.hum = _WelchSum(hum_rate, hum_segment, hum_segment * HUM_ZERO_PAD, keep_hz=min(HUM_BAND_HZ, hum_rate / 2))
+        self.decimator = None  # a StreamingResampler per stream, made on its first block
         self.sum_squares = 0.0
         self.samples = 0  # summed over channels
 
@@ -202,10 +211,20 @@ class ProfileAccumulator:
         self.sum_squares += float(np.sum(np.square(block)))
         self.samples += block.size
         self.psd.add(block)
-        self.hum.add(block)
+        if self.hum_decimation == 1:
+            self.hum.add(block)
+            return
+        if self.decimator is None:
+            from workbench.audio.dsp import StreamingResampler
+
+            self.decimator = StreamingResampler(self.hum_decimation, 1, block.shape[0])
+        self.hum.add(self.decimator.push(block.astype(np.float32)).astype(np.float64))
 
     def end_stream(self) -> None:
         self.psd.end_stream()
+        if self.decimator is not None:
+            self.hum.add(self.decimator.flush().astype(np.float64))
+            self.decimator = None
         self.hum.end_stream()
 
     def result(self) -> NoiseProfile:
@@ -213,6 +232,9 @@ class ProfileAccumulator:
             raise ValueError("no audio was added to the noise profile")
         psd = self.psd.density()
         psd_db = 10.0 * np.log10(psd + _TINY)
+        if self.decimator is not None:
+            self.hum.add(self.decimator.flush().astype(np.float64))
+            self.decimator = None
         hum = estimate_hum(self.hum.frequencies, 10.0 * np.log10(self.hum.density() + _TINY))
         frequencies = self.psd.frequencies.copy()
         centres, smoothed = smooth_psd(frequencies, psd_db, hum)
@@ -289,7 +311,7 @@ def estimate_hum(frequencies: np.ndarray, psd_db: np.ndarray) -> HumEstimate | N
 
     measured: list[tuple[int, float, float]] = []  # (k, frequency, prominence)
     for k in range(1, HUM_HARMONICS + 1):
-        index = peak_near(k * coarse, 2 + HUM_ZERO_PAD)
+        index = peak_near(k * coarse, 1 + HUM_ZERO_PAD)
         if index is None:
             break
         fractional, peak_db = _parabolic_peak(psd_db, index)
@@ -299,10 +321,16 @@ def estimate_hum(frequencies: np.ndarray, psd_db: np.ndarray) -> HumEstimate | N
         return None
     if levels[0] < HUM_ALONE_DB and (len(levels) < 2 or levels[1] < HUM_HARMONIC_USED_DB):
         return None
-    used = [(k, f) for k, f, level in measured if level >= HUM_HARMONIC_USED_DB]
-    weights = np.array([k * k for k, _ in used], dtype=np.float64)
-    fundamental = float(np.sum(weights * np.array([f / k for k, f in used])) / np.sum(weights))
-    harmonics = [(f if level >= HUM_HARMONIC_USED_DB else k * fundamental, level) for k, f, level in measured]
+    # Refine with every harmonic that stands out and sits where the strongest one says it should: a
+    # chance noise peak next to k·f0 must not pull the estimate. Each f_k / k is weighted by its
+    # precision, ∝ k² (the error of f_k is divided by k) times its power above the floor.
+    k_best, f_best, _ = max(measured, key=lambda item: item[2])
+    used = [(k, f, level) for k, f, level in measured if level >= HUM_HARMONIC_USED_DB
+            and abs(f - k * f_best / k_best) <= (0.5 + 0.05 * k) * resolution]
+    weights = np.array([k * k * 10 ** (level / 10) for k, _, level in used], dtype=np.float64)
+    fundamental = float(np.sum(weights * np.array([f / k for k, f, _ in used])) / np.sum(weights))
+    consistent = {k for k, _, _ in used}
+    harmonics = [(f if k in consistent else k * fundamental, level) for k, f, level in measured]
     return HumEstimate(mains_hz=family, fundamental_hz=fundamental, harmonics_db=harmonics)
 
 
