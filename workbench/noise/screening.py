@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import math
 import random
-import warnings
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -55,8 +54,8 @@ STEP_DB = 3.0
 EVENT_PAD_SECONDS = 0.25
 REGIME_DB = 6.0  # a snippet this far from the recording's median snippet level is not its typical noise
 GUARD_SECONDS = 1.0
-TARGET_BLOCKS = 20  # aim for this many split blocks per recording ...
-MAX_BLOCK_SECONDS = 60.0  # ... but no block longer than this
+BLOCKS_AT_LEAST = 10  # split blocks per recording when it is short enough ...
+MAX_BLOCK_SECONDS = 60.0  # ... else blocks of about this length
 SPLITS = ("train", "validation", "test")
 
 CONTEXT = int(LEVEL_CONTEXT_SECONDS * WINDOWS_PER_SECOND)
@@ -123,13 +122,18 @@ class SplitPlan:
 
 def split_plan(total_windows: int, snippet_windows: int, proportions: tuple[float, float, float],
                seed: str) -> SplitPlan:
-    """Blocks for a recording of `total_windows`: about TARGET_BLOCKS of them, each long enough for one
-    snippet between guards and at most MAX_BLOCK_SECONDS; split counts by largest remainder of the
-    proportions; block order a permutation seeded by `seed` (same audio, same split)."""
+    """Blocks for a recording of `total_windows`.
+
+    A block holds a whole number of snippets plus the two guards, so clean noise is used fully; as many
+    snippets per block as keeps at least BLOCKS_AT_LEAST blocks (so 80/10/10 gives every split one),
+    but no block longer than MAX_BLOCK_SECONDS. The last block takes the remainder. Split counts follow
+    the proportions by largest remainder; the block order is a permutation seeded by `seed` (the
+    audio's own digest: same audio, same split)."""
     assert len(proportions) == 3 and sum(proportions) > 0
-    shortest = snippet_windows + 2 * GUARD
-    longest = max(shortest, int(MAX_BLOCK_SECONDS * WINDOWS_PER_SECOND))
-    block_windows = min(max(total_windows // TARGET_BLOCKS, shortest), longest)
+    guards = 2 * GUARD
+    most = max(1, (int(MAX_BLOCK_SECONDS * WINDOWS_PER_SECOND) - guards) // snippet_windows)
+    per_block = min(max(1, (total_windows // BLOCKS_AT_LEAST - guards) // snippet_windows), most)
+    block_windows = per_block * snippet_windows + guards
     blocks = max(1, total_windows // block_windows)
     total = float(sum(proportions))
     exact = [blocks * p / total for p in proportions]
@@ -139,6 +143,18 @@ def split_plan(total_windows: int, snippet_windows: int, proportions: tuple[floa
     labels = [name for name, count in zip(SPLITS, counts) for _ in range(count)]
     random.Random(seed).shuffle(labels)
     return SplitPlan(block_windows, tuple(labels), total_windows)
+
+
+def _running_nanmedian(values: np.ndarray, width: int) -> np.ndarray:
+    """Median of each run of `width` consecutive values along axis 1, ignoring NaN (NaN if all are).
+
+    Sorting puts NaN last, so the median of the k valid values sits at positions (k-1)//2 and k//2;
+    much faster than np.nanmedian's masked arrays for these short windows."""
+    ordered = np.sort(np.lib.stride_tricks.sliding_window_view(values, width, axis=1), axis=2)
+    valid = np.sum(~np.isnan(ordered), axis=2)
+    low = np.take_along_axis(ordered, np.maximum((valid - 1) // 2, 0)[..., None], axis=2)[..., 0]
+    high = np.take_along_axis(ordered, np.minimum(valid // 2, width - 1)[..., None], axis=2)[..., 0]
+    return np.where(valid > 0, 0.5 * (low + high), np.nan)
 
 
 def _run_lengths(mask: np.ndarray, carry: np.ndarray) -> np.ndarray:
@@ -327,10 +343,8 @@ class Screener:
         offset = max(lo - CONTEXT, self.base) - (lo - CONTEXT)
         span = levels[:, offset: offset + context_events.shape[1]]
         span[context_events != OK] = np.nan
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN slices at the very edges
-            centred = np.nanmedian(np.lib.stride_tricks.sliding_window_view(levels, 2 * CONTEXT + 1, axis=1), axis=2)
-            before = np.nanmedian(np.lib.stride_tricks.sliding_window_view(levels[:, :-1], CONTEXT, axis=1), axis=2)
+        centred = _running_nanmedian(levels, 2 * CONTEXT + 1)
+        before = _running_nanmedian(levels[:, :-1], CONTEXT)
         # before[i] is the median of levels[i : i + CONTEXT]: for window w (= lo + j) the windows before it
         # are levels[j : j + CONTEXT] and those from it on levels[j + CONTEXT : j + 2 * CONTEXT]
         n = hi - lo
@@ -339,10 +353,7 @@ class Screener:
         # a click: a sample step far beyond the typical step size of the surrounding windows
         difference_rms = self._window_slice(self.difference_rms, lo - CONTEXT, hi + CONTEXT)
         difference_rms[np.isnan(levels)] = np.nan  # silent/clipped windows set no reference either
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", RuntimeWarning)
-            typical_step = np.nanmedian(
-                np.lib.stride_tricks.sliding_window_view(difference_rms, 2 * CONTEXT + 1, axis=1), axis=2)
+        typical_step = _running_nanmedian(difference_rms, 2 * CONTEXT + 1)
         typical_step = np.maximum(np.nan_to_num(typical_step, nan=SIGMA_FLOOR), SIGMA_FLOOR)
         clicks = self._window_slice(self.difference_peak, lo, hi, fill=0) > CLICK_SIGMAS * typical_step
         codes = events.copy()
