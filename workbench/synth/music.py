@@ -9,7 +9,7 @@ Each piece is composed and played from its seed alone:
   high partials, detuned unison strings, damper release, hammer thump), bowed (sawtooth-like partials
   through a violin-family body response, delayed vibrato, bow noise, slow attack), plucked (pluck-position
   comb, bright attack decaying fast), mallet (marimba-like partial ratios 1 : 3.93 : 9.27) and drums (kick,
-  snare, hi-hat);
+  snare, hi-hat: shaped noise and swept sines);
 - a room: a stereo pair of impulse responses with early reflections and a frequency-dependent late decay
   (high frequencies die sooner), convolved with torchaudio;
 - mastering: integrated loudness set to a level drawn from `LOUDNESS_RANGE_LUFS` (ITU-R BS.1770 via
@@ -324,8 +324,8 @@ _INSTRUMENTS = {"piano": _piano, "bowed": _bowed, "plucked": _plucked, "mallet":
 
 
 class _DrumKit:
-    """One kit per piece: a few recorded-once variants of each drum (noise shaped by torchaudio biquads),
-    so hits differ a little, as real strokes do, without filtering every stroke anew."""
+    """One kit per piece: a few variants of each drum made once (noise shaped by its spectrum), so hits
+    differ a little, as real strokes do, without synthesising every stroke anew."""
 
     VARIANTS = {"kick": 3, "snare": 4, "hat": 6, "open-hat": 2}
 
@@ -336,14 +336,16 @@ class _DrumKit:
         self.hat_cutoff = float(rng.uniform(6500, 9000))
         self.sounds = {kind: [self._make(kind) for _ in range(count)] for kind, count in self.VARIANTS.items()}
 
-    def _filtered(self, noise: np.ndarray, kind: str, frequency: float) -> np.ndarray:
-        import torch
-        import torchaudio.functional as AF
-
-        x = torch.from_numpy(noise.astype(np.float32))
-        y = AF.highpass_biquad(x, self.sr, frequency, Q=0.7) if kind == "highpass" else \
-            AF.bandpass_biquad(x, self.sr, frequency, Q=0.8)
-        return y.numpy().astype(np.float64)
+    def _shaped_noise(self, frames: int, kind: str, frequency: float) -> np.ndarray:
+        """White noise through a 2nd-order high-pass or band-pass magnitude response (zero phase: for
+        noise only the magnitude is heard)."""
+        spectrum = np.fft.rfft(self.rng.standard_normal(frames))
+        ratio = np.maximum(np.fft.rfftfreq(frames, 1 / self.sr), 1e-3) / frequency
+        if kind == "highpass":
+            gain = ratio ** 2 / np.sqrt(1 + ratio ** 4)
+        else:  # band-pass, Q ≈ 0.8
+            gain = 1 / np.sqrt(1 + (0.8 * (ratio - 1 / ratio)) ** 2)
+        return np.fft.irfft(spectrum * gain, frames)
 
     def hit(self, kind: str, velocity: float) -> np.ndarray:
         variants = self.sounds[kind]
@@ -362,12 +364,12 @@ class _DrumKit:
             frames = int(0.4 * sr)
             t = np.arange(frames) / sr
             tone = np.sin(2 * math.pi * self.snare_tone * t) + 0.5 * np.sin(2 * math.pi * 1.78 * self.snare_tone * t)
-            rattle = self._filtered(rng.standard_normal(frames), "bandpass", 3500.0 * float(rng.uniform(0.9, 1.1)))
+            rattle = self._shaped_noise(frames, "bandpass", 3500.0 * float(rng.uniform(0.9, 1.1)))
             return 0.4 * tone * np.exp(-t / 0.06) + 1.2 * rattle * np.exp(-t / 0.12)
         frames = int((0.45 if kind == "open-hat" else 0.12) * sr)
         t = np.arange(frames) / sr
         decay = 0.25 if kind == "open-hat" else 0.03
-        noise = self._filtered(rng.standard_normal(frames), "highpass", self.hat_cutoff * float(rng.uniform(0.95, 1.05)))
+        noise = self._shaped_noise(frames, "highpass", self.hat_cutoff * float(rng.uniform(0.95, 1.05)))
         return 0.5 * noise * np.exp(-t / decay)
 
 
@@ -401,17 +403,18 @@ def _room_impulse(rng: np.random.Generator, sr: int, rt60: float) -> np.ndarray:
     return tail / math.sqrt(float(np.sum(np.square(tail))))
 
 
-def _limit(x: np.ndarray, sr: int, ceiling: float) -> np.ndarray:
-    """A smooth peak limiter: gain = min(1, ceiling/peak) eased over 2 ms; never raises a peak."""
+def _limit(x: np.ndarray, sr: int, ceiling: float) -> tuple[np.ndarray, bool]:
+    """A smooth peak limiter: gain = min(1, ceiling/peak) eased over 2 ms; never raises a peak.
+    Returns the limited signal and whether the limiter had anything to do."""
     from scipy.ndimage import maximum_filter1d, minimum_filter1d, uniform_filter1d
 
+    if float(np.max(np.abs(x))) <= ceiling:
+        return x, False
     width = max(3, int(0.002 * sr) | 1)
     peak = maximum_filter1d(np.max(np.abs(x), axis=0), width)
     gain = np.minimum(1.0, ceiling / np.maximum(peak, 1e-12))
-    if gain.min() >= 1.0:
-        return x
     gain = uniform_filter1d(minimum_filter1d(gain, width), width)  # each eased gain <= the gain it covers
-    return x * gain[None, :]
+    return x * gain[None, :], True
 
 
 def loudness_lufs(samples: np.ndarray, sr: int) -> float:
@@ -423,20 +426,21 @@ def loudness_lufs(samples: np.ndarray, sr: int) -> float:
 
 
 def _master(x: np.ndarray, sr: int, target_lufs: float) -> tuple[np.ndarray, float]:
-    """Loudness to about `target_lufs` with peaks limited at the ceiling; returns the measured loudness.
+    """Loudness to about `target_lufs` with peaks limited at the ceiling; returns the loudness.
 
-    Loudness scales exactly with gain, so one measurement sets the gain; the limiter then takes a
-    little, and a further pass runs only if that left the piece outside `LOUDNESS_RANGE_LUFS`.
+    Integrated loudness scales exactly with gain, so one measurement sets the gain, and while the
+    limiter leaves the piece alone the result is the target itself. When it does engage it costs a
+    little loudness: that is measured, and a further pass runs only if the piece fell outside
+    `LOUDNESS_RANGE_LUFS`.
     """
     ceiling = 10 ** (PEAK_CEILING_DBFS / 20)
     loudness = loudness_lufs(x, sr)
     assert math.isfinite(loudness), "a piece without sound"
     for _ in range(3):
-        x = _limit(x * 10 ** ((target_lufs - loudness) / 20), sr, ceiling)
-        loudness = loudness_lufs(x, sr)
+        x, limited = _limit(x * 10 ** ((target_lufs - loudness) / 20), sr, ceiling)
+        loudness = loudness_lufs(x, sr) if limited else target_lufs
         if LOUDNESS_RANGE_LUFS[0] <= loudness <= LOUDNESS_RANGE_LUFS[1]:
             break
-        target_lufs = float(np.clip(target_lufs, *LOUDNESS_RANGE_LUFS))
     return x, loudness
 
 
