@@ -511,7 +511,7 @@ class TapeNoiseRenderer:
     """Renders a blank tape of one device at one speed, block by block; `events` are known up front."""
 
     def __init__(self, device: Device, speed_ips: float, seconds: float, seed: int = 0, sample_rate: int = 44_100,
-                 defects: bool = True, signature: TapeSignature | None = None):
+                 defects: bool = True):
         self.speed_ips = device.check_speed(float(speed_ips))
         if sample_rate not in SUPPORTED_SAMPLE_RATES:
             raise WorkbenchError(f"sample rate {sample_rate} Hz is not supported "
@@ -519,7 +519,7 @@ class TapeNoiseRenderer:
         if not seconds > 0:
             raise WorkbenchError(f"a blank tape needs a positive length, not {seconds} s")
         self.device, self.seed, self.sample_rate = device, int(seed), int(sample_rate)
-        self.signature = signature or device_signature(device)
+        self.signature = device_signature(device)
         self.channels = self.signature.channels
         self.eq, self.eq_assumed = playback_eq_for(device, self.speed_ips)
         self.frames = max(1, round(seconds * sample_rate))
