@@ -293,3 +293,13 @@ def test_cli_archive_is_complete_and_reused(workspace, cli, tmp_path):
     assert stamps == {p: p.stat().st_mtime_ns for p in out.rglob("*.wav")}
     other = cli("synth", "archive", out, "--scale", "small", "--seed", "3")
     assert other.code == 2 and "another request" in other.stderr
+
+    # an interrupted build resumes: only what is missing is rendered, byte-identical to before
+    lost = [out / manifest["blank_tapes"][0]["path"], out / "corpus" / "train" / manifest["corpus"]["train"]["pieces"][-1]]
+    digests = [sha256(path) for path in lost]
+    for path in lost:
+        path.unlink()
+    resumed = cli("synth", "archive", out, "--scale", "small", "--seed", "2", "--json")
+    assert resumed.code == 0 and not resumed.json()["reused"]
+    assert sorted(resumed.json()["rendered"]) == sorted([manifest["blank_tapes"][0]["path"], "corpus/train"])
+    assert [sha256(path) for path in lost] == digests

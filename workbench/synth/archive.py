@@ -14,8 +14,9 @@ Sized (`--scale demo`) so the whole demo (ingest, pretrain a tiny model, fine-tu
 evaluate, denoise) runs in minutes on two cores; `--scale small` is a few seconds of each, for tests.
 
 Idempotent: asking again with the same seed and scale over a complete archive reuses it; an interrupted
-build resumes (every file is written atomically with its own sidecar, checked before reuse); a folder
-holding an archive of another request is refused rather than overwritten.
+build resumes (archive.json marks the folder as this request's from the start; every file is written
+atomically with its own sidecar, checked before reuse); a folder holding an archive of another request,
+or archive parts without a manifest, is refused rather than overwritten.
 """
 
 from __future__ import annotations
@@ -117,6 +118,14 @@ def build_archive(folder: Path, devices: Mapping[str, Device], seed: int = 0, sc
                                  f"scale {old.get('scale')}, or other device signatures); use another folder")
         if _all_present(folder, existing):
             return ArchiveResult(folder, existing, reused=True)
+    else:
+        for part in ("blank-tape", "corpus", "transfers"):
+            if (folder / part).exists():
+                raise WorkbenchError(f"{folder / part}: exists but {folder} has no {MANIFEST}; use another folder")
+    from workbench.audio.io import atomic_write_json
+
+    # mark the folder as this request's archive in progress: an interrupted build resumes here
+    atomic_write_json(manifest_path, {"request": request, "complete": False})
 
     rendered: list[str] = []
     manifest: dict = {"request": request, "complete": False, "sample_rate": MUSIC_SAMPLE_RATE,
@@ -161,8 +170,6 @@ def build_archive(folder: Path, devices: Mapping[str, Device], seed: int = 0, sc
         progress("transfers", number, size.transfers)
 
     manifest["complete"] = True
-    from workbench.audio.io import atomic_write_json
-
     atomic_write_json(manifest_path, manifest)
     return ArchiveResult(folder, manifest, reused=False, rendered=rendered)
 
@@ -182,9 +189,6 @@ def _transfer(folder: Path, name: str, device: Device, speed: float, seed: int, 
     if path.is_file() and (folder / reference).is_file() and sidecar.is_file():
         if _read_json(sidecar, "transfer sidecar") == entry:
             return entry, False
-    for existing in (path, folder / reference):
-        if existing.exists() and not sidecar.is_file():
-            raise WorkbenchError(f"{existing}: exists and is not part of this archive; use another folder")
 
     music, _ = render_piece([seed, 0], seconds, MUSIC_SAMPLE_RATE, channels=2,
                             lead_timbre=MELODIC_TIMBRES[number % len(MELODIC_TIMBRES)])
@@ -206,18 +210,14 @@ def _transfer(folder: Path, name: str, device: Device, speed: float, seed: int, 
 
 
 def _reusable(path: Path, wanted: dict) -> dict | None:
-    """The sidecar of an existing blank tape rendered exactly as `wanted`, else None (then it is rendered).
-
-    A file at `path` that is not such a render is refused: the archive never overwrites what it did not make.
-    """
+    """The sidecar of an existing blank tape rendered exactly as `wanted`, else None (render it again:
+    the folder is this request's archive, so whatever is there is an interrupted build's)."""
     sidecar = sidecar_path(path)
-    if not path.exists():
-        return None
-    if sidecar.is_file():
+    if path.is_file() and sidecar.is_file():
         truth = _read_json(sidecar, "blank-tape sidecar")
         if all(truth.get(key) == value for key, value in wanted.items()) and truth.get("frames"):
             return truth
-    raise WorkbenchError(f"{path}: exists and is not this archive's render; use another folder")
+    return None
 
 
 def _all_present(folder: Path, manifest: dict) -> bool:

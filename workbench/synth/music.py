@@ -584,13 +584,14 @@ def render_music(folder: Path, minutes: float, seed: int = 0, sample_rate: int =
                                  f"(seed {existing.get('request', {}).get('seed')}); use an empty folder")
         done = {p["file"]: MusicPiece(**p) for p in existing.get("pieces", []) if (folder / p["file"]).is_file()}
     names = [f"piece-{i:03d}.wav" for i in range(len(lengths))]
-    for name in names:
-        if name not in done and (folder / name).exists():
+    for name in names:  # without our manifest a file under these names is someone else's: refuse
+        if not existing and (folder / name).exists():
             raise WorkbenchError(f"{folder / name}: exists and is not part of this render; use an empty folder")
     if len(done) == len(names) and existing.get("complete"):
         return MusicRender(folder, manifest_path, [done[n] for n in names], reused=True)
 
     folder.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(manifest_path, {"request": request, "complete": False, "pieces": [p.to_json() for p in done.values()]})
     pieces: list[MusicPiece] = []
     total = sum(lengths)
     rendered = 0.0
