@@ -89,7 +89,7 @@ def test_ingests_every_format_rate_and_channel_count(workspace, cli, tmp_path, s
         assert abs(float(np.mean(samples))) < 1e-3  # DC removed
         in_band = 10 * np.log10(min(1.0, 22_050 / (rate / 2)))  # white hiss above 22.05 kHz is resampled away
         assert snippet.rms_dbfs == pytest.approx(HISS_DBFS + in_band, abs=0.5)
-        assert snippet.tape == "ATR Master" and snippet.source_path == str(path.resolve())
+        assert snippet.tape == "ATR Master" and snippet.notes == "reel 12" and snippet.source_path == str(path.resolve())
         assert snippet.end_sample - snippet.start_sample == 44_100
         assert snippet.source_start_sample == snippet.start_sample * rate // 44_100
         assert snippet.source_end_sample - snippet.source_start_sample == pytest.approx(rate, abs=1)

@@ -65,21 +65,25 @@ def capture_noise(
 
 def _render_report(report) -> None:
     from workbench.devices import format_speed
+    from workbench.noise.ingest import ALREADY
 
-    files = Table(title=f"capture-noise: {report.device} @ {format_speed(report.speed_ips)} ips")
-    for column in ("recording", "status", "ch", "length", "usable", "train", "val", "test"):
-        files.add_column(column, justify="right" if column not in ("recording", "status") else "left")
+    files = Table(title=f"capture-noise: {report.device} @ {format_speed(report.speed_ips)} ips",
+                  caption="length: seconds × channels; usable: seconds of snippets kept, all channels")
+    files.add_column("recording", overflow="fold", ratio=1)
+    files.add_column("status")
+    for column in ("length", "usable", "train", "val", "test"):
+        files.add_column(column, justify="right")
     for f in report.files:
         status = f.status + (f" ({f.duplicates} duplicate snippets)" if f.duplicates else "")
-        files.add_row(f.path, status, str(f.channels), f"{f.seconds:.1f} s",
+        files.add_row(f.path, status, f"{f.seconds:.1f} s × {f.channels}",
                       f"{f.usable_seconds:.1f} s" if f.usable_seconds else "",
                       *(str(f.snippets[s]) if f.usable_seconds else "" for s in ("train", "validation", "test")))
     console.print(files)
-    skipped = [f for f in report.files if f.status == "already in the library"]
+    skipped = [f for f in report.files if f.status == ALREADY]
     if skipped:
         console.print(f"{len(skipped)} recording(s) already in the library: nothing added for them "
                       "(use --replace to re-ingest).")
-    rows = [(f.path, e) for f in report.files for e in f.exclusions if f.status != "already in the library"]
+    rows = [(f.path, e) for f in report.files for e in f.exclusions if f.status != ALREADY]
     if rows:
         excluded = Table(title="Left out (time in the source file)")
         for column in ("recording", "ch", "from (s)", "to (s)", "reason"):
@@ -101,7 +105,7 @@ def _render_profile(device: str, speed_ips: float, profile, json_path, png_path)
 
     table = Table(title=f"Noise profile: {device} @ {format_speed(speed_ips)} ips", show_header=False)
     table.add_column("measure", style="bold")
-    table.add_column("value")
+    table.add_column("value", overflow="fold")
     table.add_row("audio", f"{profile.seconds / 60:.2f} min (all channels)")
     table.add_row("RMS level", f"{profile.rms_dbfs:.1f} dBFS")
     table.add_row("tilt", f"{profile.tilt_db_per_octave:+.2f} dB/octave (200 Hz - 8 kHz)")
@@ -110,7 +114,7 @@ def _render_profile(device: str, speed_ips: float, profile, json_path, png_path)
         table.add_row("mains hum", "none stands out")
     else:
         table.add_row("mains hum", f"{profile.hum.mains_hz} Hz family, fundamental {profile.hum.fundamental_hz:.3f} Hz")
-        levels = "  ".join(f"{k}: {level:.0f}" for k, (_, level) in enumerate(profile.hum.harmonics_db, start=1))
+        levels = "  ".join(f"{k}: {int(round(level))}" for k, (_, level) in enumerate(profile.hum.harmonics_db, start=1))
         table.add_row("hum harmonics", f"dB above local floor, k = {levels}")
     if json_path:
         table.add_row("stored", f"{json_path}\n{png_path}")

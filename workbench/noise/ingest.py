@@ -28,7 +28,7 @@ from workbench.audio.dsp import MODEL_SAMPLE_RATE, StreamingResampler, dbfs, res
 from workbench.audio.io import AUDIO_SUFFIXES, AudioInfo, audio_info, iter_blocks, sha256_file
 from workbench.devices import format_speed, get_device
 from workbench.errors import WorkbenchError
-from workbench.noise.library import NewSource, NoiseLibrary
+from workbench.noise.library import ALREADY, NewSource, NoiseLibrary
 from workbench.noise.profile import NoiseProfile
 from workbench.noise.screening import (
     SPLITS,
@@ -44,7 +44,7 @@ from workbench.workspace import Workspace
 
 DEFAULT_SNIPPET_SECONDS = 5.0
 DEFAULT_SPLIT = (80.0, 10.0, 10.0)
-BLOCK_SECONDS = 5.0  # source audio read per step
+BLOCK_SECONDS = 10.0  # source audio read per step (a few MB per channel)
 SEED_SECONDS = 10.0  # the split is seeded from this much decoded audio (plus its length and rate)
 
 
@@ -213,7 +213,7 @@ def capture_noise(workspace: Workspace, paths: list[Path], device_id: str, speed
         seen[sha256] = path
         existing = library.ingested(sha256, device.id, speed)
         if existing is not None and not replace:
-            report.status = "already in the library"
+            report.status = ALREADY
             report.exclusions = [Exclusion(**e) for e in library.exclusions(sha256, device.id, speed)]
             for name, (count, frames) in library.source_counts(sha256, device.id, speed).items():
                 report.snippets[name] = count

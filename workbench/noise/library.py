@@ -36,6 +36,7 @@ from workbench.noise.profile import NoiseProfile, ProfileAccumulator, plot_profi
 from workbench.workspace import Workspace
 
 SCHEMA_VERSION = 1
+ALREADY = "already in the library"  # the status of a recording that is skipped because it was ingested before
 ORPHAN_MIN_AGE_SECONDS = 3600.0  # younger unreferenced files may belong to an ingest in progress
 
 SCHEMA = """
@@ -107,6 +108,7 @@ class Snippet:
     source_start_sample: int  # in the source file at its own rate
     source_end_sample: int
     tape: str | None
+    notes: str
     ingested_at: str
     sample_rate: int = MODEL_SAMPLE_RATE
 
@@ -234,7 +236,7 @@ class NoiseLibrary:
                     key = (source.sha256, source.device, source.speed_ips)
                     old = db.execute("SELECT id FROM sources WHERE sha256=? AND device=? AND speed_ips=?", key).fetchone()
                     if old is not None and not replace:
-                        outcome[source.sha256] = {"status": "already in the library", "added": 0, "duplicates": 0}
+                        outcome[source.sha256] = {"status": ALREADY, "added": 0, "duplicates": 0}
                         continue
                     if old is not None:
                         db.execute("DELETE FROM sources WHERE id=?", (old[0],))
@@ -288,7 +290,7 @@ class NoiseLibrary:
         """Snippets matching the filters, in a stable order (device, speed, source, channel, time)."""
         query = ("SELECT s.sha256, s.file, s.device, s.speed_ips, s.split, s.channel, s.frames, s.rms_dbfs,"
                  " src.sha256, src.path, s.start_sample, s.end_sample, s.source_start_sample, s.source_end_sample,"
-                 " src.tape, src.ingested_at FROM snippets s JOIN sources src ON src.id = s.source_id")
+                 " src.tape, src.notes, src.ingested_at FROM snippets s JOIN sources src ON src.id = s.source_id")
         clauses, values = [], []
         for column, value in (("s.device", device), ("s.speed_ips", speed), ("s.split", split)):
             if value is not None:
@@ -300,7 +302,7 @@ class NoiseLibrary:
         with self._connect() as db:
             rows = [] if db is None else db.execute(query, values).fetchall()
         return [Snippet(r[0], self.root / r[1], r[2], r[3], r[4], r[5], r[6], r[7], r[8], r[9], r[10], r[11],
-                        r[12], r[13], r[14], r[15]) for r in rows]
+                        r[12], r[13], r[14], r[15], r[16]) for r in rows]
 
     def source_counts(self, source_sha256: str, device: str, speed_ips: float) -> dict[str, tuple[int, int]]:
         """For one ingested recording: split -> (snippets, frames)."""

@@ -439,8 +439,8 @@ class Screener:
     def _close(self, channel: int) -> None:
         run = self.open_runs[channel]
         if run is not None:
-            self.exclusions.append(Exclusion(channel, run[0] / WINDOWS_PER_SECOND, run[1] / WINDOWS_PER_SECOND,
-                                             REASONS[run[2]]))
+            self.exclusions.append(Exclusion(channel, float(run[0]) / WINDOWS_PER_SECOND,
+                                             float(run[1]) / WINDOWS_PER_SECOND, REASONS[run[2]]))
         self.open_runs[channel] = None
 
     def finish(self) -> list[CandidateSnippet]:
