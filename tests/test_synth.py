@@ -11,7 +11,6 @@ from dataclasses import replace
 
 import numpy as np
 import pytest
-import soundfile as sf
 
 from workbench.audio.io import audio_info, read_audio
 from workbench.devices import research_devices
