@@ -1,0 +1,180 @@
+"""The whole mission end to end on the embedded synthetic archive: what `make demo` runs.
+
+The demo lives in its own workspace (default `demo/`, git-ignored), so it never mixes synthetic models
+into an archive's real registry. Each stage is one call into the library and reuses what an earlier run
+finished: the archive is rendered once, ingest is idempotent, the general model and the device's champion
+are reused when registered. `fresh=True` deletes the demo workspace first.
+
+Stages: render the archive → capture-noise for each blank tape → register the clean corpus → pretrain
+the general model (quickstart recipe) → fine-tune one device with a small Optuna study, evaluate and
+register it → denoise a sample transfer with the device's champion → list the registry.
+"""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from workbench.errors import WorkbenchError
+from workbench.progress import Progress, no_progress
+from workbench.workspace import Workspace, init_workspace, is_workspace
+
+DEFAULT_FOLDER = Path("demo")
+CORPUS_NAME = "synthetic-archive"
+
+
+@dataclass
+class DemoSettings:
+    folder: Path = DEFAULT_FOLDER
+    scale: str = "demo"  # the synthetic archive's size: "demo" (minutes of audio) or "small" (tests)
+    recipe: str = "quickstart"
+    trials: int | None = None  # None: the recipe's own number
+    seed: int = 0
+    fresh: bool = False
+
+
+@dataclass
+class StageResult:
+    name: str
+    summary: str  # one line for people
+    data: dict = field(default_factory=dict)  # everything for --json
+    reused: bool = False
+
+
+@dataclass
+class Stage:
+    name: str
+    title: str
+    run: Callable[[Progress], StageResult]
+
+
+def prepare_workspace(settings: DemoSettings) -> Workspace:
+    """The demo's own workspace, created with the research devices (after deleting it when fresh)."""
+    folder = settings.folder.expanduser().resolve()
+    if settings.fresh and folder.exists():
+        if not is_workspace(folder):
+            raise WorkbenchError(f"{folder}: exists and is not a demo workspace; refusing to delete it")
+        shutil.rmtree(folder)
+    if is_workspace(folder):
+        return Workspace(folder)
+    return init_workspace(folder, with_research_devices=True)
+
+
+def demo_stages(workspace: Workspace, settings: DemoSettings) -> Iterator[Stage]:
+    """The demo's stages in order; each closes over what the earlier ones produced."""
+    from workbench import tracking
+
+    archive_folder = workspace.root / "archive"
+    state: dict = {}
+
+    def render_archive(progress: Progress) -> StageResult:
+        from workbench.devices import load_devices
+        from workbench.synth.archive import build_archive
+
+        result = build_archive(archive_folder, load_devices(workspace), seed=settings.seed, scale=settings.scale,
+                               progress=progress)
+        state["manifest"] = result.manifest
+        minutes = sum(t["seconds"] for t in result.manifest["blank_tapes"]) / 60
+        music = sum(c["seconds"] for c in result.manifest["corpus"].values()) / 60
+        return StageResult("archive", f"{len(result.manifest['blank_tapes'])} blank tapes ({minutes:.1f} min), "
+                           f"{music:.1f} min of clean music, {len(result.manifest['transfers'])} transfers "
+                           f"in {archive_folder}", result.to_json(), result.reused)
+
+    def capture(progress: Progress) -> StageResult:
+        from workbench.noise.ingest import capture_noise
+
+        reports, added = [], 0
+        for tape in state["manifest"]["blank_tapes"]:
+            report = capture_noise(workspace, [archive_folder / tape["path"]], tape["device"], tape["speed_ips"],
+                                   tape="synthetic", progress=progress)
+            reports.append(report.to_json())
+            added += sum(f.added for f in report.files)
+        return StageResult("capture-noise", f"{len(reports)} recordings ingested, {added} new snippets",
+                           {"reports": reports}, reused=added == 0)
+
+    def corpus(progress: Progress) -> StageResult:
+        from workbench.corpus import add_corpus, list_corpora
+
+        if any(c["name"] == CORPUS_NAME for c in list_corpora(workspace)):
+            return StageResult("corpus", f"corpus {CORPUS_NAME} already registered", {}, reused=True)
+        summary = add_corpus(workspace, archive_folder / "corpus", name=CORPUS_NAME, progress=progress)
+        return StageResult("corpus", f"registered corpus {CORPUS_NAME}", summary)
+
+    def pretrain_general(progress: Progress) -> StageResult:
+        from workbench.train.pretrain import pretrain
+
+        name = "tape-denoiser-general"
+        version = tracking.latest_version(name, workspace)
+        if version is not None:
+            return StageResult("pretrain", f"{name} version {version} already registered",
+                               {"model_uri": tracking.model_uri(name, version)}, reused=True)
+        result = pretrain(workspace, settings.recipe, progress=progress)
+        best = result.best or {}
+        return StageResult("pretrain", f"{name} version {result.version} registered "
+                           f"(validation ΔSNR {best.get('delta_snr_db', float('nan')):+.2f} dB after {result.step} steps)",
+                           result.as_dict())
+
+    def finetune(progress: Progress) -> StageResult:
+        from workbench.finetune import finetune_device
+
+        device = fine_tuned_device(state["manifest"])
+        name = tracking.device_model_name(device)
+        champion = tracking.get_alias_version(name, "champion", workspace)
+        if champion is not None:
+            state["device"] = device
+            return StageResult("finetune", f"{name} already has a champion (version {champion})",
+                               {"model_uri": tracking.model_uri(name, alias="champion")}, reused=True)
+        result = finetune_device(workspace, device, recipe=settings.recipe, trials=settings.trials, progress=progress)
+        state["device"] = device
+        verdict = "promoted to champion" if result.promoted else f"not promoted: {result.reason}"
+        return StageResult("finetune", f"{name} version {result.version} registered, {verdict}; report "
+                           f"{result.report_html}", result.to_dict())
+
+    def denoise(progress: Progress) -> StageResult:
+        from workbench.denoise import denoise_files
+
+        transfer = state["manifest"]["transfers"][0]
+        source = archive_folder / transfer["path"]
+        out_dir = workspace.root / "restored"
+        expected = out_dir / f"{source.stem}.denoised{source.suffix}"
+        if expected.exists() and expected.with_name(expected.name + ".json").exists():
+            return StageResult("denoise", f"{expected} already restored", {"output": str(expected)}, reused=True)
+        records = denoise_files([source], device_id=state["device"], out_dir=out_dir, overwrite=True,
+                                progress=progress)
+        return StageResult("denoise", f"restored {source.name} → {records[0]['output']['path']}",
+                           {"records": records})
+
+    def registry(progress: Progress) -> StageResult:
+        from workbench.model_registry import list_models, show_model
+
+        models = list_models(workspace)
+        shown = show_model(workspace, state["device"])
+        return StageResult("registry", f"{len(models)} registered models; report: {shown['report_path']}",
+                           {"models": models, "device_model": shown})
+
+    yield Stage("archive", "Render the synthetic archive", render_archive)
+    yield Stage("capture-noise", "Ingest the blank tapes into the noise library", capture)
+    yield Stage("corpus", "Register the clean corpus", corpus)
+    yield Stage("pretrain", "Pretrain the general tape-noise model", pretrain_general)
+    yield Stage("finetune", "Fine-tune one machine with an Optuna study", finetune)
+    yield Stage("denoise", "Restore a sample transfer with the champion", denoise)
+    yield Stage("registry", "The model registry", registry)
+
+
+def fine_tuned_device(manifest: dict) -> str:
+    """The demo fine-tunes the machine its first sample transfer was played on."""
+    return manifest["transfers"][0]["device"]
+
+
+def run_demo(settings: DemoSettings, progress: Progress = no_progress,
+             on_stage: Callable[[Stage], None] | None = None) -> list[StageResult]:
+    """Run every stage; `on_stage` is called before each (the CLI prints a heading)."""
+    workspace = prepare_workspace(settings)
+    results = []
+    for stage in demo_stages(workspace, settings):
+        if on_stage:
+            on_stage(stage)
+        results.append(stage.run(progress))
+    return results
