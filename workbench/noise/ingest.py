@@ -257,6 +257,13 @@ def capture_noise(workspace: Workspace, paths: list[Path], device_id: str, speed
                         png_path if profile else None, seconds_processed, time.perf_counter() - started)
 
 
+def _decoded(path: Path, block_frames: int, resampler: StreamingResampler):
+    """(source block, its 44.1 kHz resampling) per block, then (None, the resampler's tail)."""
+    for block in iter_blocks(path, block_frames):
+        yield block, resampler.push(block)
+    yield None, resampler.flush()
+
+
 def _ingest_file(library: NoiseLibrary, item: _Pending, device: str, speed: float, tape: str | None, notes: str,
                  snippet_seconds: float, split: tuple[float, float, float], progress: Progress,
                  seconds_before: float, started: float, created: list[str]) -> NewSource:
@@ -282,14 +289,14 @@ def _ingest_file(library: NoiseLibrary, item: _Pending, device: str, speed: floa
     read = 0
     block_frames = max(WINDOW_FRAMES, int(BLOCK_SECONDS * info.sample_rate))
     stage = f"ingest {path.name}"
-    for block in iter_blocks(path, block_frames):
-        screener.push_source(block)
-        keep(screener.push_stream(resampler.push(block)))
-        read += block.shape[1]
+    for block, resampled in _decoded(path, block_frames, resampler):
+        if block is not None:
+            screener.push_source(block)
+            read += block.shape[1]
+        keep(screener.push_stream(resampled))
         elapsed = max(time.perf_counter() - started, 1e-9)
         progress(stage, round(read / info.sample_rate), round(info.seconds),
                  x_realtime=round((seconds_before + read / info.sample_rate) / elapsed))
-    keep(screener.push_stream(resampler.flush()))
     keep(screener.finish())
     exclusions = list(screener.exclusions)
 
