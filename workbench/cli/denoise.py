@@ -11,31 +11,50 @@ from workbench.cli._app import app
 from workbench.cli._render import console, print_json, progress_bars
 from workbench.errors import WorkbenchError
 
+HELP = "\n\n".join([
+    "Restore transfers of any length with a denoising model, keeping every sample accounted for.",
+    "Examples:",
+    "  workbench denoise --device revox-a77 transfers/reel-041.wav --out restored/\n"
+    "  workbench denoise --model models:/tape-denoiser-revox-a77/3 --reduction-db 12 side-a.flac\n"
+    "  workbench denoise --model general.safetensors --strength 0.7 -o take1.clean.wav take1.wav",
+    "Files stream from disk block by block, so hours-long transfers need no more memory than short ones. "
+    "The model works at 44.1 kHz; the noise it removes is taken back to the input's rate and subtracted from "
+    "the original samples, so the output keeps the input's sample rate, every channel, its exact length and "
+    "(unless --format/--subtype) its format and sample type; content above 22 kHz in a high-rate transfer "
+    "passes through untouched. --strength below 1 (or --reduction-db) leaves part of the removed noise in, "
+    "as archivists often prefer.",
+    "Source recordings are never written to: an output that would replace an input is refused, and so is an "
+    "existing output unless --overwrite. Each output appears only when complete, with a provenance record "
+    "beside it (OUTPUT.json: model name, version, URI and checkpoint sha256, settings, input and output "
+    "sha256, software versions, time, compute device, real-time factor). Every input is checked and the model "
+    "loaded before anything is written.",
+])
 
-@app.command("denoise", rich_help_panel="Restore")
+
+@app.command("denoise", rich_help_panel="Restore", help=HELP)
 def denoise(
     inputs: list[Path] = typer.Argument(..., metavar="INPUT...",
                                         help="Transfers to restore: WAV, BWF, RF64, W64, FLAC or AIFF, any rate."),
     model: str | None = typer.Option(None, "--model", metavar="REF",
                                      help="A checkpoint (X.safetensors with X.json beside it) or an MLflow model "
-                                          "URI: models:/NAME@ALIAS, models:/NAME/VERSION, runs:/RUN_ID/PATH."),
+                                          "URI: models:/NAME@ALIAS or models:/NAME/VERSION."),
     device: str | None = typer.Option(None, "--device", metavar="ID",
                                       help="Use this replay machine's champion: models:/tape-denoiser-ID@champion."),
-    out: Path = typer.Option(Path("denoised"), "--out", metavar="DIR",
+    out: Path = typer.Option(Path("denoised"), "--out", metavar="DIR", show_default=False,
                              help="Folder for the restored copies, named STEM.denoised.SUFFIX "
-                                  "[default: ./denoised, created if missing]."),
+                                  "(default: ./denoised in the current folder, created if missing)."),
     output: Path | None = typer.Option(None, "--output", "-o", metavar="FILE",
                                        help="Exact output file (one input only); instead of --out."),
-    strength: float | None = typer.Option(None, "--strength", min=0.0, max=1.0,
+    strength: float | None = typer.Option(None, "--strength", min=0.0, max=1.0, metavar="0..1",
                                           help="0..1: how much of the noise the model found is removed "
-                                               "[default: 1, all of it]."),
+                                               "(default: 1, all of it)."),
     reduction_db: float | None = typer.Option(None, "--reduction-db", metavar="DB", min=0.0,
                                               help="Instead of --strength: lower the noise by DB decibels "
                                                    "(strength = 1 − 10^(−DB/20); 6 dB ≈ 0.5, 20 dB = 0.9)."),
     format: str | None = typer.Option(None, "--format", metavar="F",
-                                      help="Output container: WAV, RF64, W64, FLAC or AIFF [default: the input's]."),
+                                      help="Output container: WAV, RF64, W64, FLAC or AIFF (default: the input's)."),
     subtype: str | None = typer.Option(None, "--subtype", metavar="S",
-                                       help="Output sample type, e.g. PCM_16, PCM_24, FLOAT [default: the input's]."),
+                                       help="Output sample type, e.g. PCM_16, PCM_24, FLOAT (default: the input's)."),
     chunk_seconds: float = typer.Option(5.0, "--chunk-seconds", min=0.1,
                                         help="Length of the pieces the model sees (rounded to its grid)."),
     compute: str = typer.Option("auto", "--compute", metavar="auto|cpu|cuda",
@@ -43,29 +62,7 @@ def denoise(
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace outputs that already exist."),
     as_json: bool = typer.Option(False, "--json", help="Print the provenance records as JSON for scripts."),
 ) -> None:
-    """Restore transfers of any length with a denoising model, keeping every sample accounted for.
-
-    Examples:
-
-        workbench denoise --device revox-a77 transfers/reel-041.wav --out restored/
-
-        workbench denoise --model models:/tape-denoiser-revox-a77/3 --reduction-db 12 side-a.flac
-
-        workbench denoise --model general.safetensors --strength 0.7 -o take1.clean.wav take1.wav
-
-    Files stream from disk block by block, so hours-long transfers need no more memory than short
-    ones. The model works at 44.1 kHz; the noise it removes is taken back to the input's rate and
-    subtracted from the original samples, so the output keeps the input's sample rate, every channel,
-    its exact length and (unless --format/--subtype) its format and sample type; content above
-    22 kHz in a high-rate transfer passes through untouched. --strength below 1 (or --reduction-db)
-    leaves part of the removed noise in, as archivists often prefer.
-
-    Source recordings are never written to: an output that would replace an input is refused. Each
-    output appears only when complete, with a provenance record beside it (OUTPUT.json: model name,
-    version, URI and checkpoint sha256, settings, input and output sha256, software versions, time,
-    compute device, real-time factor). Every input is checked and the model loaded before anything
-    is written.
-    """
+    """Restore transfers of any length with a denoising model (see HELP above)."""
     from workbench.denoise import denoise_files, strength_from_reduction_db
 
     if (model is None) == (device is None):
@@ -87,7 +84,7 @@ def denoise(
         table.add_column(column, justify="left" if column in ("input", "output") else "right")
     for record in records:
         source, result = record["input"], record["output"]
-        table.add_row(Path(source["path"]).name, result["path"], f"{result['sample_rate']} Hz",
+        table.add_row(Path(source["path"]).name, _shown(result["path"]), f"{result['sample_rate']} Hz",
                       str(result["channels"]), f"{source['seconds']:.1f} s", f"{record['real_time_factor']:.1f}",
                       str(result["clipped_samples"]))
     console.print(table)
@@ -95,3 +92,11 @@ def denoise(
     name = model_record.get("uri") or model_record.get("checkpoint")
     console.print(f"model {name} (sha256 {str(model_record.get('checkpoint_sha256'))[:12]}…); "
                   f"provenance beside each output as OUTPUT.json")
+
+
+def _shown(path: str) -> str:
+    """A path relative to the current folder when it lies below it (shorter in a table)."""
+    try:
+        return str(Path(path).relative_to(Path.cwd()))
+    except ValueError:
+        return path

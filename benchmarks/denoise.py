@@ -1,0 +1,174 @@
+"""Benchmark `workbench denoise`: real-time factor and peak memory per model size, against noisereduce.
+
+What it measures, each in its own child process so every peak RSS (resource.getrusage ru_maxrss) is
+that run's own:
+1. For each size (tiny, small, paper; random weights with a fixed seed: speed does not depend on
+   training), the whole `denoise_files` path (checkpoint load, streaming resampling, chunked
+   overlap-add, atomic write, sha256s, sidecar) on 60 s of 44.1 kHz mono music-plus-hiss.
+   `paper` is slow on a CPU: it runs on a shorter excerpt (--paper-seconds) and its real-time factor
+   is extrapolated to the 60 s (the per-chunk cost is constant, so the rate carries over); the table
+   says so.
+2. The reference, timed in the same run on the same 60 s: noisereduce's stationary spectral gating
+   (`reduce_noise(y, sr, stationary=True, y_noise=...)`, the research's spectral-subtraction baseline)
+   given 5 s of the same hiss as its noise clip. Ratio = how many times slower than it each size is.
+3. Streaming: the tiny model on a --short-minutes file and on a --long-minutes (default 60) file.
+   Peak RSS must not grow with length; the child's RSS after imports is printed as the floor.
+
+    .venv/bin/python benchmarks/denoise.py [--sizes tiny,small,paper] [--seconds 60] [--paper-seconds 15]
+                                            [--short-minutes 5] [--long-minutes 60] [--compute auto]
+
+Timings are wall-clock on whatever else the machine is doing: on a shared machine, run it twice.
+The 60-minute run takes (60 min / the tiny model's real-time factor); --long-minutes shortens it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import soundfile as sf
+
+ROOT = Path(__file__).resolve().parent.parent
+SAMPLE_RATE = 44_100
+HISS_DBFS = -40.0
+
+CHILD = textwrap.dedent("""
+    import json, resource, sys, time
+    from pathlib import Path
+    mode, args = sys.argv[1], json.loads(sys.argv[2])
+    import numpy as np, soundfile as sf, torch
+    if mode == "model":
+        from workbench.denoise import denoise_files
+        from workbench.model.checkpoint import save_checkpoint
+        from workbench.model.unet import SIZES, TwoStageUNet
+        torch.manual_seed(0)
+        checkpoint = Path(args["folder"]) / f"{args['size']}.safetensors"
+        save_checkpoint(checkpoint, TwoStageUNet(SIZES[args["size"]]), lineage={"source": "benchmark: random weights"})
+        rss_imported = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # imports + one model built
+        started = time.perf_counter()
+        [record] = denoise_files([Path(args["audio"])], model_ref=checkpoint, out_dir=Path(args["folder"]) / "out",
+                                 compute=args["compute"], overwrite=True)
+        wall = time.perf_counter() - started
+        result = {"wall_s": wall, "audio_s": record["input"]["seconds"], "rtf": record["real_time_factor"],
+                  "device": record["compute"]["device"], "chunks": record["chunks"],
+                  "parameters": sum(p.numel() for p in TwoStageUNet(SIZES[args["size"]]).parameters())}
+    else:
+        import noisereduce
+        audio, rate = sf.read(args["audio"], dtype="float32")
+        noise, _ = sf.read(args["noise"], dtype="float32")
+        rss_imported = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        started = time.perf_counter()
+        noisereduce.reduce_noise(y=audio, sr=rate, stationary=True, y_noise=noise)
+        wall = time.perf_counter() - started
+        result = {"wall_s": wall, "audio_s": len(audio) / rate, "rtf": len(audio) / rate / wall}
+    result.update(rss_imported_kb=rss_imported, rss_peak_kb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+    print(json.dumps(result))
+""")
+
+
+def _hiss(rng: np.random.Generator, frames: int) -> np.ndarray:
+    """Tape-like hiss: white noise tilted up (first difference plus some white), at HISS_DBFS RMS."""
+    white = rng.normal(size=frames + 1)
+    hiss = np.diff(white) + 0.5 * white[1:]
+    return (hiss / np.sqrt(np.mean(hiss**2)) * 10 ** (HISS_DBFS / 20)).astype(np.float32)
+
+
+def _music(rng: np.random.Generator, start: int, frames: int) -> np.ndarray:
+    """A few decaying notes per second (deterministic in `start`), about −20 dBFS."""
+    t = (start + np.arange(frames)) / SAMPLE_RATE
+    out = np.zeros(frames)
+    for note in range(int(t[0] * 3) - 2, int(t[-1] * 3) + 1):
+        onset = note / 3
+        pitch = 110 * 2 ** (((note * 7) % 24) / 12)
+        since = t - onset
+        live = since >= 0
+        for k in (1, 2, 3):
+            out[live] += 0.08 / k * np.sin(2 * np.pi * k * pitch * since[live]) * np.exp(-3 * since[live])
+    return out.astype(np.float32)
+
+
+def write_transfer(path: Path, seconds: float, seed: int = 0) -> None:
+    """Stream music plus hiss to a 44.1 kHz 24-bit mono WAV, block by block (any length)."""
+    rng = np.random.default_rng(seed)
+    frames, block = int(seconds * SAMPLE_RATE), 30 * SAMPLE_RATE
+    with sf.SoundFile(str(path), "w", SAMPLE_RATE, 1, subtype="PCM_24", format="WAV") as handle:
+        for start in range(0, frames, block):
+            count = min(block, frames - start)
+            handle.write(_music(rng, start, count) + _hiss(rng, count))
+
+
+def run_child(mode: str, **args) -> dict:
+    completed = subprocess.run([sys.executable, "-c", CHILD, mode, json.dumps(args)], cwd=ROOT,
+                               capture_output=True, text=True, check=False)
+    if completed.returncode != 0:
+        raise SystemExit(f"child {mode} {args} failed:\n{completed.stderr[-3000:]}")
+    return json.loads(completed.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--sizes", default="tiny,small,paper")
+    parser.add_argument("--seconds", type=float, default=60.0)
+    parser.add_argument("--paper-seconds", type=float, default=15.0,
+                        help="excerpt the paper size runs on (extrapolated to --seconds); 0 = full length")
+    parser.add_argument("--short-minutes", type=float, default=5.0)
+    parser.add_argument("--long-minutes", type=float, default=60.0)
+    parser.add_argument("--compute", default="auto")
+    parser.add_argument("--json", action="store_true", help="print the raw results as JSON too")
+    options = parser.parse_args()
+    sizes = [s for s in options.sizes.split(",") if s]
+    results: dict = {"sizes": {}, "streaming": {}}
+
+    with tempfile.TemporaryDirectory(prefix="bench-denoise-") as scratch:
+        folder = Path(scratch)
+        audio, noise = folder / "transfer-60s.wav", folder / "hiss-5s.wav"
+        write_transfer(audio, options.seconds, seed=1)
+        sf.write(str(noise), _hiss(np.random.default_rng(2), 5 * SAMPLE_RATE), SAMPLE_RATE, subtype="PCM_24")
+
+        reference = run_child("noisereduce", audio=str(audio), noise=str(noise))
+        results["noisereduce"] = reference
+        print(f"noisereduce (stationary): {reference['rtf']:.1f}x real time on {reference['audio_s']:.0f} s, "
+              f"peak RSS {reference['rss_peak_kb'] / 1024:.0f} MB", flush=True)
+
+        for size in sizes:
+            source = audio
+            if size == "paper" and options.paper_seconds and options.paper_seconds < options.seconds:
+                source = folder / "excerpt.wav"
+                write_transfer(source, options.paper_seconds, seed=1)
+            run = run_child("model", size=size, audio=str(source), folder=str(folder / size), compute=options.compute)
+            run["extrapolated_from_s"] = run["audio_s"] if source != audio else None
+            run["slower_than_noisereduce"] = reference["rtf"] / run["rtf"]
+            results["sizes"][size] = run
+            note = f" (measured on a {run['audio_s']:.0f} s excerpt, extrapolated)" if source != audio else ""
+            print(f"{size:>6} ({run['parameters'] / 1e6:.2f} M params, {run['device']}): {run['rtf']:.2f}x real time"
+                  f"{note}; {options.seconds:.0f} s take {options.seconds / run['rtf']:.0f} s; "
+                  f"{run['slower_than_noisereduce']:.0f}x slower than noisereduce; peak RSS "
+                  f"{run['rss_peak_kb'] / 1024:.0f} MB ({run['rss_imported_kb'] / 1024:.0f} MB after imports)",
+                  flush=True)
+
+        for label, minutes in (("short", options.short_minutes), ("long", options.long_minutes)):
+            path = folder / f"transfer-{minutes:g}min.wav"
+            write_transfer(path, minutes * 60, seed=3)
+            run = run_child("model", size="tiny", audio=str(path), folder=str(folder / f"stream-{label}"),
+                            compute=options.compute)
+            path.unlink()
+            results["streaming"][f"{minutes:g} min"] = run
+            print(f"streaming, tiny, {minutes:g} min: peak RSS {run['rss_peak_kb'] / 1024:.0f} MB "
+                  f"({run['rss_imported_kb'] / 1024:.0f} MB after imports), {run['rtf']:.2f}x real time", flush=True)
+
+    short, long = results["streaming"].values()
+    growth = (long["rss_peak_kb"] - short["rss_peak_kb"]) / 1024
+    print(f"peak RSS, {options.long_minutes:g} min vs {options.short_minutes:g} min file: {growth:+.0f} MB "
+          f"({options.long_minutes / options.short_minutes:.0f}x the audio)")
+    if options.json:
+        print(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()
