@@ -11,27 +11,9 @@ from workbench.cli._app import app
 from workbench.cli._render import console, print_json, progress_bars
 from workbench.errors import WorkbenchError
 
-HELP = "\n\n".join([
-    "Restore transfers of any length with a denoising model, keeping every sample accounted for.",
-    "Examples:",
-    "  workbench denoise --device revox-a77 transfers/reel-041.wav --out restored/\n"
-    "  workbench denoise --model models:/tape-denoiser-revox-a77/3 --reduction-db 12 side-a.flac\n"
-    "  workbench denoise --model general.safetensors --strength 0.7 -o take1.clean.wav take1.wav",
-    "Files stream from disk block by block, so hours-long transfers need no more memory than short ones. "
-    "The model works at 44.1 kHz; the noise it removes is taken back to the input's rate and subtracted from "
-    "the original samples, so the output keeps the input's sample rate, every channel, its exact length and "
-    "(unless --format/--subtype) its format and sample type; content above 22 kHz in a high-rate transfer "
-    "passes through untouched. --strength below 1 (or --reduction-db) leaves part of the removed noise in, "
-    "as archivists often prefer.",
-    "Source recordings are never written to: an output that would replace an input is refused, and so is an "
-    "existing output unless --overwrite. Each output appears only when complete, with a provenance record "
-    "beside it (OUTPUT.json: model name, version, URI and checkpoint sha256, settings, input and output "
-    "sha256, software versions, time, compute device, real-time factor). Every input is checked and the model "
-    "loaded before anything is written.",
-])
 
 
-@app.command("denoise", rich_help_panel="Restore", help=HELP)
+@app.command("denoise", rich_help_panel="Restore")
 def denoise(
     inputs: list[Path] = typer.Argument(..., metavar="INPUT...",
                                         help="Transfers to restore: WAV, BWF, RF64, W64, FLAC or AIFF, any rate."),
@@ -62,7 +44,27 @@ def denoise(
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace outputs that already exist."),
     as_json: bool = typer.Option(False, "--json", help="Print the provenance records as JSON for scripts."),
 ) -> None:
-    """Restore transfers of any length with a denoising model (see HELP above)."""
+    """Restore transfers of any length with a denoising model, keeping every sample accounted for.
+
+    Examples:
+
+        workbench denoise --device revox-a77 transfers/reel-041.wav --out restored/
+        workbench denoise --model models:/tape-denoiser-revox-a77/3 --reduction-db 12 side-a.flac
+        workbench denoise --model general.safetensors --strength 0.7 -o take1.clean.wav take1.wav
+
+    Files stream from disk block by block, so hours-long transfers need no more memory than short ones.
+    The model works at 44.1 kHz; the noise it removes is taken back to the input's rate and subtracted
+    from the original samples, so the output keeps the input's sample rate, every channel, its exact
+    length and (unless --format/--subtype) its format and sample type; content above 22 kHz in a
+    high-rate transfer passes through untouched. --strength below 1 (or --reduction-db) leaves part of
+    the removed noise in, as archivists often prefer.
+
+    Source recordings are never written to: an output that would replace an input is refused, and so
+    is an existing output unless --overwrite. Each output appears only when complete, with a provenance
+    record beside it (OUTPUT.json: model name, version, URI and checkpoint sha256, settings, input and
+    output sha256, software versions, time, compute device, real-time factor). Every input is checked
+    and the model loaded before anything is written.
+    """
     from workbench.denoise import denoise_files, strength_from_reduction_db
 
     if (model is None) == (device is None):
