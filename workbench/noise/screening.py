@@ -24,8 +24,8 @@ after the tape ran out is the machine without tape, not tape noise.
 
 The split: the recording's timeline is divided into contiguous blocks (`split_plan`), each assigned to
 train, validation or test in the requested proportions by a permutation seeded from the audio itself;
-snippets never straddle a block, and `GUARD_SECONDS` at each boundary between blocks of different
-splits are left unused, so no test snippet adjoins a train snippet.
+snippets never straddle a block, and `GUARD_SECONDS` (half a snippet for snippets under 2 s) at each
+boundary between blocks of different splits are left unused, so no test snippet adjoins a train snippet.
 """
 
 from __future__ import annotations
@@ -54,13 +54,11 @@ STEP_DB = 3.0
 EVENT_PAD_SECONDS = 0.25
 REGIME_DB = 6.0  # a snippet this far from the recording's median snippet level is not its typical noise
 GUARD_SECONDS = 1.0
-BLOCKS_AT_LEAST = 10  # split blocks per recording when it is short enough ...
-MAX_BLOCK_SECONDS = 60.0  # ... else blocks of about this length
+MAX_BLOCK_SECONDS = 60.0  # split blocks are at most about this long
 SPLITS = ("train", "validation", "test")
 
 CONTEXT = int(LEVEL_CONTEXT_SECONDS * WINDOWS_PER_SECOND)
 PAD = int(round(EVENT_PAD_SECONDS * WINDOWS_PER_SECOND))
-GUARD = int(round(GUARD_SECONDS * WINDOWS_PER_SECOND))
 
 # Reason codes in priority order (a window flagged for two reasons reports the first).
 OK, CLIPPING, SILENCE, CLICK, STEP, TRANSIENT, DROPOUT = range(7)
@@ -105,44 +103,61 @@ class SplitPlan:
     block_windows: int
     splits: tuple[str, ...]  # one per block
     total_windows: int
+    guard_windows: int
 
     def block_of(self, window: np.ndarray) -> np.ndarray:
         return np.minimum(window // self.block_windows, len(self.splits) - 1)
 
     def guarded(self, window: np.ndarray) -> np.ndarray:
-        """True for windows within GUARD of a boundary to a block of another split."""
+        """True for windows within the guard of a boundary to a block of another split."""
         block = self.block_of(window)
         start = block * self.block_windows
         end = np.where(block == len(self.splits) - 1, self.total_windows, start + self.block_windows)
         splits = np.array(self.splits + ("",))
         differs_before = (block > 0) & (splits[np.maximum(block - 1, 0)] != splits[block])
         differs_after = (block < len(self.splits) - 1) & (splits[block + 1] != splits[block])
-        return (differs_before & (window < start + GUARD)) | (differs_after & (window >= end - GUARD))
+        return ((differs_before & (window < start + self.guard_windows))
+                | (differs_after & (window >= end - self.guard_windows)))
+
+
+def guard_windows(snippet_windows: int) -> int:
+    """GUARD_SECONDS, or half a snippet when snippets are shorter than two guards."""
+    return max(1, min(int(round(GUARD_SECONDS * WINDOWS_PER_SECOND)), snippet_windows // 2))
+
+
+def _allocate(blocks: int, proportions: tuple[float, float, float]) -> list[int]:
+    """Blocks per split by largest remainder (ties to the earlier split)."""
+    total = float(sum(proportions))
+    exact = [blocks * p / total for p in proportions]
+    counts = [math.floor(e) for e in exact]
+    for i in sorted(range(3), key=lambda i: (exact[i] - counts[i], -i), reverse=True)[: blocks - sum(counts)]:
+        counts[i] += 1
+    return counts
 
 
 def split_plan(total_windows: int, snippet_windows: int, proportions: tuple[float, float, float],
                seed: str) -> SplitPlan:
     """Blocks for a recording of `total_windows`.
 
-    A block holds a whole number of snippets plus the two guards, so clean noise is used fully; as many
-    snippets per block as keeps at least BLOCKS_AT_LEAST blocks (so 80/10/10 gives every split one),
-    but no block longer than MAX_BLOCK_SECONDS. The last block takes the remainder. Split counts follow
-    the proportions by largest remainder; the block order is a permutation seeded by `seed` (the
-    audio's own digest: same audio, same split)."""
-    assert len(proportions) == 3 and sum(proportions) > 0
-    guards = 2 * GUARD
-    most = max(1, (int(MAX_BLOCK_SECONDS * WINDOWS_PER_SECOND) - guards) // snippet_windows)
-    per_block = min(max(1, (total_windows // BLOCKS_AT_LEAST - guards) // snippet_windows), most)
-    block_windows = per_block * snippet_windows + guards
+    About as many blocks as give the smallest split one (10 for 80/10/10, 5 for 60/20/20), each
+    holding as many whole snippets (plus its two guards) as fit; but no block longer than
+    MAX_BLOCK_SECONDS, so long recordings get more, shorter blocks. Big blocks keep a split from
+    vanishing when a click lands in its only block. The last block takes the remainder. Split counts
+    follow the proportions by largest remainder; the block order is a permutation seeded by `seed`
+    (the audio's own digest: same audio, same split)."""
+    assert len(proportions) == 3 and sum(proportions) > 0 and min(proportions) >= 0
+    guard = guard_windows(snippet_windows)
+    wanted = sum(p > 0 for p in proportions)
+    smallest = min(p for p in proportions if p > 0) / sum(proportions)  # e.g. 0.1: about 10 blocks
+    fewest = next(n for n in range(max(wanted, round(1 / smallest)), 1000)
+                  if sum(c > 0 for c in _allocate(n, proportions)) == wanted)
+    most = max(1, (int(MAX_BLOCK_SECONDS * WINDOWS_PER_SECOND) - 2 * guard) // snippet_windows)
+    per_block = min(max(1, (total_windows // fewest - 2 * guard) // snippet_windows), most)
+    block_windows = per_block * snippet_windows + 2 * guard
     blocks = max(1, total_windows // block_windows)
-    total = float(sum(proportions))
-    exact = [blocks * p / total for p in proportions]
-    counts = [math.floor(e) for e in exact]
-    for i in sorted(range(3), key=lambda i: (exact[i] - counts[i], -i), reverse=True)[: blocks - sum(counts)]:
-        counts[i] += 1
-    labels = [name for name, count in zip(SPLITS, counts) for _ in range(count)]
+    labels = [name for name, count in zip(SPLITS, _allocate(blocks, proportions)) for _ in range(count)]
     random.Random(seed).shuffle(labels)
-    return SplitPlan(block_windows, tuple(labels), total_windows)
+    return SplitPlan(block_windows, tuple(labels), total_windows, guard)
 
 
 def _running_nanmedian(values: np.ndarray, width: int) -> np.ndarray:
