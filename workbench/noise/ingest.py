@@ -14,7 +14,6 @@ Re-running the same recording (same sha256, device and speed) adds nothing unles
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import math
 import time
@@ -24,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from workbench.audio.dsp import MODEL_SAMPLE_RATE, StreamingResampler, dbfs, resampled_length, rms
+from workbench.audio.dsp import MODEL_SAMPLE_RATE, StreamingResampler, dbfs, resampled_length, rms, torch_threads
 from workbench.audio.io import AUDIO_SUFFIXES, AudioInfo, audio_info, iter_blocks, sha256_file
 from workbench.devices import format_speed, get_device
 from workbench.errors import WorkbenchError
@@ -155,21 +154,6 @@ def _content_seed(path: Path, info: AudioInfo) -> str:
     return digest.hexdigest()
 
 
-@contextlib.contextmanager
-def _one_torch_thread():
-    """Resampling block by block is many small torch operations: with several intra-op threads the
-    hand-offs cost more than they save (≈10x slower on a busy 2-core machine), and the rest of the
-    ingest is single-threaded numpy anyway. The caller's setting is restored afterwards."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
-
-
 @dataclass
 class _Pending:
     path: Path
@@ -228,7 +212,7 @@ def capture_noise(workspace: Workspace, paths: list[Path], device_id: str, speed
     seconds_processed = 0.0
     try:
         for item in pending:
-            with _one_torch_thread():
+            with torch_threads(1):
                 new_sources.append(_ingest_file(library, item, device.id, speed, tape, notes, snippet_seconds,
                                                 split, progress, seconds_processed, started, created))
             seconds_processed += item.info.seconds
@@ -247,7 +231,7 @@ def capture_noise(workspace: Workspace, paths: list[Path], device_id: str, speed
         library.collect_garbage()  # orphans of killed ingests, once old enough
 
     # 4. The device and speed's profile over all its snippets.
-    with _one_torch_thread():
+    with torch_threads(1):
         if any(p.report.added or p.report.status == "replaced" for p in pending):
             profile = library.update_profile(device.id, speed, progress=progress)
         else:

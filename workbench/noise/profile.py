@@ -131,14 +131,19 @@ class _WelchSum:
 
     def __init__(self, sample_rate: float, segment: int, nfft: int, keep_hz: float | None = None):
         self.sample_rate, self.segment, self.nfft, self.hop = sample_rate, segment, nfft, segment // 2
-        self.window = np.hanning(segment + 1)[:-1].astype(np.float64)  # periodic Hann
         frequencies = np.fft.rfftfreq(nfft, 1.0 / sample_rate)
         self.bins = len(frequencies) if keep_hz is None else int(np.searchsorted(frequencies, keep_hz, "right"))
         self.frequencies = frequencies[: self.bins]
+        self.window, self.window_spectrum = self._window(segment)
         self.power = np.zeros(self.bins, dtype=np.float64)
         self.segments = 0
         self.pending: np.ndarray | None = None  # (channels, frames) not yet in a full segment
         self.stream_segments = 0  # full segments of the current stream
+
+    def _window(self, length: int) -> tuple[np.ndarray, np.ndarray]:
+        """A periodic Hann window (float32, like the FFTs) and its spectrum, for the detrend."""
+        window = np.hanning(length + 1)[:-1].astype(np.float32)
+        return window, np.fft.rfft(window, n=self.nfft)[: self.bins]
 
     def add(self, block: np.ndarray) -> None:
         pending = block if self.pending is None else np.concatenate([self.pending, block], axis=1)
@@ -148,27 +153,29 @@ class _WelchSum:
             stop = min(count, start + chunk)
             frames = np.lib.stride_tricks.sliding_window_view(
                 pending[:, start * self.hop: (stop - 1) * self.hop + self.segment], self.segment, axis=1)[:, :: self.hop]
-            self._add_segments(frames.reshape(-1, self.segment), self.window)
+            self._add_segments(frames.reshape(-1, self.segment), self.window, self.window_spectrum)
         self.stream_segments += count
         self.pending = pending[:, count * self.hop:].copy() if count else pending
 
-    def _add_segments(self, segments: np.ndarray, window: np.ndarray) -> None:
-        segments = segments - segments.mean(axis=1, keepdims=True)  # Welch's constant detrend
+    def _add_segments(self, segments: np.ndarray, window: np.ndarray, window_spectrum: np.ndarray) -> None:
+        """Add the periodograms of (n, length) float32 segments (single-precision FFTs, float64 sums)."""
         spectrum = np.fft.rfft(segments * window, n=self.nfft, axis=1)[:, : self.bins]
-        power = np.square(spectrum.real) + np.square(spectrum.imag)
+        # Welch's constant detrend by linearity: FFT(w·(x - mean)) = FFT(w·x) - mean·FFT(w)
+        spectrum -= segments.mean(axis=1, dtype=np.float64).astype(np.float32)[:, None] * window_spectrum
+        power = np.sum(np.square(spectrum.real), axis=0, dtype=np.float64)
+        power += np.sum(np.square(spectrum.imag), axis=0, dtype=np.float64)
         # one-sided density: double all but DC and Nyquist; scale by fs * sum(w²)
-        power[:, 1:] *= 2.0
+        power[1:] *= 2.0
         if self.nfft % 2 == 0 and self.bins == self.nfft // 2 + 1:
-            power[:, -1] /= 2.0
-        self.power += power.sum(axis=0) / (self.sample_rate * np.sum(np.square(window)))
+            power[-1] /= 2.0
+        self.power += power / (self.sample_rate * np.sum(np.square(window, dtype=np.float64)))
         self.segments += segments.shape[0]
 
     def end_stream(self) -> None:
         """The next block starts a new stream: no segment spans the two. A stream that never filled
         one segment is analysed as one shorter segment."""
         if self.stream_segments == 0 and self.pending is not None and self.pending.shape[1] >= 16:
-            window = np.hanning(self.pending.shape[1] + 1)[:-1]
-            self._add_segments(self.pending.astype(np.float64), window)
+            self._add_segments(self.pending, *self._window(self.pending.shape[1]))
         self.pending = None
         self.stream_segments = 0
 
@@ -207,23 +214,30 @@ class ProfileAccumulator:
         assert block.ndim == 2, "blocks are (channels, frames) or (frames,)"
         if not np.all(np.isfinite(block)):
             raise ValueError("NaN or inf samples in a noise profile's input")
-        block = block.astype(np.float64, copy=False)
-        self.sum_squares += float(np.sum(np.square(block)))
+        block = block.astype(np.float32, copy=False)  # FFTs in single precision: ample for dB levels
+        self.sum_squares += float(np.einsum("ij,ij->", block, block, dtype=np.float64))
         self.samples += block.size
         self.psd.add(block)
         if self.hum_decimation == 1:
             self.hum.add(block)
             return
-        if self.decimator is None:
-            from workbench.audio.dsp import StreamingResampler
+        from workbench.audio.dsp import StreamingResampler, torch_threads
 
+        if self.decimator is None:
             self.decimator = StreamingResampler(self.hum_decimation, 1, block.shape[0])
-        self.hum.add(self.decimator.push(block.astype(np.float32)).astype(np.float64))
+        with torch_threads(1):
+            self.hum.add(self.decimator.push(block))
+
+    def _flush_decimator(self) -> np.ndarray:
+        from workbench.audio.dsp import torch_threads
+
+        with torch_threads(1):
+            return self.decimator.flush()
 
     def end_stream(self) -> None:
         self.psd.end_stream()
         if self.decimator is not None:
-            self.hum.add(self.decimator.flush().astype(np.float64))
+            self.hum.add(self._flush_decimator())
             self.decimator = None
         self.hum.end_stream()
 
@@ -233,7 +247,7 @@ class ProfileAccumulator:
         psd = self.psd.density()
         psd_db = 10.0 * np.log10(psd + _TINY)
         if self.decimator is not None:
-            self.hum.add(self.decimator.flush().astype(np.float64))
+            self.hum.add(self._flush_decimator())
             self.decimator = None
         hum = estimate_hum(self.hum.frequencies, 10.0 * np.log10(self.hum.density() + _TINY))
         frequencies = self.psd.frequencies.copy()
