@@ -8,7 +8,8 @@ import sys
 from collections.abc import Iterator
 
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Column
 
 console = Console()
 err_console = Console(stderr=True)
@@ -33,14 +34,14 @@ def progress_bars(enabled: bool = True) -> Iterator:
     if not enabled:
         yield lambda stage, done, total=None, **fields: None
         return
+    # Fixed-width columns first so an 80-column terminal still shows the bar, the times and the live numbers.
     bars = Progress(
-        TextColumn("[bold]{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
+        TextColumn("{task.description}", table_column=Column(width=30, no_wrap=True, overflow="ellipsis")),
+        BarColumn(bar_width=16),
+        TaskProgressColumn(),
         TimeElapsedColumn(),
-        TextColumn("eta"),
         TimeRemainingColumn(),
-        TextColumn("{task.fields[info]}"),
+        TextColumn("{task.fields[info]}", table_column=Column(no_wrap=True, overflow="ellipsis")),
         console=err_console,
         transient=False,
     )

@@ -27,23 +27,21 @@ def demo(
     model, fine-tunes one machine with a small Optuna study, registers it in MLflow, restores a sample
     transfer with its champion and lists the registry. A second run reuses what is done.
     """
-    from workbench.demo import DemoSettings, run_demo
+    from workbench.demo import DemoSettings, demo_stages, prepare_workspace
 
     settings = DemoSettings(folder=folder, scale=scale, recipe=recipe, trials=trials, fresh=fresh)
     started = time.perf_counter()
-    timings: dict[str, float] = {}
-    clock = {"stage": None, "at": started}
-
-    def on_stage(stage) -> None:
-        now = time.perf_counter()
-        if clock["stage"]:
-            timings[clock["stage"]] = now - clock["at"]
-        clock.update(stage=stage.name, at=now)
-        err_console.rule(f"[bold]{stage.title}")
-
-    with progress_bars(enabled=not as_json) as progress:
-        results = run_demo(settings, progress=progress, on_stage=on_stage)
-    timings[clock["stage"]] = time.perf_counter() - clock["at"]
+    workspace = prepare_workspace(settings)
+    results, timings = [], {}
+    for stage in demo_stages(workspace, settings):
+        if not as_json:
+            err_console.rule(f"[bold]{stage.title}")
+        stage_started = time.perf_counter()
+        with progress_bars(enabled=not as_json) as progress:
+            results.append(stage.run(progress))
+        timings[stage.name] = time.perf_counter() - stage_started
+        if not as_json:
+            err_console.print(("(reused) " if results[-1].reused else "") + results[-1].summary, highlight=False)
     total = time.perf_counter() - started
     if as_json:
         print_json({"seconds": round(total, 1), "stages": [
