@@ -103,10 +103,12 @@ def main() -> None:
     (short_min, _, _, short), (long_min, _, _, long) = rows
     print(f"\npeak RSS {long_min:g} min / {short_min:g} min: {long['rss_peak_kb'] / short['rss_peak_kb']:.2f}x "
           f"(1.00x = memory does not grow with length)")
-    worst_rtf = min(s / i["wall_s"] for _, s, _, i in rows)
+    wall_rtf = min(s / i["wall_s"] for _, s, _, i in rows)
+    cpu_rtf = min(s / i["cpu_s"] for _, s, _, i in rows)
     worst_rss = max(i["rss_peak_kb"] for _, _, _, i in rows) / 1024
-    print(f"targets: >60x real time -> {worst_rtf:.1f}x {'met' if worst_rtf > 60 else 'NOT met'}; "
-          f"peak RSS < 1024 MB -> {worst_rss:.0f} MB {'met' if worst_rss < 1024 else 'NOT met'}")
+    print(f"target >60x real time on 2 cores: wall {wall_rtf:.1f}x {'met' if wall_rtf > 60 else 'NOT met'} here; "
+          f"CPU time {cpu_rtf:.1f}x {'met' if cpu_rtf > 60 else 'NOT met'} (the wall rate on idle cores)")
+    print(f"target peak RSS < 1024 MB whatever the length: {worst_rss:.0f} MB {'met' if worst_rss < 1024 else 'NOT met'}")
 
 
 if __name__ == "__main__":

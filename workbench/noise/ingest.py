@@ -25,7 +25,7 @@ import numpy as np
 
 from workbench.audio.dsp import MODEL_SAMPLE_RATE, StreamingResampler, dbfs, resampled_length, rms, torch_threads
 from workbench.audio.io import AUDIO_SUFFIXES, AudioInfo, audio_info, iter_blocks, sha256_file
-from workbench.devices import format_speed, get_device
+from workbench.devices import get_device
 from workbench.errors import WorkbenchError
 from workbench.noise.library import ALREADY, NewSource, NoiseLibrary
 from workbench.noise.profile import NoiseProfile

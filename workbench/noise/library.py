@@ -185,7 +185,9 @@ class NoiseLibrary:
                 connection.executescript(SCHEMA)
                 connection.execute("INSERT OR IGNORE INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
             yield connection
-        except sqlite3.DatabaseError as error:
+        except (sqlite3.IntegrityError, sqlite3.ProgrammingError, sqlite3.InterfaceError):
+            raise  # our bug, not the user's file
+        except sqlite3.DatabaseError as error:  # not a database, corrupt, locked too long
             raise WorkbenchError(f"{self.manifest}: noise library manifest unusable ({error})") from None
         finally:
             connection.close()

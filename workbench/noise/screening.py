@@ -30,6 +30,7 @@ boundary between blocks of different splits are left unused, so no test snippet 
 
 from __future__ import annotations
 
+import itertools
 import math
 import random
 from dataclasses import dataclass, field
@@ -149,7 +150,7 @@ def split_plan(total_windows: int, snippet_windows: int, proportions: tuple[floa
     guard = guard_windows(snippet_windows)
     wanted = sum(p > 0 for p in proportions)
     smallest = min(p for p in proportions if p > 0) / sum(proportions)  # e.g. 0.1: about 10 blocks
-    fewest = next(n for n in range(max(wanted, round(1 / smallest)), 1000)
+    fewest = next(n for n in itertools.count(max(wanted, round(1 / smallest)))
                   if sum(c > 0 for c in _allocate(n, proportions)) == wanted)
     most = max(1, (int(MAX_BLOCK_SECONDS * WINDOWS_PER_SECOND) - 2 * guard) // snippet_windows)
     per_block = min(max(1, (total_windows // fewest - 2 * guard) // snippet_windows), most)
@@ -197,7 +198,7 @@ class Screener:
     """Streaming screening of one recording; see the module docstring.
 
     Call `push_source(block)` with each source-rate block before `push_stream(resampled)` with the
-    resampler's output for it, then `finish()`. Both push methods and `finish` return the candidate
+    resampler's output for it, then `finish()`. `push_stream` and `finish` return the candidate
     snippets completed so far; `exclusions` lists what was left out and why.
     """
 
