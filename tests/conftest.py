@@ -41,3 +41,47 @@ def cli(capsys):
         return CliResult(code, out, err)
 
     return run
+
+
+# --- a tiny synthetic archive, built once per session (training, fine-tuning and demo tests share it) ---
+
+# (device, speed) pairs with blank tape in the tiny archive, and how much of everything it holds.
+TINY_ARCHIVE_DEVICES = (("revox-a77", 7.5), ("uher-4000-l", 3.75), ("technics-tr575-a", 1.875))
+TINY_BLANK_TAPE_SECONDS = 20.0
+TINY_MUSIC_SECONDS = {"train": 40.0, "validation": 10.0, "test": 10.0}
+
+
+@pytest.fixture(scope="session")
+def tiny_archive_template(tmp_path_factory):
+    """A workspace with a tiny ingested noise library (3 devices, 1 s snippets in all three splits) and a
+    registered clean corpus `tiny-music` (synthetic music in train/validation/test folders), built once.
+    Use `tiny_archive` for a private copy; never write into this one."""
+    from workbench.corpus import add_corpus
+    from workbench.devices import get_device
+    from workbench.noise.ingest import capture_noise
+    from workbench.synth.music import render_music
+    from workbench.synth.tape_noise import render_blank_tape
+
+    root = tmp_path_factory.mktemp("tiny-archive")
+    ws = init_workspace(root / "archive", with_research_devices=True)
+    for number, (device_id, speed) in enumerate(TINY_ARCHIVE_DEVICES):
+        tape = root / "tapes" / f"{device_id}.wav"
+        render_blank_tape(get_device(ws, device_id), speed, TINY_BLANK_TAPE_SECONDS, tape, seed=number)
+        capture_noise(ws, [tape], device_id, speed, snippet_seconds=1.0, split=(60.0, 20.0, 20.0))
+    for number, (split, seconds) in enumerate(TINY_MUSIC_SECONDS.items()):
+        render_music(root / "music" / split, seconds / 60, seed=100 + number, piece_seconds=min(seconds, 20.0))
+    add_corpus(ws, root / "music", name="tiny-music")
+    return ws.root
+
+
+@pytest.fixture
+def tiny_archive(tiny_archive_template, tmp_path, monkeypatch) -> Workspace:
+    """A private copy of the tiny archive (noise library + corpus), current through WORKBENCH_HOME, with
+    its own empty MLflow store."""
+    import shutil
+
+    root = tmp_path / "archive"
+    shutil.copytree(tiny_archive_template, root)
+    monkeypatch.setenv("WORKBENCH_HOME", str(root))
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    return Workspace(root)

@@ -1,0 +1,121 @@
+"""MLflow: the workspace store (created once, safely), lineage inputs, the registry, pyfunc models, fetching."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from workbench import tracking
+from workbench.errors import WorkbenchError
+
+
+@pytest.fixture
+def checkpoint(tmp_path):
+    from workbench.model.checkpoint import save_checkpoint
+    from workbench.model.unet import SIZES, TwoStageUNet
+
+    torch.manual_seed(0)
+    model = TwoStageUNet(SIZES["tiny"])
+    path = tmp_path / "ckpt" / "tiny.safetensors"
+    save_checkpoint(path, model, {"kind": "test"})
+    return path, model
+
+
+def test_store_is_the_workspace_sqlite_and_is_created_once_by_concurrent_processes(workspace):
+    script = ("import sys; from pathlib import Path; from workbench.workspace import Workspace; from workbench import tracking; "
+              "tracking.experiment_id('race', Workspace(Path(sys.argv[1])))")
+    racers = [subprocess.Popen([sys.executable, "-c", script, str(workspace.root)], stderr=subprocess.PIPE, text=True)
+              for _ in range(3)]
+    for racer in racers:
+        assert racer.wait(timeout=120) == 0, racer.stderr.read()
+    assert workspace.mlflow_db.is_file()
+    mlflow = tracking.configure(workspace)
+    assert mlflow.get_tracking_uri() == f"sqlite:///{workspace.mlflow_db}"
+    experiment = mlflow.get_experiment_by_name("race")
+    assert experiment.artifact_location == (workspace.mlflow_artifacts / "race").as_uri()
+    assert len(mlflow.search_experiments(filter_string="name = 'race'")) == 1
+
+
+def test_a_run_logs_recipe_metrics_system_and_datasets(tiny_archive):
+    from workbench.corpus import corpus_files
+    from workbench.noise.library import NoiseLibrary
+    from workbench.recipes import load_recipe, recipe_params
+
+    recipe = load_recipe("pretrain-paper")
+    snippets = NoiseLibrary(tiny_archive).snippets(split="train")
+    clean = corpus_files(tiny_archive, "train")
+    with tracking.start_run("lineage-test", run_name="lineage") as run:
+        tracking.log_recipe(recipe)
+        tracking.log_system_info("cpu")
+        tracking.log_metrics({"train_loss": 0.5}, step=1)
+        tracking.log_metrics({"train_loss": 0.25}, step=2)
+        lineage = tracking.log_lineage(tiny_archive, {"training": snippets}, {"training": clean})
+    stored = tracking.client().get_run(run.info.run_id)
+    assert stored.info.status == "FINISHED"
+    assert stored.data.params == recipe_params(recipe)
+    assert stored.data.tags["system.torch"] == torch.__version__
+    history = tracking.client().get_metric_history(run.info.run_id, "train_loss")
+    assert [(m.step, m.value) for m in history] == [(1, 0.5), (2, 0.25)]
+    inputs = {d.dataset.name: d for d in stored.inputs.dataset_inputs}
+    assert set(inputs) == {"noise-library-training", "clean-corpus-training"}
+    assert inputs["noise-library-training"].dataset.digest == NoiseLibrary.digest(snippets)[:32]
+    assert inputs["clean-corpus-training"].dataset.digest == lineage["corpus"]["training"]["digest"]
+    assert {t.key: t.value for t in inputs["noise-library-training"].tags}["mlflow.data.context"] == "training"
+    assert lineage["noise"]["training"]["devices"] == ["revox-a77", "technics-tr575-a", "uher-4000-l"]
+
+
+def test_register_alias_fetch_and_pyfunc_predict(workspace, checkpoint, tmp_path):
+    import mlflow
+
+    from workbench.denoise import ChunkPlan, process_whole
+    from workbench.model.stft import HOP
+    from workbench.model.unet import denoise_waveform
+
+    path, model = checkpoint
+    first = tracking.register_checkpoint(path, tracking.GENERAL_MODEL, tags={"source": "test"}, description="first")
+    second = tracking.register_checkpoint(path, tracking.GENERAL_MODEL, description="second")
+    assert (first, second) == (1, 2) and tracking.latest_version(tracking.GENERAL_MODEL) == 2
+    tracking.set_alias(tracking.GENERAL_MODEL, "base", first)
+    assert tracking.get_alias_version(tracking.GENERAL_MODEL, "base") == 1
+    assert tracking.get_alias_version(tracking.GENERAL_MODEL, "champion") is None
+    version = tracking.client().get_model_version(tracking.GENERAL_MODEL, "1")
+    assert version.description == "first" and version.tags["source"] == "test"
+
+    fetched, facts = tracking.fetch_checkpoint("models:/tape-denoiser-general@base")
+    assert fetched.suffix == ".safetensors" and fetched.with_suffix(".json").is_file()
+    assert fetched.read_bytes() == path.read_bytes() and fetched.is_relative_to(workspace.registry / tracking.CACHE_DIR)
+    assert facts["version"] == 1 and facts["aliases"] == ["base"] and facts["uri"] == "models:/tape-denoiser-general/1"
+    assert tracking.fetch_checkpoint("models:/tape-denoiser-general/latest")[1]["version"] == 2
+
+    for bad, message in (("models:/tape-denoiser-nothing/1", "no registered model"),
+                         ("models:/tape-denoiser-general@champion", "no alias @champion"),
+                         ("models:/tape-denoiser-general/7", "no version 7"),
+                         ("runs:/abc/model", "not a registered-model URI")):
+        with pytest.raises(WorkbenchError, match=message) as error:
+            tracking.fetch_checkpoint(bad)
+        assert "\n" not in str(error.value)
+
+    loaded = mlflow.pyfunc.load_model("models:/tape-denoiser-general/1")
+    artifacts = mlflow.artifacts.list_artifacts(artifact_uri="models:/tape-denoiser-general/1/artifacts")
+    assert sorted(a.path.rsplit("/", 1)[-1] for a in artifacts) == ["tiny.json", "tiny.safetensors"]
+    inside = loaded.unwrap_python_model().model.state_dict()
+    assert all(torch.equal(inside[k].cpu(), v) for k, v in model.state_dict().items())
+    rng = np.random.default_rng(0)
+    mono = (0.1 * rng.standard_normal(20_000)).astype(np.float32)
+    restored = loaded.predict(mono)
+    assert restored.shape == mono.shape and restored.dtype == np.float32
+    # One chunk: exactly the network on the signal with mirrored context, as `workbench denoise` does it.
+    plan = ChunkPlan.from_seconds(grid_frames=HOP * 2 ** model.config.depth)
+    expected = process_whole(lambda chunk: denoise_waveform(model.eval(), chunk), mono[None], plan)[0]
+    assert np.allclose(restored, expected, atol=1e-5)
+    stereo = np.stack([mono, -mono])
+    assert loaded.predict(stereo).shape == stereo.shape
+
+
+def test_registering_a_missing_checkpoint_is_one_line(workspace, tmp_path):
+    with pytest.raises(WorkbenchError, match="no such checkpoint"):
+        tracking.register_checkpoint(tmp_path / "none.safetensors", tracking.GENERAL_MODEL)

@@ -1,0 +1,379 @@
+"""The training engine: recipes, data, the loop (resume, freezing, L2-SP, stopping) and `workbench pretrain`."""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from workbench.audio.io import sha256_file, write_audio
+from workbench.errors import WorkbenchError
+from workbench.recipes import apply_overrides, load_recipe, recipe_params
+from workbench.train.data import (MixingSpec, StepBatches, TrainingExamples, loop_with_crossfades, stored_mixtures,
+                                  training_batches)
+from workbench.train.loop import (PARAMETER_GROUPS, Schedule, _optimizer_from_flat, _optimizer_to_flat,
+                                  learning_rate_at, parameter_group, read_state, train)
+
+RATE = 44_100
+
+# A recipe small enough for a test: tiny network, quarter-second segments, a few steps.
+TEST_RECIPE = """
+name = "test-tiny"
+[model]
+size = "tiny"
+[data]
+segment_seconds = 0.25
+validation_mixtures = 4
+validation_seconds = 0.5
+num_workers = 0
+seed = 5
+[schedule]
+steps = {steps}
+batch_size = 4
+learning_rate = 5e-3
+warmup_steps = 5
+grad_clip = 1.0
+validate_every = {validate_every}
+checkpoint_every = 4
+"""
+
+
+def write_recipe(folder: Path, steps: int = 6, validate_every: int = 3) -> Path:
+    path = folder / "test-tiny.toml"
+    path.write_text(TEST_RECIPE.format(steps=steps, validate_every=validate_every))
+    return path
+
+
+@dataclass(frozen=True)
+class Clip:
+    """A plain audio file as a training source (what corpus files and noise snippets look like to the data code)."""
+
+    path: Path
+    sha256: str
+    frames: int
+    sample_rate: int = RATE
+
+
+def clip(path: Path, samples: np.ndarray) -> Clip:
+    write_audio(path, samples[None, :].astype(np.float32), RATE, subtype="FLOAT")
+    return Clip(path, sha256_file(path), samples.shape[0])
+
+
+@pytest.fixture
+def sources(tmp_path):
+    """Clean 'music' (tones), one silent file, and two tape-hiss-like noise clips, one shorter than a segment."""
+    rng = np.random.default_rng(0)
+    t = np.arange(RATE * 2) / RATE
+    music = [clip(tmp_path / f"music-{i}.wav", 0.2 * np.sin(2 * np.pi * (220 * (i + 1)) * t) * (1 + 0.5 * np.sin(t)))
+             for i in range(3)]
+    silence = clip(tmp_path / "silence.wav", np.zeros(RATE * 2))
+    noise = [clip(tmp_path / "hiss-long.wav", 0.01 * rng.standard_normal(RATE * 2)),
+             clip(tmp_path / "hiss-short.wav", 0.01 * rng.standard_normal(RATE // 10))]
+    return {"music": music, "silence": silence, "noise": noise}
+
+
+# ------------------------------------------------------------------------------------------------ recipes
+
+def test_bundled_recipes_load_and_the_paper_recipe_is_the_paper():
+    paper = load_recipe("pretrain-paper")
+    assert paper["model"]["size"] == "paper" and paper["data"]["segment_seconds"] == 5.0
+    s = paper["schedule"]
+    assert (s["learning_rate"], s["betas"], s["decay_every"], s["decay_factor"], s["steps"], s["shape"]) == \
+           (1e-4, [0.5, 0.9], 100_000, 10.0, 320_000, "step")
+    assert paper["data"]["snr_db"] == {"distribution": "log-uniform", "low": 6.0, "high": 32.0}
+    assert paper["data"]["gain_db"] == {"low": -6.0, "high": 0.0}
+    quick = load_recipe("quickstart")
+    assert quick["model"]["size"] == "tiny" and quick["schedule"]["steps"] <= 500
+    params = recipe_params(quick)
+    assert params["schedule.learning_rate"] == json.dumps(quick["schedule"]["learning_rate"])
+    assert params["data.snr_db.distribution"] == "log-uniform" and params["recipe.name"] == "quickstart"
+
+
+@pytest.mark.parametrize("text, message", [
+    ("[model]\nsize = 'huge'", "size must be one of"),
+    ("[schedule]\nsteps = -3", "steps must be >= 1"),
+    ("[schedule]\nlearing_rate = 1e-3", "unknown key [schedule] learing_rate"),
+    ("[data]\nsnr_db = { distribution = 'log-uniform', low = 0, high = 10 }", "must be > 0 dB"),
+    ("[data]\nsnr_db = { low = 20, high = 10 }", "is above"),
+    ("[schedule]\nbetas = [0.5]", "betas must be two numbers"),
+    ("[trainning]\nsteps = 3", "unknown key 'trainning'"),
+    ("[schedule\nsteps = 3", "not valid TOML"),
+])
+def test_bad_recipes_fail_with_one_line_naming_file_and_key(tmp_path, text, message):
+    path = tmp_path / "bad.toml"
+    path.write_text(text)
+    with pytest.raises(WorkbenchError, match=message.replace("[", r"\[").replace("]", r"\]")) as error:
+        load_recipe(path)
+    assert str(path) in str(error.value) and "\n" not in str(error.value)
+
+
+def test_recipes_resolve_workspace_before_bundled_and_keep_extension_sections(workspace):
+    workspace.recipes_dir.mkdir()
+    (workspace.recipes_dir / "quickstart.toml").write_text(
+        "[schedule]\nsteps = 7\n[finetune]\ntrials = 3\n[finetune.search]\nlearning_rate = { low = 1e-5, high = 1e-3 }\n")
+    recipe = load_recipe("quickstart")
+    assert recipe["schedule"]["steps"] == 7 and recipe["source"] == str(workspace.recipes_dir / "quickstart.toml")
+    assert recipe["finetune"]["search"]["learning_rate"]["high"] == 1e-3
+    changed = apply_overrides(recipe, {"schedule.steps": 9, "data.snr_db.low": 4.0, "finetune.trials": 5})
+    assert (changed["schedule"]["steps"], changed["data"]["snr_db"]["low"], changed["finetune"]["trials"]) == (9, 4.0, 5)
+    with pytest.raises(WorkbenchError, match="no such key"):
+        apply_overrides(recipe, {"schedule.stepz": 1})
+    with pytest.raises(WorkbenchError, match="not found"):
+        load_recipe("no-such-recipe")
+
+
+# --------------------------------------------------------------------------------------------------- data
+
+def test_looped_noise_keeps_its_level_across_crossfaded_seams():
+    rng = np.random.default_rng(1)
+    noise = rng.standard_normal(4410).astype(np.float32)
+    looped = loop_with_crossfades(noise, 44_100, 441)
+    assert looped.shape == (44_100,) and looped.dtype == np.float32
+    assert np.array_equal(looped[:4410 - 441], noise[:4410 - 441])
+    power = np.mean(looped.astype(np.float64) ** 2) / np.mean(noise.astype(np.float64) ** 2)
+    assert abs(10 * math.log10(power)) < 0.3
+
+
+def test_examples_are_a_function_of_the_index_and_skip_silence(sources):
+    examples = TrainingExamples(sources["music"] + [sources["silence"]], sources["noise"], RATE // 2, MixingSpec(), seed=3)
+    first, again = examples[17], examples[17]
+    for key in first:
+        assert torch.equal(first[key], again[key])
+    assert not torch.equal(examples[18]["clean"], first["clean"])
+    for index in range(40):
+        item = examples[index]
+        assert item["clean"].shape == item["noise"].shape == (RATE // 2,)
+        assert item["clean"].pow(2).mean().sqrt() > 1e-3  # never the silent file
+        assert item["noise"].pow(2).mean() > 0
+        assert 6.0 <= float(item["snr_db"]) <= 32.0 and -6.0 <= float(item["gain_db"]) <= 0.0
+    with pytest.raises(WorkbenchError, match="as long as"):
+        TrainingExamples(sources["music"], sources["noise"], RATE * 10, MixingSpec(), seed=3)
+
+
+def test_batches_do_not_depend_on_workers_or_on_ddp_sharding(sources):
+    examples = TrainingExamples(sources["music"], sources["noise"], RATE // 4, MixingSpec(), seed=4)
+    in_process = list(training_batches(examples, 2, 5, 4, num_workers=0))
+    with_workers = list(training_batches(examples, 2, 5, 4, num_workers=2))
+    assert len(in_process) == len(with_workers) == 3
+    for a, b in zip(in_process, with_workers):
+        assert all(torch.equal(a[k], b[k]) for k in a)
+    ranks = [list(StepBatches(2, 5, 4, rank=r, world_size=2)) for r in range(2)]
+    assert [r0 + r1 for r0, r1 in zip(*ranks)] == list(StepBatches(2, 5, 4))
+
+
+def test_validation_mixtures_are_built_once_and_keyed_by_what_made_them(sources, tmp_path):
+    args = (sources["music"], sources["noise"], 3, 0.5, MixingSpec(), 11)
+    first = stored_mixtures(tmp_path / "mixtures", "validation", *args)
+    assert first.path.is_file() and first.path.with_suffix(".json").is_file()
+    stamp = first.path.stat().st_mtime_ns
+    again = stored_mixtures(tmp_path / "mixtures", "validation", *args)
+    assert again.path.stat().st_mtime_ns == stamp and torch.equal(again.noisy, first.noisy)
+    residual = first.noisy - first.clean
+    achieved = 10 * torch.log10(first.clean.pow(2).mean(-1) / residual.pow(2).mean(-1))
+    assert torch.allclose(achieved, first.snr_db, atol=0.1)
+    other = stored_mixtures(tmp_path / "mixtures", "validation", *args[:-1], 12)
+    assert other.key != first.key and not torch.equal(other.noisy, first.noisy)
+
+
+# --------------------------------------------------------------------------------------------------- loop
+
+def test_schedule_shapes():
+    step = Schedule(steps=300, batch_size=1, learning_rate=1e-4, decay_every=100, decay_factor=10)
+    assert [learning_rate_at(s, step) for s in (0, 99, 100, 250)] == pytest.approx([1e-4, 1e-4, 1e-5, 1e-6])
+    warm = Schedule(steps=100, batch_size=1, learning_rate=1e-3, warmup_steps=10, shape="cosine", min_learning_rate=1e-5)
+    assert learning_rate_at(0, warm) == pytest.approx(1e-4) and learning_rate_at(9, warm) == pytest.approx(1e-3)
+    assert learning_rate_at(10, warm) == pytest.approx(1e-3) and learning_rate_at(100, warm) == pytest.approx(1e-5)
+    constant = Schedule(steps=10, batch_size=1, learning_rate=2e-4, shape="constant")
+    assert {learning_rate_at(s, constant) for s in range(10)} == {2e-4}
+
+
+def test_optimizer_state_round_trips_without_pickle():
+    model = torch.nn.Linear(3, 2)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3, betas=(0.5, 0.9))
+    model(torch.randn(4, 3)).sum().backward()
+    optimizer.step()
+    tensors, meta = _optimizer_to_flat(optimizer)
+    json.dumps(meta)  # everything that is not a tensor is plain JSON
+    fresh = torch.optim.Adam(torch.nn.Linear(3, 2).parameters(), lr=1.0)
+    fresh.load_state_dict(_optimizer_from_flat(tensors, meta))
+    restored, original = fresh.state_dict(), optimizer.state_dict()
+    assert restored["param_groups"] == original["param_groups"]
+    for index, entry in original["state"].items():
+        assert all(torch.equal(entry[k], restored["state"][index][k]) for k in entry)
+
+
+def test_parameter_groups_name_real_parameters():
+    from workbench.model.unet import SIZES, TwoStageUNet
+
+    model = TwoStageUNet(SIZES["tiny"])
+    every = {name for name, _ in model.named_parameters()}
+    stages = set(parameter_group(model, "stage1")) | set(parameter_group(model, "stage2"))
+    assert stages == every and not set(parameter_group(model, "stage1")) & set(parameter_group(model, "stage2"))
+    for group in PARAMETER_GROUPS:
+        assert parameter_group(model, group)
+    with pytest.raises(WorkbenchError, match="unknown parameter group"):
+        parameter_group(model, "encoder")
+
+
+def _tiny_run(sources, tmp_path, **schedule):
+    from workbench.model.unet import SIZES, TwoStageUNet
+
+    examples = TrainingExamples(sources["music"], sources["noise"], RATE // 4, MixingSpec(), seed=2)
+    validation = stored_mixtures(tmp_path / "mixtures", "validation", sources["music"], sources["noise"], 2, 0.25,
+                                 MixingSpec(), 9)
+    torch.manual_seed(0)
+    model = TwoStageUNet(SIZES["tiny"])
+    settings = dict(steps=6, batch_size=2, learning_rate=2e-3, validate_every=2, checkpoint_every=4, grad_clip=1.0)
+    return model, Schedule(**{**settings, **schedule}), examples, validation
+
+
+def test_interrupted_and_resumed_run_reproduces_the_uninterrupted_losses(sources, tmp_path):
+    model, schedule, examples, validation = _tiny_run(sources, tmp_path)
+    whole = train(model, schedule, examples, validation, tmp_path / "whole")
+    assert sorted(whole.losses) == list(range(1, 7)) and whole.stopped == "completed"
+
+    def ctrl_c_after_three(stage, done, total=None, **fields):
+        if done == 3:
+            raise KeyboardInterrupt
+
+    model, schedule, examples, validation = _tiny_run(sources, tmp_path)
+    with pytest.raises(KeyboardInterrupt):
+        train(model, schedule, examples, validation, tmp_path / "split", progress=ctrl_c_after_three)
+    tensors, saved = read_state(tmp_path / "split")
+    assert saved["step"] == 3 and [h["step"] for h in saved["history"]] == [2]
+    assert any(k.startswith("optim.") for k in tensors) and "rng.torch" in tensors
+
+    model, schedule, examples, validation = _tiny_run(sources, tmp_path)  # a fresh process would start so
+    resumed = train(model, schedule, examples, validation, tmp_path / "split", resume=True)
+    assert sorted(resumed.losses) == [4, 5, 6]
+    for step in (4, 5, 6):
+        assert resumed.losses[step] == pytest.approx(whole.losses[step], rel=1e-6, abs=1e-7)
+    assert [h["step"] for h in resumed.history] == [2, 4, 6]
+    for a, b in zip(resumed.history, whole.history):
+        assert a["val_loss"] == pytest.approx(b["val_loss"], rel=1e-5)
+    with pytest.raises(WorkbenchError, match="no saved state"):
+        train(*_tiny_run(sources, tmp_path), tmp_path / "never-ran", resume=True)
+
+
+def test_frozen_groups_stay_put_and_l2sp_pulls_toward_the_base(sources, tmp_path):
+    model, schedule, examples, validation = _tiny_run(sources, tmp_path, steps=3, validate_every=3, freeze=("stage1",))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    train(model, schedule, examples, validation, tmp_path / "frozen")
+    after = model.state_dict()
+    frozen = set(parameter_group(model, "stage1"))
+    assert all(torch.equal(before[name], after[name]) for name in frozen)
+    assert any(not torch.equal(before[name], after[name]) for name in after if name not in frozen)
+
+    distances = {}
+    for alpha in (0.0, 1e4):
+        model, schedule, examples, validation = _tiny_run(sources, tmp_path, steps=3, validate_every=3, l2sp_alpha=alpha,
+                                                          learning_rate=1e-2)
+        base = {name: p.detach().clone() for name, p in model.named_parameters()}
+        train(model, schedule, examples, validation, tmp_path / f"l2sp-{alpha}", base_weights=base)
+        distances[alpha] = sum(float((p.detach() - base[n]).pow(2).sum()) for n, p in model.named_parameters())
+    assert distances[1e4] < distances[0.0]
+
+
+def test_validation_callback_and_plateau_stop_the_run(sources, tmp_path):
+    model, schedule, examples, validation = _tiny_run(sources, tmp_path, steps=8)
+    seen = []
+    result = train(model, schedule, examples, validation, tmp_path / "pruned",
+                   on_validation=lambda step, metrics: seen.append((step, metrics)) or step >= 4)
+    assert result.stopped == "callback" and result.step == 4 and [s for s, _ in seen] == [2, 4]
+    assert {"val_loss", "val_delta_snr_db", "val_input_snr_db"} <= set(seen[0][1])
+
+    model, schedule, examples, validation = _tiny_run(sources, tmp_path, steps=8, learning_rate=1e-12, patience=1)
+    result = train(model, schedule, examples, validation, tmp_path / "plateau", validate_at_start=True)
+    assert result.stopped == "plateau" and result.step == 2 and [h["step"] for h in result.history] == [0, 2]
+
+
+# ---------------------------------------------------------------------------------------------- pretrain
+
+PRETRAIN_STEPS = 40
+
+
+def test_pretrain_learns_is_tracked_registers_and_the_registered_model_denoises_a_file(tiny_archive, tmp_path, cli):
+    import mlflow
+    import soundfile as sf
+
+    from workbench import tracking
+    from workbench.evaluate.metrics import snr_db
+
+    recipe = write_recipe(tmp_path, steps=PRETRAIN_STEPS, validate_every=PRETRAIN_STEPS // 2)
+    result = cli("pretrain", "--recipe", recipe, "--device", "cpu", "--workers", "1", "--json")
+    assert result.code == 0, result.stderr
+    report = result.json()
+    initial, best, last = report["initial"], report["best"], report["last"]
+    assert report["step"] == PRETRAIN_STEPS and report["stopped"] == "completed"
+    assert initial["step"] == 0 and last["step"] == PRETRAIN_STEPS
+    assert best["val_loss"] < initial["val_loss"] and best["step"] > 0
+    assert best["val_delta_snr_db"] > initial["val_delta_snr_db"] + 1.0  # the estimate gains on the noisy input
+    assert last["val_delta_snr_db"] > initial["val_delta_snr_db"]
+
+    # MLflow: the recipe as params, a metric per step, the data as dataset inputs, the registered version.
+    client = tracking.client(tiny_archive)
+    run = client.get_run(report["run_id"])
+    assert run.data.params["schedule.steps"] == str(PRETRAIN_STEPS) and run.data.params["model.size"] == "tiny"
+    assert len(client.get_metric_history(run.info.run_id, "train_loss")) == PRETRAIN_STEPS
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "val_delta_snr_db")] == [0, 20, 40]
+    assert {d.dataset.name for d in run.inputs.dataset_inputs} == {
+        "noise-library-training", "noise-library-validation", "clean-corpus-training", "clean-corpus-validation"}
+    assert report["model_uri"] == f"models:/tape-denoiser-general/{report['version']}"
+    version = client.get_model_version("tape-denoiser-general", str(report["version"]))
+    assert version.run_id == report["run_id"] and float(version.tags["val_delta_snr_db"]) == pytest.approx(
+        best["val_delta_snr_db"], abs=1e-3)
+    assert "ΔSNR" in version.description and version.tags["recipe"] == "test-tiny"
+    sidecar = json.loads(Path(report["checkpoint"]).with_suffix(".json").read_text())
+    assert sidecar["lineage"]["noise_digest"] == version.tags["noise_digest"]
+
+    # The registered model, loaded back by its URI, restores a file: the same as the pyfunc's prediction.
+    mixture = read_mixture(tiny_archive)
+    noisy_path, clean_path = tmp_path / "noisy.wav", tmp_path / "restored.wav"
+    write_audio(noisy_path, mixture["noisy"][None], RATE, subtype="FLOAT")
+    denoised = cli("denoise", "--model", report["model_uri"], "-o", clean_path, noisy_path, "--json")
+    assert denoised.code == 0, denoised.stderr
+    restored, rate = sf.read(clean_path, dtype="float32")
+    assert rate == RATE and restored.shape == mixture["noisy"].shape
+    predicted = mlflow.pyfunc.load_model(report["model_uri"]).predict(mixture["noisy"])
+    assert np.abs(predicted - restored).max() < 1e-4
+    # ... and better than the weights training started from (the recipe's seed makes them again).
+    from workbench.denoise import ChunkPlan, process_whole
+    from workbench.model.stft import HOP
+    from workbench.model.unet import SIZES, TwoStageUNet, denoise_waveform
+
+    torch.manual_seed(5)
+    untrained = TwoStageUNet(SIZES["tiny"]).eval()
+    plan = ChunkPlan.from_seconds(grid_frames=HOP * 2 ** untrained.config.depth)
+    before = process_whole(lambda chunk: denoise_waveform(untrained, chunk), mixture["noisy"][None], plan)[0]
+    noisy_snr = snr_db(mixture["clean"], mixture["noisy"])
+    assert snr_db(mixture["clean"], restored) - noisy_snr > snr_db(mixture["clean"], before) - noisy_snr + 1.0
+
+
+def read_mixture(workspace) -> dict:
+    from safetensors.numpy import load_file
+
+    stored = sorted(workspace.mixtures_dir.glob("validation-*.safetensors"))
+    tensors = load_file(str(stored[0]))
+    return {"noisy": tensors["noisy"][0], "clean": tensors["clean"][0]}
+
+
+def test_pretrain_resumes_after_ctrl_c_and_refuses_what_it_cannot(tiny_archive, tmp_path, cli):
+    from workbench.train.pretrain import pretrain
+
+    recipe = write_recipe(tmp_path, steps=6, validate_every=3)
+    with pytest.raises(KeyboardInterrupt):
+        pretrain(tiny_archive, recipe, device="cpu", num_workers=0, stop_after=4)
+    resumed = pretrain(tiny_archive, recipe, device="cpu", num_workers=0, resume=True)
+    assert resumed.step == 6 and [h["step"] for h in resumed.history] == [0, 3, 6] and resumed.version == 1
+    with pytest.raises(WorkbenchError, match="no interrupted pretrain run"):
+        pretrain(tiny_archive, recipe, device="cpu", resume=True)
+    bad = cli("pretrain", "--recipe", write_recipe(tmp_path, steps=2).with_name("other.toml"))
+    assert bad.code == 2 and "no such recipe" in bad.stderr
+    (tmp_path / "wrong.toml").write_text("[data]\ndevices = ['no-such-deck']\n")
+    wrong = cli("pretrain", "--recipe", tmp_path / "wrong.toml")
+    assert wrong.code == 2 and "no-such-deck" in wrong.stderr

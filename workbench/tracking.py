@@ -1,0 +1,367 @@
+"""Everything MLflow: the store, runs, recipes as params, lineage as dataset inputs, the model registry.
+
+The store is `workspace.tracking_uri()`: the workspace's own SQLite file (`registry/mlflow.db`, artifacts
+in `registry/artifacts/`) unless `MLFLOW_TRACKING_URI` points elsewhere (a tracking server for many
+machines). `import mlflow` costs over a second, so it happens inside these functions, never at import.
+
+A training run logs the whole resolved recipe as params, the training metrics per step, system facts as
+tags, and its data as MLflow dataset inputs (noise-library selection and clean corpus, each with its
+digest, so the lineage says exactly what trained a model). The result is registered as a pyfunc model
+whose artifacts are the checkpoint's safetensors weights and JSON sidecar (see `pyfunc_model.py`):
+
+    version = register_checkpoint(path, "tape-denoiser-general", tags={...}, description="...")
+    set_alias("tape-denoiser-general", "base", version)
+    path, facts = fetch_checkpoint("models:/tape-denoiser-general@base")
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+import platform
+import re
+import shutil
+import tempfile
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from workbench.errors import WorkbenchError
+from workbench.workspace import Workspace, find_workspace
+
+GENERAL_MODEL = "tape-denoiser-general"
+PYFUNC_CODE = Path(__file__).resolve().parent / "pyfunc_model.py"
+MODEL_ARTIFACT = "model"  # the logged model's name inside a run
+CACHE_DIR = "models-cache"  # registry/models-cache/<name>/<version>/: downloaded registered checkpoints
+_configured: dict[str, str] = {}
+
+
+def device_model_name(device_id: str) -> str:
+    return f"tape-denoiser-{device_id}"
+
+
+def _is_server(uri: str) -> bool:
+    return uri.startswith(("http://", "https://", "databricks"))
+
+
+def configure(workspace: Workspace | None = None):
+    """Point MLflow at the workspace's store (creating it once, safely) and return the `mlflow` module.
+
+    Several processes creating a fresh SQLite store at the same moment crash in its migrations, so the
+    first creation happens under an exclusive file lock; later calls find the tables there.
+    """
+    import mlflow
+
+    workspace = workspace or find_workspace()
+    uri = workspace.tracking_uri()
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    if _configured.get(str(workspace.root)) != uri:
+        if uri.startswith("sqlite:///"):
+            database = Path(uri[len("sqlite:///"):])
+            database.parent.mkdir(parents=True, exist_ok=True)
+            with open(database.with_name(database.name + ".lock"), "w") as lock:
+                fcntl.flock(lock, fcntl.LOCK_EX)
+                try:
+                    _touch_store(mlflow, uri)
+                finally:
+                    fcntl.flock(lock, fcntl.LOCK_UN)
+        _configured[str(workspace.root)] = uri
+    return mlflow
+
+
+def _touch_store(mlflow, uri: str) -> None:
+    client = mlflow.MlflowClient(tracking_uri=uri, registry_uri=uri)
+    try:
+        client.search_experiments(max_results=1)
+        client.search_registered_models(max_results=1)
+    except Exception as error:  # a broken or unreachable store: name it in one line
+        raise WorkbenchError(f"MLflow store {uri}: unusable ({type(error).__name__}: {str(error).splitlines()[0][:200]})") from None
+
+
+def client(workspace: Workspace | None = None):
+    mlflow = configure(workspace)
+    return mlflow.MlflowClient()
+
+
+def experiment_id(name: str, workspace: Workspace | None = None) -> str:
+    """The id of experiment `name`, created with its artifacts in the workspace (unless a server stores them)."""
+    workspace = workspace or find_workspace()
+    mlflow = configure(workspace)
+    found = mlflow.get_experiment_by_name(name)
+    if found is not None:
+        return found.experiment_id
+    location = None if _is_server(workspace.tracking_uri()) else (workspace.mlflow_artifacts / name).as_uri()
+    try:
+        return mlflow.create_experiment(name, artifact_location=location)
+    except Exception:  # another process created it meanwhile
+        found = mlflow.get_experiment_by_name(name)
+        if found is None:
+            raise
+        return found.experiment_id
+
+
+@contextlib.contextmanager
+def start_run(experiment: str, *, run_name: str | None = None, run_id: str | None = None, nested: bool = False,
+              tags: dict[str, str] | None = None, workspace: Workspace | None = None) -> Iterator[Any]:
+    """An active MLflow run in `experiment` (or run `run_id` reopened, to resume it); ends it on exit.
+
+    The run ends FINISHED, or FAILED/KILLED when the block raises (Ctrl-C: KILLED); metrics logged
+    asynchronously are flushed first.
+    """
+    workspace = workspace or find_workspace()
+    mlflow = configure(workspace)
+    kwargs = {"run_id": run_id} if run_id else {"experiment_id": experiment_id(experiment, workspace), "run_name": run_name}
+    run = mlflow.start_run(nested=nested, tags=tags, **kwargs)
+    status = "FINISHED"
+    try:
+        yield run
+    except KeyboardInterrupt:
+        status = "KILLED"
+        raise
+    except BaseException:
+        status = "FAILED"
+        raise
+    finally:
+        mlflow.flush_async_logging()
+        mlflow.end_run(status)
+
+
+def log_recipe(recipe: dict) -> None:
+    """The whole resolved recipe as run params; on a resumed run, values that changed become tags."""
+    import mlflow
+
+    from workbench.recipes import recipe_params
+
+    params = recipe_params(recipe)
+    run = mlflow.active_run()
+    existing = mlflow.MlflowClient().get_run(run.info.run_id).data.params
+    new = {k: v[:6000] for k, v in params.items() if k not in existing}
+    if new:
+        mlflow.log_params(new)
+    changed = {f"recipe.changed.{k}": v[:5000] for k, v in params.items() if k in existing and existing[k] != v[:6000]}
+    if changed:
+        mlflow.set_tags(changed)
+
+
+def log_metrics(metrics: dict[str, float], step: int) -> None:
+    """Metrics of one step, logged asynchronously so training never waits on the store."""
+    import mlflow
+
+    mlflow.log_metrics({k: float(v) for k, v in metrics.items()}, step=step, synchronous=False)
+
+
+def system_info(device: str = "cpu", world_size: int = 1) -> dict[str, str]:
+    import torch
+
+    import workbench
+
+    info = {"workbench": workbench.__version__, "torch": torch.__version__, "python": platform.python_version(),
+            "platform": platform.platform(), "cpu_count": str(os.cpu_count()), "device": str(device),
+            "world_size": str(world_size), "torch_threads": str(torch.get_num_threads())}
+    if str(device).startswith("cuda") and torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name(0)
+        info["gpu_count"] = str(torch.cuda.device_count())
+    return info
+
+
+def log_system_info(device: str = "cpu", world_size: int = 1) -> None:
+    import mlflow
+
+    mlflow.set_tags({f"system.{k}": v for k, v in system_info(device, world_size).items()})
+
+
+def log_dataset(name: str, digest: str, source: str | Path, context: str, tags: dict[str, Any] | None = None) -> None:
+    """One MLflow dataset input: a metadata-only dataset (the audio stays where it is) with its digest."""
+    import mlflow
+    from mlflow.data.dataset_source_registry import resolve_dataset_source
+    from mlflow.data.meta_dataset import MetaDataset
+
+    with warnings.catch_warnings():  # MLflow registers its local-file source class twice and says so
+        warnings.simplefilter("ignore", UserWarning)
+        resolved = resolve_dataset_source(str(source))
+    dataset = MetaDataset(resolved, name=name, digest=digest[:32])
+    mlflow.log_input(dataset, context=context, tags={k: str(v)[:5000] for k, v in (tags or {}).items()})
+
+
+def log_lineage(workspace: Workspace, noise_snippets: dict[str, list], clean_files: dict[str, list],
+                extra: dict[str, Any] | None = None) -> dict:
+    """Log the noise-library selection and the clean corpus (per context: "training", "validation", ...)
+    as dataset inputs, and the full lists as `lineage.json`; returns that lineage document.
+
+    `noise_snippets` and `clean_files` map a context to the noise-library snippets / corpus files used in it.
+    """
+    import mlflow
+
+    from workbench.corpus import corpus_lineage
+    from workbench.noise.library import NoiseLibrary
+
+    library = NoiseLibrary(workspace)
+    lineage: dict[str, Any] = {"noise": {}, "corpus": {}, **(extra or {})}
+    for context, snippets in noise_snippets.items():
+        digest = library.digest(snippets)
+        summary = {"digest": digest, "snippets": len(snippets),
+                   "minutes": round(sum(s.frames for s in snippets) / 44_100 / 60, 3),
+                   "devices": sorted({s.device for s in snippets}),
+                   "speeds": sorted({float(s.speed_ips) for s in snippets}),
+                   "splits": sorted({s.split for s in snippets})}
+        lineage["noise"][context] = {**summary, "sha256": sorted(s.sha256 for s in snippets)}
+        log_dataset(f"noise-library-{context}", digest, workspace.noise_library, context,
+                    {k: v for k, v in summary.items() if k != "digest"})
+    for context, files in clean_files.items():
+        summary = corpus_lineage(files)
+        lineage["corpus"][context] = {**summary, "sha256": sorted(f.sha256 for f in files)}
+        log_dataset(f"clean-corpus-{context}", summary["digest"], workspace.corpus_dir, context,
+                    {k: v for k, v in summary.items() if k not in ("digest", "roots")})
+    mlflow.log_dict(lineage, "lineage.json")
+    return lineage
+
+
+# ------------------------------------------------------------------------------------------ the registry
+
+def _pip_requirements() -> list[str]:
+    import workbench
+
+    return [f"workbench=={workbench.__version__}", "torch==2.11.*", "torchaudio==2.11.*", "numpy", "soundfile",
+            "safetensors", "scipy"]
+
+
+def register_checkpoint(checkpoint_path: str | Path, name: str, *, tags: dict[str, Any] | None = None,
+                        description: str | None = None, artifacts: dict[str, str | Path] | None = None,
+                        experiment: str = "imports", workspace: Workspace | None = None) -> int:
+    """Log a checkpoint (X.safetensors + X.json) as a pyfunc model and register it as a new version of `name`.
+
+    Logs into the active run if there is one, else into a new run of `experiment` (e.g. an imported
+    published checkpoint). `artifacts` adds files to the logged model (a report, ...). Returns the version.
+    """
+    from workbench.model.checkpoint import config_path_for, weights_path_for
+
+    workspace = workspace or find_workspace()
+    mlflow = configure(workspace)
+    weights = weights_path_for(Path(checkpoint_path)).resolve()
+    sidecar = config_path_for(weights)
+    for path in (weights, sidecar):
+        if not path.is_file():
+            raise WorkbenchError(f"{path}: no such checkpoint file (a checkpoint is X.safetensors with X.json beside it)")
+    model_artifacts = {"weights": str(weights), "config": str(sidecar), **{k: str(v) for k, v in (artifacts or {}).items()}}
+    with contextlib.ExitStack() as stack:
+        if mlflow.active_run() is None:
+            stack.enter_context(start_run(experiment, run_name=f"register {weights.name}", workspace=workspace))
+        info = mlflow.pyfunc.log_model(name=MODEL_ARTIFACT, python_model=str(PYFUNC_CODE), artifacts=model_artifacts,
+                                       pip_requirements=_pip_requirements(), registered_model_name=name)
+        version = int(info.registered_model_version)
+    registry = mlflow.MlflowClient()
+    if description:
+        registry.update_model_version(name, str(version), description=description)
+    for key, value in (tags or {}).items():
+        registry.set_model_version_tag(name, str(version), key, str(value))
+    if not registry.get_registered_model(name).description:
+        registry.update_registered_model(name, description=_model_description(name))
+    return version
+
+
+def _model_description(name: str) -> str:
+    if name == GENERAL_MODEL:
+        return ("General tape-noise denoiser (two-stage U-Net, Moliner & Välimäki 2022; tape noise per Irigaray et al. "
+                "2023), the base every device model is fine-tuned from.")
+    return f"Denoiser fine-tuned to one replay machine ({name.removeprefix('tape-denoiser-')})."
+
+
+def set_alias(name: str, alias: str, version: int, workspace: Workspace | None = None) -> None:
+    client(workspace).set_registered_model_alias(name, alias, str(version))
+
+
+def get_alias_version(name: str, alias: str, workspace: Workspace | None = None) -> int | None:
+    """The version `alias` points at, or None when the model or the alias does not exist."""
+    registry = client(workspace)
+    try:
+        return int(registry.get_model_version_by_alias(name, alias).version)
+    except Exception:
+        return None
+
+
+def latest_version(name: str, workspace: Workspace | None = None) -> int | None:
+    """The highest version number of registered model `name`, or None when it has none."""
+    registry = client(workspace)
+    versions = registry.search_model_versions(f"name = '{name}'", max_results=1000)
+    return max((int(v.version) for v in versions), default=None)
+
+
+def model_uri(name: str, version: int | None = None, alias: str | None = None) -> str:
+    assert (version is None) != (alias is None), "a model URI names a version or an alias"
+    return f"models:/{name}/{version}" if version is not None else f"models:/{name}@{alias}"
+
+
+_MODELS_URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:/(?P<version>[^/@]+)|@(?P<alias>[^/@]+))/?$")
+
+
+def resolve_model_version(model_uri: str, workspace: Workspace | None = None):
+    """The registry's ModelVersion for `models:/NAME/VERSION`, `models:/NAME/latest` or `models:/NAME@ALIAS`."""
+    match = _MODELS_URI.match(model_uri.strip())
+    if not match:
+        raise WorkbenchError(f"{model_uri}: not a registered-model URI (models:/NAME/VERSION or models:/NAME@ALIAS)")
+    name, version, alias = match["name"], match["version"], match["alias"]
+    registry = client(workspace)
+    try:
+        model = registry.get_registered_model(name)
+    except Exception:
+        known = [m.name for m in registry.search_registered_models(max_results=50)]
+        raise WorkbenchError(f"{model_uri}: no registered model {name!r} (registered: {', '.join(known) or 'none'})") from None
+    if alias is not None:
+        if alias not in (model.aliases or {}):
+            have = ", ".join(f"@{a}" for a in sorted(model.aliases or {})) or "none"
+            raise WorkbenchError(f"{model_uri}: model {name} has no alias @{alias} (aliases: {have})")
+        return registry.get_model_version_by_alias(name, alias)
+    if version == "latest":
+        newest = latest_version(name, workspace)
+        if newest is None:
+            raise WorkbenchError(f"{model_uri}: model {name} has no versions")
+        version = str(newest)
+    if not version.isdigit():
+        raise WorkbenchError(f"{model_uri}: version {version!r} is not a number (or 'latest', or use @alias)")
+    try:
+        return registry.get_model_version(name, version)
+    except Exception:
+        newest = latest_version(name, workspace)
+        raise WorkbenchError(f"{model_uri}: model {name} has no version {version} "
+                             f"({'latest is ' + str(newest) if newest else 'it has none'})") from None
+
+
+def fetch_checkpoint(model_uri: str, workspace: Workspace | None = None) -> tuple[Path, dict]:
+    """Download a registered model's checkpoint: (local X.safetensors with X.json beside it, registry facts).
+
+    The facts are name, version, uri (models:/NAME/VERSION), requested_uri, run_id, aliases, tags and
+    description. Versions never change, so each is downloaded once into `registry/models-cache/`.
+    """
+    workspace = workspace or find_workspace()
+    mlflow = configure(workspace)
+    version = resolve_model_version(model_uri, workspace)
+    name, number = version.name, int(version.version)
+    registry = mlflow.MlflowClient()
+    aliases = sorted(a for a, v in (registry.get_registered_model(name).aliases or {}).items() if int(v) == number)
+    facts = {"name": name, "version": number, "uri": f"models:/{name}/{number}", "requested_uri": model_uri,
+             "run_id": version.run_id, "aliases": aliases, "tags": dict(version.tags or {}),
+             "description": version.description or ""}
+    target = workspace.registry / CACHE_DIR / name / str(number)
+    if not _cached_weights(target):
+        target.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{number}.", dir=target.parent))
+        try:
+            mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{name}/{number}", dst_path=str(staging))
+            if not _cached_weights(staging):
+                raise WorkbenchError(f"{facts['uri']}: the registered model holds no workbench checkpoint "
+                                     "(no .safetensors with its .json in its artifacts)")
+            shutil.rmtree(target, ignore_errors=True)
+            os.replace(staging, target)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+    return _cached_weights(target), facts
+
+
+def _cached_weights(folder: Path) -> Path | None:
+    if not folder.is_dir():
+        return None
+    found = [p for p in folder.rglob("*.safetensors") if p.with_suffix(".json").is_file()]
+    return found[0] if len(found) == 1 else None
