@@ -119,3 +119,20 @@ def test_register_alias_fetch_and_pyfunc_predict(workspace, checkpoint, tmp_path
 def test_registering_a_missing_checkpoint_is_one_line(workspace, tmp_path):
     with pytest.raises(WorkbenchError, match="no such checkpoint"):
         tracking.register_checkpoint(tmp_path / "none.safetensors", tracking.GENERAL_MODEL)
+
+
+def test_register_checkpoint_command_registers_an_outside_checkpoint_with_its_alias(workspace, checkpoint, cli):
+    path, _ = checkpoint
+    result = cli("register-checkpoint", path, "--alias", "base", "--json")
+    assert result.code == 0, result.stderr
+    assert result.json() == {"name": "tape-denoiser-general", "version": 1, "alias": "base",
+                             "model_uri": "models:/tape-denoiser-general/1"}
+    version = tracking.client().get_model_version("tape-denoiser-general", "1")
+    assert version.tags["size"] == "tiny" and version.tags["lineage.kind"] == "test"
+    assert tracking.get_alias_version("tape-denoiser-general", "base") == 1
+    damaged = path.with_name("damaged.safetensors")
+    damaged.write_bytes(path.read_bytes()[:-100])
+    path.with_suffix(".json").rename(damaged.with_suffix(".json"))
+    refused = cli("register-checkpoint", damaged)
+    assert refused.code == 2 and "damaged.safetensors" in refused.stderr
+    assert tracking.latest_version("tape-denoiser-general") == 1

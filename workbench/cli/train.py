@@ -131,3 +131,32 @@ def pretrain_command(
     else:
         console.print(f"best validation at step {best['step']}: ΔSNR {best['val_delta_snr_db']:+.2f} dB, loss {best['val_loss']:.4f}")
     console.print(f"registered [bold]{result.model_uri}[/] (MLflow run {result.run_id}); checkpoint {result.checkpoint}")
+
+
+@app.command("register-checkpoint", rich_help_panel="Models")
+def register_checkpoint_command(
+    checkpoint: Path = typer.Argument(..., metavar="FILE", help="A workbench checkpoint (X.safetensors with X.json beside it)."),
+    name: str = typer.Option("tape-denoiser-general", "--name", help="Registered model name."),
+    alias: str = typer.Option(None, "--alias", help="Point this alias (e.g. base) at the new version."),
+    description: str = typer.Option(None, "--description", help="Version description (default: from the checkpoint)."),
+    as_json: bool = typer.Option(False, "--json", help="Print the registered version as JSON."),
+) -> None:
+    """Register a checkpoint file in the MLflow model registry (a new version, weights as safetensors).
+
+    For a checkpoint made outside `workbench pretrain`, e.g. the published model after
+    `workbench import-checkpoint`:
+
+      workbench import-checkpoint tape/checkpoint.index --out general.safetensors
+      workbench register-checkpoint general.safetensors --alias base
+    """
+    from workbench import tracking
+    from workbench.train.pretrain import register_checkpoint_file
+    from workbench.workspace import find_workspace
+
+    workspace = find_workspace()
+    version = register_checkpoint_file(workspace, checkpoint, name=name, alias=alias, description=description)
+    uri = tracking.model_uri(name, version)
+    if as_json:
+        print_json({"name": name, "version": version, "model_uri": uri, "alias": alias})
+        return
+    console.print(f"registered [bold]{uri}[/]" + (f" (@{alias})" if alias else ""))

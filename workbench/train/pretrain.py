@@ -231,3 +231,21 @@ def pretrain(workspace: Workspace, recipe_ref: str | Path, *, resume: bool = Fal
         shutdown_distributed(dist)
     return PretrainResult(run_id, version, uri, checkpoint, run_dir, result.step, result.stopped, result.history,
                           result.best, result.steps_per_s, recipe["name"], lineage)
+
+
+def register_checkpoint_file(workspace: Workspace, checkpoint: Path, *, name: str, alias: str | None = None,
+                             description: str | None = None) -> int:
+    """Register a checkpoint made elsewhere (e.g. `import-checkpoint`): its sidecar's facts become version tags."""
+    from workbench import tracking
+    from workbench.model.checkpoint import load_checkpoint
+
+    _, info = load_checkpoint(Path(checkpoint))  # refuses a damaged or mismatched file before it is registered
+    lineage = info.get("lineage") or {}
+    tags = {"kind": str(lineage.get("kind", "imported")), "size": str(info.get("size", "")),
+            **{f"lineage.{k}": str(v)[:5000] for k, v in lineage.items() if not isinstance(v, (dict, list))}}
+    description = description or (f"{info.get('size', '?')}-size checkpoint registered from {Path(checkpoint).name}"
+                                  + (f" ({lineage['source']})" if "source" in lineage else "") + ".")
+    version = tracking.register_checkpoint(checkpoint, name, tags=tags, description=description, workspace=workspace)
+    if alias:
+        tracking.set_alias(name, alias, version, workspace)
+    return version
