@@ -1,0 +1,150 @@
+"""Benchmark training: steps/s and samples/s of the real loop per model size, next to the data pipeline's own rate.
+
+What it measures, in one process on one synthetic archive (3 devices' blank tape ingested into a noise
+library, a minute of synthetic music), all with the same segment length and batch size:
+
+1. The data pipeline alone (the baseline): the DataLoader over `TrainingExamples` (clean crop, noise crop,
+   SNR and gain per example) with 0 and with --workers worker processes, then the same plus Eq. 1 mixing
+   and the two STFTs on the training device: batches/s and samples/s, the model removed.
+2. The training loop (`workbench.train.loop.train`, the one pretrain and finetune use) per size: steps/s
+   and samples/s between the first and the last step (the first step, with its one-off costs, is not
+   counted). The paper size is slow on a CPU and runs only --paper-steps steps.
+3. Side by side: the ratio of the pipeline's samples/s to the loop's. Above 1 the model limits (the
+   pipeline has that much headroom); below 1 the data pipeline does, and more workers would help.
+
+    .venv/bin/python benchmarks/train.py [--sizes tiny,small,paper] [--segment 1.0] [--batch 4]
+                                          [--steps 12] [--paper-steps 3] [--workers 2] [--device cpu|cuda]
+
+Timings are wall-clock on whatever else the machine is doing; on a shared machine, run it twice.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+DEVICES = (("revox-a77", 7.5), ("uher-4000-l", 3.75), ("technics-tr575-a", 1.875))
+
+
+def build_archive(root: Path):
+    """A workspace with ingested blank tape of three machines and a registered minute of synthetic music."""
+    from workbench.corpus import add_corpus
+    from workbench.devices import get_device
+    from workbench.noise.ingest import capture_noise
+    from workbench.synth.music import render_music
+    from workbench.synth.tape_noise import render_blank_tape
+    from workbench.workspace import init_workspace
+
+    workspace = init_workspace(root / "archive")
+    for seed, (device_id, speed) in enumerate(DEVICES):
+        tape = root / "tapes" / f"{device_id}.wav"
+        render_blank_tape(get_device(workspace, device_id), speed, 30.0, tape, seed=seed)
+        capture_noise(workspace, [tape], device_id, speed, snippet_seconds=2.0, split=(60.0, 20.0, 20.0))
+    for seed, (split, seconds) in enumerate((("train", 60.0), ("validation", 10.0), ("test", 10.0))):
+        render_music(root / "music" / split, seconds / 60, seed=seed, piece_seconds=min(seconds, 30.0))
+    add_corpus(workspace, root / "music", name="bench")
+    return workspace
+
+
+def data_rate(examples, batches: int, batch_size: int, workers: int, device: str, mix: bool) -> float:
+    """Samples/s of the DataLoader (optionally with mixing and STFTs on `device`), after one warm-up batch."""
+    from workbench.model.stft import analysis
+    from workbench.train.data import mix_batch, training_batches
+
+    loader = training_batches(examples, 0, batches + 1, batch_size, num_workers=workers,
+                              pin_memory=device.startswith("cuda"))
+    started = None
+    for number, batch in enumerate(loader):
+        if mix:
+            noisy, target = mix_batch(batch, device)
+            spectra = analysis(noisy), analysis(target)
+            if device.startswith("cuda"):
+                torch.cuda.synchronize()
+            del spectra
+        if number == 0:
+            started = time.perf_counter()
+    return batches * batch_size / (time.perf_counter() - started)
+
+
+def train_rate(size: str, examples, validation, steps: int, batch_size: int, workers: int, device: str,
+               folder: Path) -> tuple[float, int]:
+    """Steps/s of the real training loop for `size`, from the end of step 1 to the end of the last step."""
+    from workbench.model.unet import SIZES, TwoStageUNet, count_parameters
+    from workbench.train.loop import Schedule, train
+
+    torch.manual_seed(0)
+    model = TwoStageUNet(SIZES[size])
+    schedule = Schedule(steps=steps, batch_size=batch_size, learning_rate=1e-4, validate_every=10**9,
+                        checkpoint_every=10**9)
+    stamps: dict[int, float] = {}
+    train(model, schedule, examples, validation, folder / size, device=device, num_workers=workers,
+          progress=lambda stage, done, total=None, **fields: stamps.__setitem__(int(done), time.perf_counter()))
+    return (steps - 1) / (stamps[steps] - stamps[1]), count_parameters(SIZES[size])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--sizes", default="tiny,small,paper")
+    parser.add_argument("--segment", type=float, default=1.0, help="seconds per training example")
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--steps", type=int, default=12, help="steps timed for tiny and small")
+    parser.add_argument("--paper-steps", type=int, default=3)
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--data-batches", type=int, default=40)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = parser.parse_args()
+
+    from workbench.corpus import corpus_files
+    from workbench.noise.library import NoiseLibrary
+    from workbench.train.data import MixingSpec, TrainingExamples, stored_mixtures
+
+    root = Path(tempfile.mkdtemp(prefix="bench-train-"))
+    try:
+        started = time.perf_counter()
+        workspace = build_archive(root)
+        library = NoiseLibrary(workspace)
+        frames = round(args.segment * 44_100)
+        examples = TrainingExamples(corpus_files(workspace, "train"), library.snippets(split="train"), frames,
+                                    MixingSpec(), seed=1)
+        validation = stored_mixtures(workspace.mixtures_dir, "validation", corpus_files(workspace, "validation"),
+                                     library.snippets(split="validation"), 1, args.segment, MixingSpec(), 1)
+        print(f"synthetic archive built in {time.perf_counter() - started:.1f} s; device {args.device}, "
+              f"torch threads {torch.get_num_threads()}, segment {args.segment:g} s, batch {args.batch}")
+
+        print("\ndata pipeline alone (the baseline)")
+        pipeline = {}
+        for workers in sorted({0, args.workers}):
+            for mix in (False, True):
+                rate = data_rate(examples, args.data_batches, args.batch, workers, args.device, mix)
+                pipeline[(workers, mix)] = rate
+                what = "load + mix + STFT" if mix else "load"
+                print(f"  {what:<18} workers {workers}: {rate / args.batch:8.2f} batches/s {rate:9.1f} samples/s")
+        baseline = pipeline[(args.workers, True)]
+
+        print(f"\ntraining loop (workers {args.workers}) vs the data pipeline's {baseline:.1f} samples/s")
+        print(f"  {'size':<6} {'parameters':>11} {'steps/s':>9} {'samples/s':>10} {'pipeline/loop':>14}  limited by")
+        for size in args.sizes.split(","):
+            steps = args.paper_steps if size == "paper" else args.steps
+            steps_per_s, parameters = train_rate(size, examples, validation, steps, args.batch, args.workers,
+                                                 args.device, root / "runs")
+            samples = steps_per_s * args.batch
+            ratio = baseline / samples
+            print(f"  {size:<6} {parameters:>11,} {steps_per_s:>9.3f} {samples:>10.2f} {ratio:>13.1f}x  "
+                  f"{'the model' if ratio > 1 else 'the data pipeline'}", flush=True)
+        print("\nSeconds of audio per second of training = samples/s × segment; "
+              f"the paper trained at about 1.85 steps/s × 16 × 5 s = 148 s/s on one RTX 3090.")
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
