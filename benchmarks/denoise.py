@@ -118,7 +118,7 @@ def main() -> None:
     parser.add_argument("--paper-seconds", type=float, default=15.0,
                         help="excerpt the paper size runs on (extrapolated to --seconds); 0 = full length")
     parser.add_argument("--short-minutes", type=float, default=5.0)
-    parser.add_argument("--long-minutes", type=float, default=60.0)
+    parser.add_argument("--long-minutes", type=float, default=60.0, help="0 skips the streaming runs")
     parser.add_argument("--compute", default="auto")
     parser.add_argument("--json", action="store_true", help="print the raw results as JSON too")
     options = parser.parse_args()
@@ -153,6 +153,8 @@ def main() -> None:
                   flush=True)
 
         for label, minutes in (("short", options.short_minutes), ("long", options.long_minutes)):
+            if options.long_minutes <= 0:
+                break
             path = folder / f"transfer-{minutes:g}min.wav"
             write_transfer(path, minutes * 60, seed=3)
             run = run_child("model", size="tiny", audio=str(path), folder=str(folder / f"stream-{label}"),
@@ -162,10 +164,11 @@ def main() -> None:
             print(f"streaming, tiny, {minutes:g} min: peak RSS {run['rss_peak_kb'] / 1024:.0f} MB "
                   f"({run['rss_imported_kb'] / 1024:.0f} MB after imports), {run['rtf']:.2f}x real time", flush=True)
 
-    short, long = results["streaming"].values()
-    growth = (long["rss_peak_kb"] - short["rss_peak_kb"]) / 1024
-    print(f"peak RSS, {options.long_minutes:g} min vs {options.short_minutes:g} min file: {growth:+.0f} MB "
-          f"({options.long_minutes / options.short_minutes:.0f}x the audio)")
+    if results["streaming"]:
+        short, long = results["streaming"].values()
+        growth = (long["rss_peak_kb"] - short["rss_peak_kb"]) / 1024
+        print(f"peak RSS, {options.long_minutes:g} min vs {options.short_minutes:g} min file: {growth:+.0f} MB "
+              f"({options.long_minutes / options.short_minutes:.0f}x the audio)")
     if options.json:
         print(json.dumps(results, indent=2))
 

@@ -277,3 +277,25 @@ def test_device_champion_from_the_registry(tmp_path, cli, tiny_checkpoint, works
     assert audio_info(tmp_path / "out" / "side-a.denoised.flac").frames == 11_025
     line = _only_line(cli("denoise", "--model", "models:/tape-denoiser-revox-a77/9", source, "--out", tmp_path / "x"))
     assert "models:/tape-denoiser-revox-a77/9" in line and not (tmp_path / "x").exists()
+
+
+def test_folders_expand_to_their_audio_and_keep_their_layout(tmp_path):
+    from workbench.denoise import plan_jobs
+    from workbench.errors import WorkbenchError
+
+    transfers = tmp_path / "transfers"
+    for name in ("box-1/reel-01.wav", "box-1/reel-02.flac", "box-2/reel-01.wav", "loose.wav",
+                 "denoised/loose.denoised.wav"):  # the last is an earlier run's output: not an input
+        write_audio(transfers / name, _tones(8_000, 800), 8_000, subtype="PCM_16")
+    (transfers / "box-1" / "notes.txt").write_text("not audio")
+    jobs = plan_jobs([transfers], out_dir=transfers / "denoised", overwrite=True)
+    assert sorted(str(job.output.relative_to(transfers / "denoised")) for job in jobs) == [
+        "box-1/reel-01.denoised.wav", "box-1/reel-02.denoised.flac", "box-2/reel-01.denoised.wav",
+        "loose.denoised.wav"]
+    with pytest.raises(WorkbenchError, match="already exists"):  # the earlier run's output
+        plan_jobs([transfers / "loose.wav"], out_dir=transfers / "denoised")
+    with pytest.raises(WorkbenchError, match="would be written there"):
+        plan_jobs([transfers / "box-1" / "reel-01.wav", transfers / "box-2" / "reel-01.wav"], out_dir=tmp_path / "x")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(WorkbenchError, match="holds no audio"):
+        plan_jobs([tmp_path / "empty"], out_dir=tmp_path / "x")

@@ -43,6 +43,7 @@ import torch
 
 from workbench.audio.dsp import MODEL_SAMPLE_RATE, StreamingResampler, resampled_length
 from workbench.audio.io import (
+    AUDIO_SUFFIXES,
     atomic_audio_writer,
     atomic_write_json,
     audio_info,
@@ -500,6 +501,26 @@ def _normalise_format(format: str | None) -> str | None:
     return upper
 
 
+def find_inputs(paths: Iterable[Path], out_dir: Path) -> list[tuple[Path, Path]]:
+    """Each input file with the subfolder its output goes to: files named go straight into `out_dir`;
+    a folder named contributes every audio file below it (AUDIO_SUFFIXES, not hidden, not inside
+    `out_dir`), whose outputs keep their place relative to that folder."""
+    found: list[tuple[Path, Path]] = []
+    out_resolved = Path(out_dir).resolve()
+    for path in map(Path, paths):
+        if not path.is_dir():
+            found.append((path, Path(".")))
+            continue
+        inside = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in AUDIO_SUFFIXES
+                        and not p.name.startswith(".") and not p.resolve().is_relative_to(out_resolved))
+        if not inside:
+            raise WorkbenchError(f"{path}: folder holds no audio files ({', '.join(sorted(AUDIO_SUFFIXES))})")
+        found += [(p, p.parent.relative_to(path)) for p in inside]
+    if not found:
+        raise WorkbenchError("no input files given")
+    return found
+
+
 def plan_jobs(inputs: Iterable[Path], *, out_dir: Path = Path("denoised"), output: Path | None = None,
               format: str | None = None, subtype: str | None = None, overwrite: bool = False) -> list[Job]:
     """Check every input and output before any work starts; raise one line for the first problem.
@@ -508,16 +529,15 @@ def plan_jobs(inputs: Iterable[Path], *, out_dir: Path = Path("denoised"), outpu
     two inputs writing one output, an existing output (unless `overwrite`), a subtype the format
     cannot hold, a WAV/AIFF output past its 4 GiB limit.
     """
-    inputs = [Path(p) for p in inputs]
-    if not inputs:
-        raise WorkbenchError("no input files given")
+    found = find_inputs(inputs, out_dir)
+    inputs = [path for path, _ in found]
     if output is not None and len(inputs) != 1:
         raise WorkbenchError(f"{output}: --output names one file, but {len(inputs)} inputs were given (use --out DIR)")
     format = _normalise_format(format)
     jobs: list[Job] = []
-    for input_path in inputs:
+    for input_path, subfolder in found:
         info = audio_info(input_path)
-        target = Path(output) if output is not None else default_output(input_path, out_dir, format)
+        target = Path(output) if output is not None else default_output(input_path, Path(out_dir) / subfolder, format)
         # The input's own container unless told otherwise (an RF64 named .wav stays RF64).
         same_suffix = target.suffix.lower() == input_path.suffix.lower()
         job_format = format or (info.format if same_suffix else format_for(target))

@@ -16,7 +16,8 @@ from workbench.errors import WorkbenchError
 @app.command("denoise", rich_help_panel="Restore")
 def denoise(
     inputs: list[Path] = typer.Argument(..., metavar="INPUT...",
-                                        help="Transfers to restore: WAV, BWF, RF64, W64, FLAC or AIFF, any rate."),
+                                        help="Transfers to restore (WAV, BWF, RF64, W64, FLAC or AIFF, any rate), or folders of them: "
+                                             "their outputs keep the folder layout under --out."),
     model: str | None = typer.Option(None, "--model", metavar="REF",
                                      help="A checkpoint (X.safetensors with X.json beside it) or an MLflow model "
                                           "URI: models:/NAME@ALIAS or models:/NAME/VERSION."),
