@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import hashlib
 import math
+from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -12,8 +15,7 @@ from scipy import stats
 from workbench.errors import WorkbenchError
 from workbench.evaluate.baselines import NOISY_INPUT, SPECTRAL_GATING, noisy_input, spectral_gating
 from workbench.evaluate.evaluate import NOISE_ADDED, POOLED, PerSet, evaluate_methods
-from workbench.evaluate.fragments import (Source, evaluation_fragments, fragment_digest, fragments_dir,
-                                          load_fragments)
+from workbench.evaluate.fragments import evaluation_fragments, fragment_digest, fragments_dir, load_fragments
 from workbench.evaluate.metrics import delta_si_sdr_db, delta_snr_db, mean_ci, si_sdr_db, snr_db
 
 SR = 44100
@@ -41,6 +43,21 @@ def hiss(seconds: float, seed: int) -> np.ndarray:
     return (0.01 * shaped).astype(np.float32)
 
 
+@dataclass(frozen=True)
+class AudioFile:
+    """What the crop code needs of a corpus file or a noise snippet."""
+
+    path: Path
+    sha256: str
+    frames: int
+    sample_rate: int
+
+    @classmethod
+    def of(cls, path: Path) -> "AudioFile":
+        info = sf.info(str(path))
+        return cls(path, hashlib.sha256(path.read_bytes()).hexdigest(), info.frames, info.samplerate)
+
+
 @pytest.fixture
 def sources(tmp_path):
     """Three clean test recordings (one at 48 kHz, one stereo) and six 1.5 s noise snippets on disk."""
@@ -50,12 +67,12 @@ def sources(tmp_path):
     sf.write(clean_dir / "a.wav", tones(4.0, 1), SR, subtype="PCM_16")
     sf.write(clean_dir / "b.flac", np.stack([tones(3.0, 2), tones(3.0, 3)], axis=1), SR)
     sf.write(clean_dir / "c.wav", tones(3.0, 4, sr=48000), 48000, subtype="FLOAT")
-    clean = [Source(p.name, p) for p in sorted(clean_dir.iterdir())]
+    clean = [AudioFile.of(p) for p in sorted(clean_dir.iterdir())]
     noise = []
     for i in range(6):
         path = noise_dir / f"snippet{i}.wav"
         sf.write(path, hiss(1.5, 10 + i), SR, subtype="FLOAT")
-        noise.append(Source(f"digest{i}", path))
+        noise.append(AudioFile.of(path))
     return clean, noise
 
 
@@ -112,11 +129,11 @@ def test_fragments_are_stored_once_and_identical_on_reload(tmp_path, sources):
     assert {p: p.stat().st_mtime_ns for p in again.path.iterdir()} == mtimes
     np.testing.assert_array_equal(again.clean, first.clean)
     np.testing.assert_array_equal(again.noise, first.noise)
-    # Each fragment names where it came from.
+    # Each fragment names where it came from (by content digest).
     for fragment in first.manifest["fragments"]:
-        assert fragment["clean_id"] in {"a.wav", "b.flac", "c.wav"}
-        assert all(part["digest"].startswith("digest") for part in fragment["noise"])
-        assert len(fragment["noise"]) >= 2  # 2 s from 1.5 s snippets: at least one crossfade
+        assert fragment["clean"]["sha256"] in {f.sha256 for f in clean}
+        assert fragment["noise"]["sha256"] in {s.sha256 for s in noise}
+        assert fragment["noise"]["looped"]  # 2 s from 1.5 s snippets: looped with a crossfade
     # No partial folders are left behind.
     assert [p.name for p in first.path.parent.iterdir()] == [first.path.name]
 
@@ -145,7 +162,7 @@ def test_fragment_digest_changes_with_seed_and_sources(sources):
 
 def test_fragments_refuse_music_shorter_than_a_fragment(tmp_path, sources):
     clean, noise = sources
-    with pytest.raises(WorkbenchError, match="at least 10 s long"):
+    with pytest.raises(WorkbenchError, match="as long as a 10 s segment"):
         evaluation_fragments(tmp_path, "revox-a77", 7.5, clean, noise, count=1, seconds=10.0, seed=1)
     with pytest.raises(WorkbenchError, match="no test noise"):
         evaluation_fragments(tmp_path, "revox-a77", 7.5, clean, [], count=1, seconds=1.0, seed=1)

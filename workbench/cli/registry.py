@@ -1,3 +1,173 @@
-"""Placeholder: this area's commands are being written."""
+"""`workbench finetune`, `workbench models list|show` and `workbench ui`: device models and their registry."""
 
-from workbench.cli._app import app  # noqa: F401
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+from rich.table import Table
+
+from workbench.cli._app import app
+from workbench.cli._render import console, err_console, print_json, progress_bars
+
+models_app = typer.Typer(
+    help="The device models in the MLflow registry (tape-denoiser-<device>): versions, champions, reports.",
+    no_args_is_help=True)
+app.add_typer(models_app, name="models", rich_help_panel="Models")
+
+
+def _ci(value: float, low: float, high: float) -> str:
+    return f"{value:+.2f} [{low:+.2f}, {high:+.2f}]"
+
+
+@app.command("finetune", rich_help_panel="Models")
+def finetune(
+    device_id: str = typer.Option(..., "--device", metavar="ID", help="The replay machine to fit, e.g. uher-4000-l."),
+    speed: float = typer.Option(None, "--speed", metavar="IPS", help="Only this tape speed (default: all its speeds)."),
+    base: str = typer.Option(None, "--base", metavar="REF",
+                             help="Start from this checkpoint file or MLflow model URI "
+                                  "(default: models:/tape-denoiser-general@base, else its latest version)."),
+    recipe: str = typer.Option("quickstart", "--recipe", "-r", metavar="R",
+                               help="Recipe name or TOML path: schedule, search space, pruner, evaluation."),
+    trials: int = typer.Option(None, "--trials", metavar="N", min=1,
+                               help="Finished trials the study should reach (default: the recipe's)."),
+    timeout: str = typer.Option(None, "--timeout", metavar="DUR",
+                                help="Start no new trial after this long, e.g. 30m or 2h (default: the recipe's)."),
+    storage: str = typer.Option(None, "--storage", metavar="URL",
+                                help="Optuna storage shared by workers: sqlite:///F, postgresql://..., journal:FILE "
+                                     "(default: the workspace's registry/optuna.db)."),
+    accelerator: str = typer.Option("auto", "--accelerator", metavar="TORCH_DEVICE",
+                                    help="Where to train: auto (CUDA when present), cpu, cuda, cuda:1."),
+    as_json: bool = typer.Option(False, "--json", help="Print the result as JSON for scripts."),
+) -> None:
+    """Fine-tune the general model to one replay machine and register it as tape-denoiser-ID.
+
+    An Optuna study (TPE, pruned on validation ΔSNR of the machine's validation noise) searches the
+    recipe's schedule space; the best trial is evaluated on the machine's `test` noise with the research
+    protocol (10 s fragments at 10 and 16 dB) next to the noisy input, the base model, the current champion
+    and spectral gating; the report is written and the model registered. The alias @champion moves only if
+    the new version beats the base model and the previous champion at every input SNR.
+
+    Run it again to continue an interrupted study; run it on several machines with one --storage to share
+    the trials.  Example: `workbench finetune --device uher-4000-l --trials 6`
+    """
+    from workbench.finetune import finetune_device
+    from workbench.workspace import find_workspace
+
+    workspace = find_workspace()
+    with progress_bars(enabled=not as_json) as progress:
+        result = finetune_device(workspace, device_id, speed=speed, base=base, recipe=recipe, trials=trials,
+                                 timeout=timeout, storage=storage, accelerator=accelerator, progress=progress)
+    if as_json:
+        print_json(result.to_dict())
+        return
+    console.print(f"study `{result.study}`: {result.trials_summary}")
+    table = Table(title=f"{result.model_name} v{result.version} on {device_id}'s test noise (ΔSNR dB, mean [95 % CI])")
+    table.add_column("method")
+    for snr in result.snrs_db:
+        table.add_column(f"input {snr:g} dB", justify="right")
+    for method, cells in result.table().items():
+        table.add_row(method, *[_ci(*cell) for cell in cells])
+    console.print(table)
+    verdict = "[green]promoted to @champion[/]" if result.promoted else "[yellow]registered, not promoted[/]"
+    console.print(f"{result.model_name} version {result.version}: {verdict} — {result.reason}")
+    console.print(f"report: {result.report_html}")
+
+
+@models_app.command("list")
+def models_list(as_json: bool = typer.Option(False, "--json", help="Print JSON for scripts.")) -> None:
+    """Every device model: versions, aliases, the champion's ΔSNR, last change.
+
+    Example: `workbench models list`
+    """
+    from workbench.model_registry import list_models
+    from workbench.workspace import find_workspace
+
+    models = list_models(find_workspace())
+    if as_json:
+        print_json(models)
+        return
+    if not models:
+        console.print("no models registered yet: `workbench pretrain` (or import-checkpoint), then "
+                      "`workbench finetune --device ID`")
+        return
+    snrs = sorted({snr for m in models for snr in m["delta_snr_db"]}, key=float)
+    table = Table(title="Registered models")
+    for column in ("model", "versions", "aliases", *(f"ΔSNR @{s} dB" for s in snrs), "updated"):
+        table.add_column(column, justify="right" if column.startswith(("ΔSNR", "versions")) else "left")
+    for m in models:
+        aliases = ", ".join(f"@{a}→v{v}" for a, v in m["aliases"].items()) or "—"
+        deltas = [f"{m['delta_snr_db'][s]:+.2f}" if s in m["delta_snr_db"] else "" for s in snrs]
+        table.add_row(m["name"], str(m["versions"]), aliases, *deltas, m["updated"])
+    console.print(table)
+    console.print("ΔSNR of the champion (else @base, else the latest version) on its device's test noise; "
+                  "details: `workbench models show DEVICE`, browse: `workbench ui`")
+
+
+@models_app.command("show")
+def models_show(
+    device_id: str = typer.Argument(..., metavar="DEVICE", help="Device id, e.g. uher-4000-l."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON for scripts."),
+) -> None:
+    """One device's model: its versions, the champion, its report's summary and where the full report is.
+
+    Example: `workbench models show uher-4000-l`
+    """
+    from workbench.model_registry import show_model
+    from workbench.workspace import find_workspace
+
+    shown = show_model(find_workspace(), device_id)
+    if as_json:
+        print_json(shown)
+        return
+    table = Table(title=f"{shown['name']} versions")
+    for column in ("version", "aliases", "ΔSNR (dB) per input SNR", "promoted", "created"):
+        table.add_column(column)
+    for v in shown["versions"]:
+        deltas = ", ".join(f"{snr} dB: {value:+.2f}" for snr, value in v["delta_snr_db"].items())
+        table.add_row(str(v["version"]), ", ".join(f"@{a}" for a in v["aliases"]) or "—", deltas,
+                      v["promoted"] or "—", v["created"])
+    console.print(table)
+    report = shown["report"]
+    if report:
+        summary = Table(title=f"report of version {shown['report_version']}: pooled test results (mean [95 % CI])")
+        for column in ("input SNR", "method", "ΔSNR (dB)", "ΔSI-SDR (dB)", "fragments"):
+            summary.add_column(column)
+        for row in report["table"]:
+            summary.add_row(f"{row['input_snr_db']:g} dB", row["method"], _ci(row["delta_snr_db"], *row["delta_snr_ci"]),
+                            f"{row['delta_si_sdr_db']:+.2f}", str(row["fragments"]))
+        console.print(summary)
+        if report["decision"].get("message"):
+            console.print(report["decision"]["message"])
+    console.print(f"full report: {shown['report_path'] or '(not on this machine)'}"
+                  + (f"  |  MLflow: {shown['report_artifact']}" if shown["report_artifact"] else ""))
+
+
+@app.command("ui", rich_help_panel="Models")
+def ui(
+    port: int = typer.Option(5000, "--port", help="TCP port to serve on."),
+    host: str = typer.Option("127.0.0.1", "--host", help="Interface to bind; keep 127.0.0.1 unless you mean to share it."),
+) -> None:
+    """Serve the MLflow UI (and REST API) for this workspace's store: runs, studies' trials, registry, reports.
+
+    Stops with Ctrl-C.  Example: `workbench ui --port 5000`, then open http://127.0.0.1:5000
+    """
+    import signal
+    import subprocess
+
+    from workbench.model_registry import ui_command
+    from workbench.workspace import find_workspace
+
+    command = ui_command(find_workspace(), host=host, port=port)
+    err_console.print(f"MLflow UI for this workspace at http://{host}:{port} (Ctrl-C stops it)")
+    server = subprocess.Popen(command)
+    previous = signal.signal(signal.SIGTERM, lambda *_: server.terminate())
+    try:
+        code = server.wait()
+    except KeyboardInterrupt:
+        server.terminate()
+        code = server.wait()
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    if code not in (0, -signal.SIGTERM, -signal.SIGINT, 130):
+        raise typer.Exit(code)

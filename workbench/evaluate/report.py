@@ -109,8 +109,10 @@ def plot_spectrograms(example: dict, methods: list[str], sample_rate: int) -> st
     top = max(float(np.percentile(image, 99.5)) for *_, image in images)
     for index, (name, frequencies, times, image) in enumerate(images):
         axes = figure.add_subplot(len(images), 1, index + 1)
-        mesh = axes.pcolormesh(times, frequencies / 1000, image, vmin=top - 90, vmax=top, shading="auto",
-                               cmap="magma", rasterized=True)
+        # imshow, not pcolormesh: a 1025-bin spectrogram draws in a fraction of the time
+        mesh = axes.imshow(image, origin="lower", aspect="auto", cmap="magma", vmin=top - 90, vmax=top,
+                           extent=(times[0], times[-1], frequencies[0] / 1000, frequencies[-1] / 1000),
+                           interpolation="nearest")
         axes.set_ylabel("kHz")
         axes.set_title(name, fontsize="small", loc="left")
         if index < len(images) - 1:

@@ -1,0 +1,88 @@
+"""`workbench ui`: the MLflow server for the workspace's store answers over HTTP on 127.0.0.1."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+
+import pytest
+
+MODEL = "tape-denoiser-revox-a77"
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@pytest.fixture
+def registered(workspace):
+    """A workspace whose registry holds one device model (a tiny random checkpoint, registered for real)."""
+    import torch
+
+    from workbench import tracking
+    from workbench.model.checkpoint import save_checkpoint
+    from workbench.model.unet import TwoStageUNet, get_config
+
+    torch.manual_seed(0)
+    path = workspace.root / "model.safetensors"
+    save_checkpoint(path, TwoStageUNet(get_config("tiny")), {"kind": "test"})
+    version = tracking.register_checkpoint(path, MODEL, tags={"device": "revox-a77"}, workspace=workspace)
+    tracking.set_alias(MODEL, "champion", version, workspace)
+    return workspace
+
+
+def get_json(url: str) -> dict:
+    with urllib.request.urlopen(url, timeout=5) as response:
+        return json.loads(response.read())
+
+
+def test_ui_serves_the_registry_over_http_on_localhost(registered):
+    port = free_port()
+    env = {**os.environ, "WORKBENCH_HOME": str(registered.root)}
+    server = subprocess.Popen([sys.executable, "-m", "workbench", "ui", "--port", str(port)], env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://127.0.0.1:{port}/api/2.0/mlflow/registered-models/get?name={MODEL}"
+    answer, deadline = None, time.monotonic() + 120
+    try:
+        while time.monotonic() < deadline and server.poll() is None:
+            try:
+                answer = get_json(url)
+                break
+            except (urllib.error.URLError, ConnectionError, TimeoutError):
+                time.sleep(0.5)
+        assert answer is not None, f"no answer from {url}: {server.stdout.read1().decode() if server.poll() is not None else 'still starting'}"
+        model = answer["registered_model"]
+        assert model["name"] == MODEL
+        assert {a["alias"]: a["version"] for a in model["aliases"]} == {"champion": "1"}
+        versions = get_json(f"http://127.0.0.1:{port}/api/2.0/mlflow/model-versions/search?filter=name%3D%27{MODEL}%27")
+        assert [v["version"] for v in versions["model_versions"]] == ["1"]
+        # It listens on the loopback interface only.
+        connections = subprocess.run(["ss", "-ltnH", f"sport = :{port}"], capture_output=True, text=True)
+        if connections.returncode == 0 and connections.stdout.strip():
+            assert all("127.0.0.1:" in line for line in connections.stdout.splitlines()), connections.stdout
+    finally:
+        if server.poll() is None:
+            os.killpg(server.pid, signal.SIGTERM)
+            try:
+                server.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                os.killpg(server.pid, signal.SIGKILL)
+                server.wait()
+    assert server.returncode is not None
+
+
+def test_ui_refuses_a_tracking_server_uri_and_a_bad_port(workspace, cli, monkeypatch):
+    result = cli("ui", "--port", "70000")
+    assert result.code == 2 and "--port 70000" in result.stderr
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5999")
+    result = cli("ui")
+    assert result.code == 2 and "already a tracking server" in result.stderr

@@ -1,0 +1,648 @@
+"""`workbench finetune --device ID`: fit the general model to one replay machine, prove it, register it.
+
+    finetune_device(workspace, "uher-4000-l", trials=6)  ->  FinetuneResult
+
+1. Check everything cheap first (device, speed, recipe, the machine's train/validation/test noise, the
+   base model, the Optuna storage), so bad input costs one line and no work.
+2. Optuna study `finetune-<device>[@<speed>]` (see `workbench.train.tuning`): each trial trains the base
+   with the shared loop (`workbench.train.loop.train`) on the machine's TRAIN noise and reports validation
+   ΔSNR on its VALIDATION noise to the pruner; each trial is a nested MLflow run under the study's run.
+3. The best trial's weights are evaluated on the machine's TEST noise with the research protocol (fixed
+   10 s fragments at 10 and 16 dB) next to the noisy input, the base model, the current champion and
+   spectral gating; the report (HTML + JSON) is written.
+4. Registered as a new version of `tape-denoiser-<device>` with tags, a description and the report; the
+   alias `champion` moves only if the new version beats the base model and the previous champion at
+   every input SNR (pooled mean ΔSNR over the machine's speeds).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import shutil
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from workbench.devices import format_speed, get_device
+from workbench.errors import WorkbenchError
+from workbench.progress import Progress, no_progress
+from workbench.workspace import Workspace
+
+EXPERIMENT_PREFIX = "finetune-"
+NOISY_INPUT = "noisy input"  # = workbench.evaluate.baselines.NOISY_INPUT
+BASE_MODEL = "base model"
+FINE_TUNED = "fine-tuned"
+CHAMPION_METHOD = "champion"
+SPECTRAL_GATING = "spectral gating"  # = workbench.evaluate.baselines.SPECTRAL_GATING
+# Spectral gating is given this much of the machine's train noise as its noise profile.
+GATING_NOISE_SECONDS = 10.0
+STUDY_RUN_ATTR = "mlflow_run_id"
+STUDY_KEY_ATTR = "workbench_key"
+
+
+@dataclass
+class FinetuneResult:
+    device: str
+    speeds: list[float]
+    study: str
+    storage: str
+    trials: dict[str, int]  # state -> count
+    best_trial: dict
+    model_name: str
+    version: int
+    promoted: bool
+    reason: str
+    snrs_db: list[float]
+    summary: dict[str, dict[str, dict]]  # method -> str(snr) -> {"mean", "ci_low", "ci_high"} (pooled ΔSNR)
+    report_html: Path
+    report_json: Path
+    run_id: str | None
+    base: dict = field(default_factory=dict)
+    champion_before: int | None = None
+    registered_now: bool = True
+
+    @property
+    def trials_summary(self) -> str:
+        counts = ", ".join(f"{n} {state.lower()}" for state, n in sorted(self.trials.items()))
+        best = self.best_trial
+        return f"{counts}; best trial #{best['number']} (validation ΔSNR {best['value']:+.2f} dB)"
+
+    def table(self) -> dict[str, list[tuple[float, float, float]]]:
+        """method -> [(mean, ci_low, ci_high) of ΔSNR per input SNR]."""
+        return {method: [(cells[f"{snr:g}"]["mean"], cells[f"{snr:g}"]["ci_low"], cells[f"{snr:g}"]["ci_high"])
+                         for snr in self.snrs_db] for method, cells in self.summary.items()}
+
+    def to_dict(self) -> dict:
+        data = asdict(self)
+        data["report_html"], data["report_json"] = str(self.report_html), str(self.report_json)
+        data["model_uri"] = f"models:/{self.model_name}/{self.version}"
+        return data
+
+
+# ------------------------------------------------------------------------------------------ the plan
+
+@dataclass
+class Plan:
+    """Everything `finetune_device` needs, checked before any work starts."""
+
+    workspace: Workspace
+    device: Any
+    speeds: list[float]
+    recipe: dict
+    settings: Any  # tuning.FinetuneSettings
+    evaluation: Any  # fragments.EvaluationSettings
+    noise: dict[str, list]  # split -> snippets
+    clean: dict[str, list]  # split -> corpus files
+    base_path: Path
+    base: dict  # facts about the base model
+    base_model: Any  # the loaded base network (CPU)
+    storage_url: str
+    study_name: str
+    label: str  # device or device@speed
+    accelerator: str
+    trials: int
+    timeout_s: float | None
+    study_key: str = ""  # the study's own id (a study user attr): names its training folders
+
+    @property
+    def experiment(self) -> str:
+        return EXPERIMENT_PREFIX + self.device.id
+
+    @property
+    def study_dir(self) -> Path:
+        """Trial folders of this very study: a study of the same name in another storage, or one deleted
+        and created again, never finds (and resumes) another's training state."""
+        assert self.study_key, "open the study first"
+        return self.workspace.runs_dir / "finetune" / f"{self.study_name}-{self.study_key}"
+
+    def noise_minutes(self, split: str) -> float:
+        return round(sum(s.frames / s.sample_rate for s in self.noise[split]) / 60, 3)
+
+
+def resolve_base(workspace: Workspace, ref: str | None) -> tuple[Path, dict]:
+    """The base checkpoint: a file, any MLflow model URI, or (default) the general model @base / latest."""
+    from workbench import tracking
+
+    if ref is None:
+        version = tracking.get_alias_version(tracking.GENERAL_MODEL, "base", workspace)
+        if version is None:
+            version = tracking.latest_version(tracking.GENERAL_MODEL, workspace)
+        if version is None:
+            raise WorkbenchError(f"no general model is registered ({tracking.GENERAL_MODEL}): run `workbench pretrain`, "
+                                 "import the published one with `workbench import-checkpoint`, or pass --base FILE")
+        ref = tracking.model_uri(tracking.GENERAL_MODEL, version)
+    if ref.startswith("models:/"):
+        path, facts = tracking.fetch_checkpoint(ref, workspace)
+        return path, {"ref": ref, "name": facts["name"], "version": facts["version"], "uri": facts["uri"],
+                      "run_id": facts["run_id"]}
+    if "://" in ref or ref.startswith("runs:/"):
+        return _download_checkpoint(workspace, ref)
+    from workbench.model.checkpoint import weights_path_for
+
+    path = weights_path_for(Path(ref).expanduser())
+    if not path.is_file():
+        raise WorkbenchError(f"--base {ref}: no such checkpoint file (give X.safetensors with X.json beside it, or models:/NAME/VERSION)")
+    return path.resolve(), {"ref": ref, "name": path.name, "version": None, "uri": str(path.resolve()), "run_id": None}
+
+
+def _download_checkpoint(workspace: Workspace, uri: str) -> tuple[Path, dict]:
+    """A checkpoint inside any other MLflow artifact URI (runs:/RUN/model, a logged model's URI...)."""
+    import hashlib
+    import tempfile
+
+    from workbench import tracking
+
+    mlflow = tracking.configure(workspace)
+    target = workspace.registry / tracking.CACHE_DIR / "uris" / hashlib.sha256(uri.encode()).hexdigest()[:16]
+    found = [p for p in target.rglob("*.safetensors") if p.with_suffix(".json").is_file()] if target.is_dir() else []
+    if len(found) != 1:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=".download.", dir=target.parent))
+        try:
+            mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(staging))
+        except Exception as error:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise WorkbenchError(f"--base {uri}: cannot download ({type(error).__name__}: {str(error).splitlines()[0][:200]})") from None
+        found = [p for p in staging.rglob("*.safetensors") if p.with_suffix(".json").is_file()]
+        if len(found) != 1:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise WorkbenchError(f"--base {uri}: holds {len(found)} workbench checkpoints (X.safetensors + X.json); need exactly one")
+        shutil.rmtree(target, ignore_errors=True)
+        staging.rename(target)
+        found = [p for p in target.rglob("*.safetensors") if p.with_suffix(".json").is_file()]
+    return found[0], {"ref": uri, "name": uri, "version": None, "uri": uri, "run_id": None}
+
+
+def study_name(device_id: str, speed: float | None) -> str:
+    return f"finetune-{device_id}" + (f"@{format_speed(speed)}" if speed is not None else "")
+
+
+def make_plan(workspace: Workspace, device_id: str, *, speed: float | None = None, base: str | None = None,
+              recipe: str | Path = "quickstart", trials: int | None = None, timeout: str | float | None = None,
+              storage: str | None = None, accelerator: str = "auto") -> Plan:
+    """Validate every input (one-line errors) and gather the data selection; nothing is trained or written."""
+    import torch
+
+    from workbench.corpus import corpus_files
+    from workbench.evaluate.fragments import evaluation_settings
+    from workbench.model.checkpoint import load_checkpoint
+    from workbench.recipes import load_recipe
+    from workbench.train.pretrain import default_device, select_noise
+    from workbench.train.tuning import finetune_settings, open_storage, parse_duration
+
+    device = get_device(workspace, device_id)
+    speeds = [device.check_speed(speed)] if speed is not None else list(device.speeds_ips)
+    loaded = load_recipe(recipe, workspace)
+    settings = finetune_settings(loaded)
+    evaluation = evaluation_settings(loaded)
+
+    # The machine's noise: every chosen speed needs train, validation and test snippets. Without --speed,
+    # the speeds with no noise at all are left out (a machine is often captured at one speed only).
+    if speed is None:
+        from workbench.noise.library import NoiseLibrary
+
+        captured = {float(s.speed_ips) for s in NoiseLibrary(workspace).snippets(device=device.id)}
+        speeds = [s for s in speeds if any(abs(s - c) < 1e-6 for c in captured)]
+        if not speeds:
+            raise WorkbenchError(f"device {device.id}: the noise library has no noise of it; record blank tape on it and "
+                                 f"run `workbench capture-noise --device {device.id} --speed IPS FILE`")
+    noise = {split: select_noise(workspace, [device.id], speeds, split) for split in ("test", "validation", "train")}
+    for split in ("test", "validation", "train"):
+        for s in speeds:
+            if not any(abs(float(n.speed_ips) - s) < 1e-6 for n in noise[split]):
+                raise WorkbenchError(f"device {device.id}: no {split} noise at {format_speed(s)} ips in the noise library "
+                                     f"(capture more blank tape at that speed, or choose --speed)")
+    corpora = loaded["data"]["corpora"]
+    clean = {split: corpus_files(workspace, split, corpora) for split in ("train", "validation", "test")}
+
+    base_path, base_facts = resolve_base(workspace, base)
+    base_model, _ = load_checkpoint(base_path, device="cpu")
+    base_size = base_model.config.size
+    if base_size != loaded["model"]["size"]:
+        raise WorkbenchError(f"recipe {loaded['name']} is for the {loaded['model']['size']!r} size but the base "
+                             f"{base_facts['uri']} is {base_size!r}: choose a recipe for that size (e.g. finetune-paper for paper)")
+    base_facts["size"] = base_size
+
+    storage_url = storage or workspace.optuna_storage()
+    open_storage(storage_url)  # unreachable storage: one line, before any work
+
+    accelerator = default_device() if accelerator in (None, "", "auto") else accelerator
+    if accelerator.startswith("cuda") and not torch.cuda.is_available():
+        raise WorkbenchError(f"--accelerator {accelerator}: no CUDA GPU is available here (use cpu)")
+    timeout_s = parse_duration(timeout) if timeout is not None else settings.timeout_s
+    name = study_name(device.id, speed)
+    return Plan(workspace, device, speeds, loaded, settings, evaluation, noise, clean, base_path, base_facts,
+                base_model, storage_url, name, name.removeprefix("finetune-"), accelerator, trials or settings.trials,
+                timeout_s)
+
+
+# ------------------------------------------------------------------------------------------ the study
+
+def _validation_mixtures(plan: Plan):
+    """The machine's fixed validation mixtures (the recipe's mixing, never a trial's), built once."""
+    from workbench.recipes import validation_seconds
+    from workbench.train.data import MixingSpec, stored_mixtures
+
+    data = plan.recipe["data"]
+    return stored_mixtures(plan.workspace.mixtures_dir, f"validation-{plan.device.id}", plan.clean["validation"],
+                           plan.noise["validation"], data["validation_mixtures"], validation_seconds(plan.recipe),
+                           MixingSpec.from_recipe(data), data["seed"], data["silence_dbfs"])
+
+
+def trial_schedule(plan: Plan, params: dict):
+    """A trial's recipe and Schedule: the recipe with the trial's overrides, the loop's finetune settings."""
+    from workbench.recipes import apply_overrides
+    from workbench.train.loop import Schedule
+    from workbench.train.tuning import freeze_groups, trial_overrides
+
+    recipe_changes, loop_changes = trial_overrides(params)
+    recipe = apply_overrides(plan.recipe, recipe_changes) if recipe_changes else plan.recipe
+    freeze = freeze_groups(loop_changes.get("freeze", list(plan.settings.freeze)))
+    schedule = Schedule.from_recipe(recipe, validate_every=plan.settings.validate_every, freeze=freeze,
+                                    l2sp_alpha=float(loop_changes.get("l2sp_alpha", plan.settings.l2sp_alpha)))
+    return recipe, schedule
+
+
+def train_with_params(plan: Plan, params: dict, run_dir: Path, *, base_model, validation, progress: Progress,
+                      stage: str, on_validation=None, log_metrics=None):
+    """Train a copy of the base with one trial's parameters (resuming `run_dir` if it holds a state)."""
+    from workbench.train.data import MixingSpec, TrainingExamples
+    from workbench.train.loop import read_state, train
+
+    recipe, schedule = trial_schedule(plan, params)
+    data = recipe["data"]
+    examples = TrainingExamples(plan.clean["train"], plan.noise["train"], round(data["segment_seconds"] * 44_100),
+                                MixingSpec.from_recipe(data), data["seed"], data["silence_dbfs"])
+    model = copy.deepcopy(base_model)
+    base_weights = {name: p.detach().clone() for name, p in base_model.named_parameters()} if schedule.l2sp_alpha > 0 else None
+    resume = read_state(run_dir) is not None
+    return train(model, schedule, examples, validation, run_dir, device=plan.accelerator, resume=resume,
+                 num_workers=data["num_workers"], base_weights=base_weights, progress=progress,
+                 log_metrics=log_metrics, on_validation=on_validation, stage=stage), model
+
+
+def _objective(plan: Plan, study, base_model, validation, progress: Progress):
+    """The Optuna objective: train one trial's schedule, report validation ΔSNR, prune or return the best."""
+    import optuna
+
+    from workbench import tracking
+    from workbench.train.loop import read_state
+    from workbench.train.tuning import root_trial_number
+
+    def objective(trial: optuna.Trial) -> float:
+        import mlflow
+
+        params = {d.name: d.suggest(trial) for d in plan.settings.dimensions}
+        frozen = study._storage.get_trial(trial._trial_id)
+        run_dir = plan.study_dir / f"trial-{root_trial_number(frozen):04d}"
+        trial.set_user_attr("run_dir", str(run_dir))
+        saved = read_state(run_dir)
+        for record in (saved[1]["history"] if saved else []):  # a retried trial: the pruner sees its past
+            trial.report(record["val_delta_snr_db"], record["step"])
+        if saved and trial.should_prune():
+            raise optuna.TrialPruned(f"on resume, at step {saved[1]['step']}")
+
+        def on_validation(step: int, record: dict) -> bool:
+            trial.report(record["val_delta_snr_db"], step)
+            return trial.should_prune()
+
+        with tracking.start_run(plan.experiment, run_name=f"trial {trial.number}", nested=True, workspace=plan.workspace,
+                                tags={"optuna.study": plan.study_name, "optuna.trial": str(trial.number),
+                                      "workbench.kind": "finetune-trial", "run_dir": str(run_dir)}) as run:
+            trial.set_user_attr(STUDY_RUN_ATTR, run.info.run_id)
+            mlflow.log_params({k: str(v) for k, v in params.items()})
+            result, _ = train_with_params(plan, params, run_dir, base_model=base_model, validation=validation,
+                                          progress=progress, stage=f"trial {trial.number}", on_validation=on_validation,
+                                          log_metrics=tracking.log_metrics)
+            pruned = result.stopped == "callback"
+            mlflow.set_tag("optuna.state", "PRUNED" if pruned else "COMPLETE")
+            if not pruned:
+                mlflow.log_metrics({"best_val_delta_snr_db": result.best["val_delta_snr_db"],
+                                    "best_val_loss": result.best["val_loss"], "best_step": result.best["step"]})
+        if pruned:
+            raise optuna.TrialPruned(f"at step {result.step}")
+        trial.set_user_attr("best_step", int(result.best["step"]))
+        return float(result.best["val_delta_snr_db"])
+
+    return objective
+
+
+def _close_abandoned_runs(study, client) -> None:
+    """The MLflow runs of trials whose process died stay RUNNING forever: mark them KILLED."""
+    from workbench.train.tuning import INTERRUPTED_ATTR
+
+    for trial in study.get_trials(deepcopy=False):
+        run_id = trial.user_attrs.get(STUDY_RUN_ATTR)
+        if run_id and INTERRUPTED_ATTR in trial.user_attrs:
+            try:
+                if client.get_run(run_id).info.status == "RUNNING":
+                    client.set_terminated(run_id, "KILLED")
+            except Exception:  # the run is gone (another store): nothing to close
+                pass
+
+
+def _study_run_id(plan: Plan, study) -> str | None:
+    """The MLflow run that holds the study's trials: the one recorded in the study, if it still exists."""
+    from workbench import tracking
+
+    run_id = study.user_attrs.get(STUDY_RUN_ATTR)
+    if not run_id:
+        return None
+    try:
+        tracking.client(plan.workspace).get_run(run_id)
+        return run_id
+    except Exception:  # the tracking store changed or the run was deleted: start a new parent run
+        return None
+
+
+# ------------------------------------------------------------------------------------------ evaluation
+
+def _model_method(model):
+    """A model as an evaluation method: the pyfunc wrapper's chunked inference (what `denoise` runs)."""
+    from workbench.denoise import ChunkPlan, OverlapAdd
+    from workbench.model.stft import HOP
+    from workbench.model.unet import denoise_waveform
+
+    plan = ChunkPlan.from_seconds(grid_frames=HOP * 2 ** model.config.depth)
+
+    def run(noisy: np.ndarray) -> np.ndarray:
+        rows = np.atleast_2d(np.asarray(noisy, dtype=np.float32))
+        overlap = OverlapAdd(lambda chunk: denoise_waveform(model, chunk), rows.shape[0], plan)
+        out = np.concatenate([overlap.push(rows), overlap.flush()], axis=1)
+        return out.reshape(np.shape(noisy))
+
+    return run
+
+
+def _gating_noise(plan: Plan, speed: float | None) -> np.ndarray:
+    """Spectral gating's noise profile: up to GATING_NOISE_SECONDS of the machine's TRAIN noise at that speed."""
+    snippets = [s for s in plan.noise["train"] if speed is None or abs(float(s.speed_ips) - float(speed)) < 1e-6]
+    parts, total = [], 0
+    for snippet in snippets:
+        parts.append(snippet.load())
+        total += parts[-1].shape[0]
+        if total >= GATING_NOISE_SECONDS * 44_100:
+            break
+    return np.concatenate(parts)[: int(GATING_NOISE_SECONDS * 44_100)]
+
+
+def evaluate_models(plan: Plan, models: dict[str, Any], progress: Progress = no_progress):
+    """Score the models (name -> TwoStageUNet) with the noisy input and spectral gating on the machine's
+    test fragments, one fragment set per speed."""
+    from workbench.evaluate.baselines import noisy_input, spectral_gating
+    from workbench.evaluate.evaluate import PerSet, evaluate_methods
+    from workbench.evaluate.fragments import evaluation_fragments
+
+    settings = plan.evaluation
+    sets = []
+    for speed in plan.speeds:
+        snippets = [s for s in plan.noise["test"] if abs(float(s.speed_ips) - speed) < 1e-6]
+        sets.append(evaluation_fragments(plan.workspace.mixtures_dir, plan.device.id, speed, plan.clean["test"], snippets,
+                                         count=settings.fragments, seconds=settings.seconds, seed=settings.seed,
+                                         snrs_db=settings.snrs_db, silence_dbfs=plan.recipe["data"]["silence_dbfs"],
+                                         progress=progress))
+    methods: dict[str, Any] = {NOISY_INPUT: noisy_input}
+    methods |= {name: _model_method(model) for name, model in models.items()}
+    methods[SPECTRAL_GATING] = PerSet(lambda fragment_set: spectral_gating(_gating_noise(plan, fragment_set.speed)))
+    return evaluate_methods(sets, methods, batch_size=settings.batch_size, progress=progress)
+
+
+def promotion_decision(result, snrs: list[float], champion_version: int | None) -> tuple[bool, str]:
+    """Promote only if the fine-tuned model's pooled mean ΔSNR beats the base model's and the champion's at
+    every input SNR; the reason names each comparison that failed (or the margins when all pass)."""
+    failures, margins = [], []
+    rivals = [(BASE_MODEL, "the base model")]
+    if champion_version is not None:
+        rivals.append((CHAMPION_METHOD, f"champion v{champion_version}"))
+    for snr in snrs:
+        ours = result.summary(FINE_TUNED, snr).mean
+        for method, shown in rivals:
+            theirs = result.summary(method, snr).mean
+            if ours > theirs:
+                margins.append(f"{ours - theirs:+.2f} dB over {shown} at {snr:g} dB")
+            else:
+                failures.append(f"at {snr:g} dB input its ΔSNR {ours:+.2f} dB does not beat {shown}'s {theirs:+.2f} dB")
+    if failures:
+        return False, "not promoted: " + "; ".join(failures)
+    return True, "promoted: " + ", ".join(margins)
+
+
+def _summary(result, snrs: list[float]) -> dict[str, dict[str, dict]]:
+    return {method: {f"{snr:g}": {k: v for k, v in result.summary(method, snr).to_dict().items()
+                                  if k in ("mean", "ci_low", "ci_high", "n")} for snr in snrs}
+            for method in result.methods}
+
+
+def _description(plan: Plan, result, study_info: dict, promoted: bool, reason: str, champion: int | None) -> str:
+    d = plan.device
+    speeds = ", ".join(format_speed(s) for s in plan.speeds)
+    settings = plan.evaluation
+    lines = [f"Fine-tuned to {d.id} ({d.make} {d.model}, {d.format}) at {speeds} ips from "
+             f"{plan.base['uri']} on {plan.noise_minutes('train'):g} min of its train noise."]
+    for snr in settings.snrs_db:
+        parts = [f"{name} {result.summary(name, snr).mean:+.2f}" for name in result.methods if name != NOISY_INPUT]
+        lines.append(f"Test noise at {snr:g} dB input ({result.summary(FINE_TUNED, snr).n} fragments of "
+                     f"{settings.seconds:g} s), ΔSNR in dB: " + ", ".join(parts) + ".")
+    best = study_info["best"]
+    counts = ", ".join(f"{n} {s.lower()}" for s, n in sorted(study_info["counts"].items()))
+    lines.append(f"Optuna study {plan.study_name} ({counts}); best trial #{best['number']} "
+                 f"(validation ΔSNR {best['value']:+.2f} dB): "
+                 + ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in best["params"].items()) + ".")
+    lines.append(("Promoted to @champion" if promoted else "Not promoted") + f" — {reason.split(': ', 1)[-1]}"
+                 + (f" (previous champion v{champion})." if champion else "."))
+    return "\n\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------------ the command
+
+def finetune_device(workspace: Workspace, device_id: str, *, speed: float | None = None, base: str | None = None,
+                    recipe: str | Path = "quickstart", trials: int | None = None, timeout: str | float | None = None,
+                    storage: str | None = None, accelerator: str = "auto",
+                    progress: Progress = no_progress) -> FinetuneResult:
+    """Tune, evaluate, report and register a device model; see the module docstring."""
+    import mlflow
+    import optuna
+
+    from workbench import tracking
+    from workbench.evaluate.report import study_summary, write_report
+    from workbench.model.checkpoint import save_checkpoint
+    from workbench.model_registry import (CHAMPION, TAG_GATE, TAG_PROMOTED, TAG_REPORT, delta_snr_tag)
+    from workbench.recipes import recipe_digest
+    from workbench.train.loop import load_weights
+    from workbench.train.tuning import (FINISHED, describe_storage, finished_trials, make_pruner, open_study,
+                                        recover_abandoned_trials, root_trial_number, run_study)
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    plan = make_plan(workspace, device_id, speed=speed, base=base, recipe=recipe, trials=trials, timeout=timeout,
+                     storage=storage, accelerator=accelerator)
+    model_name = tracking.device_model_name(plan.device.id)
+    study = open_study(plan.study_name, plan.storage_url, seed=plan.settings.seed, pruner=make_pruner(plan.settings.pruner))
+    if STUDY_KEY_ATTR not in study.user_attrs:
+        import uuid
+
+        study.set_user_attr(STUDY_KEY_ATTR, uuid.uuid4().hex[:12])
+        study.set_user_attr("device", plan.device.id)
+        study.set_user_attr("speeds", [float(s) for s in plan.speeds])
+    plan.study_key = study.user_attrs[STUDY_KEY_ATTR]  # read back: a worker that raced us may have set it first
+    progress("validation mixtures", 0, 1)
+    validation = _validation_mixtures(plan)
+    progress("validation mixtures", 1, 1)
+    base_model = plan.base_model
+
+    parent_id = _study_run_id(plan, study)
+    with tracking.start_run(plan.experiment, run_name=plan.study_name, run_id=parent_id, workspace=plan.workspace,
+                            tags={"workbench.kind": "finetune-study", "optuna.study": plan.study_name,
+                                  "optuna.storage": describe_storage(plan.storage_url), "device": plan.device.id}) as parent:
+        if parent_id is None:
+            study.set_user_attr(STUDY_RUN_ATTR, parent.info.run_id)
+            tracking.log_recipe(plan.recipe)
+            tracking.log_system_info(plan.accelerator)
+        lineage = tracking.log_lineage(
+            plan.workspace, {"training": plan.noise["train"], "validation": plan.noise["validation"], "test": plan.noise["test"]},
+            {"training": plan.clean["train"], "validation": plan.clean["validation"], "test": plan.clean["test"]},
+            extra={"base_model": plan.base, "validation_mixtures": {"key": validation.key, "path": str(validation.path)}})
+
+        def study_progress(*_):
+            progress(f"study {plan.study_name}", finished_trials(study), plan.trials)
+
+        recover_abandoned_trials(study)
+        _close_abandoned_runs(study, tracking.client(plan.workspace))
+        study_progress()
+        run_study(study, _objective(plan, study, base_model, validation, progress), trials=plan.trials,
+                  timeout_s=plan.timeout_s, callbacks=[study_progress])
+        complete = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
+        if not complete:
+            counts = {s.name.lower(): n for s in FINISHED if (n := len(study.get_trials(deepcopy=False, states=(s,))))}
+            raise WorkbenchError(f"study {plan.study_name}: no trial completed ({counts or 'none ran'}); widen "
+                                 "[finetune.search], loosen [finetune.pruner] or give more --trials / --timeout")
+        best = study.best_trial
+        info = study_summary(study)
+
+        # A worker that shares the study may have registered this very trial already: don't do it twice.
+        registry = tracking.client(plan.workspace)
+        existing = _registered_for(registry, model_name, plan.study_name, describe_storage(plan.storage_url), best.number)
+        if existing is not None:
+            return _result_from_version(plan, registry, existing, info, describe_storage(plan.storage_url))
+
+        # The best trial's weights: from its folder, or trained again (a trial run on another host).
+        run_dir = plan.study_dir / f"trial-{root_trial_number(best):04d}"
+        model = copy.deepcopy(base_model)
+        weights = run_dir / "best.safetensors"
+        if not weights.is_file():
+            _, model = train_with_params(plan, best.params, plan.study_dir / f"retrain-{best.number:04d}",
+                                         base_model=base_model, validation=validation, progress=progress,
+                                         stage=f"retrain trial {best.number}")
+            weights = plan.study_dir / f"retrain-{best.number:04d}" / "best.safetensors"
+        load_weights(model, weights)
+        model.eval()
+
+        champion = tracking.get_alias_version(model_name, CHAMPION, plan.workspace)
+        models = {BASE_MODEL: base_model.eval(), FINE_TUNED: model}
+        if champion is not None:
+            from workbench.model.checkpoint import load_checkpoint
+
+            champion_path, _ = tracking.fetch_checkpoint(tracking.model_uri(model_name, alias=CHAMPION), plan.workspace)
+            models[CHAMPION_METHOD] = load_checkpoint(champion_path, device="cpu")[0]
+        result = evaluate_models(plan, models, progress)
+        snrs = list(plan.evaluation.snrs_db)
+        promoted, reason = promotion_decision(result, snrs, champion)
+
+        checkpoint = plan.study_dir / f"{model_name}-trial-{best.number:04d}.safetensors"
+        model_lineage = {"kind": "finetune", "device": plan.device.id, "speeds": plan.speeds, "base": plan.base,
+                         "study": plan.study_name, "trial": best.number, "params": best.params,
+                         "recipe": plan.recipe["name"], "recipe_digest": recipe_digest(plan.recipe),
+                         "noise_digest": lineage["noise"]["training"]["digest"],
+                         "corpus_digest": lineage["corpus"]["training"]["digest"]}
+        save_checkpoint(checkpoint, model, model_lineage)
+
+        with tracking.start_run(plan.experiment, run_name=f"evaluate and register trial {best.number}", nested=True,
+                                workspace=plan.workspace, tags={"workbench.kind": "finetune-model",
+                                                                "optuna.study": plan.study_name,
+                                                                "optuna.trial": str(best.number)}) as run:
+            for snr in snrs:
+                for method in result.methods:
+                    key = method.replace(" ", "_").replace("-", "_")
+                    mlflow.log_metric(f"test_delta_snr_{snr:g}db_{key}", result.summary(method, snr).mean)
+                    mlflow.log_metric(f"test_delta_si_sdr_{snr:g}db_{key}", result.summary(method, snr, "delta_si_sdr").mean)
+            report_dir = plan.study_dir / f"report-trial-{best.number:04d}"
+            report_lineage = {
+                "noise_snippets": {split: {"digest": lineage["noise"][ctx]["digest"], "sha256": lineage["noise"][ctx]["sha256"],
+                                           "minutes": lineage["noise"][ctx]["minutes"]}
+                                   for split, ctx in (("train", "training"), ("validation", "validation"), ("test", "test"))},
+                "clean_corpus": {split: {k: v for k, v in lineage["corpus"][ctx].items() if k != "sha256"}
+                                 for split, ctx in (("train", "training"), ("validation", "validation"), ("test", "test"))},
+                "base_model": plan.base, "recipe": plan.recipe, "validation_mixtures": lineage.get("validation_mixtures"),
+                "evaluation_fragments": [{"label": s["label"], "digest": s["digest"], "path": s["path"]} for s in result.sets],
+                "mlflow_run_id": run.info.run_id, "study_storage": describe_storage(plan.storage_url),
+            }
+            model_facts = {"registered_model": model_name, "device": plan.device.id,
+                           "speeds_ips": [format_speed(s) for s in plan.speeds], "base": plan.base["uri"],
+                           "best_trial": best.number, "best_params": best.params,
+                           "previous_champion": f"v{champion}" if champion else "none",
+                           "weights_sha256": json.loads(checkpoint.with_suffix(".json").read_text())["weights_sha256"]}
+            files = write_report(report_dir, result, title=f"{model_name}: fine-tuned to {plan.device.id}",
+                                 lineage=report_lineage, study=study, model=model_facts,
+                                 decision={"promoted": promoted, "message": reason},
+                                 summary_text=_description(plan, result, info, promoted, reason, champion).split("\n\n")[0])
+            mlflow.log_artifacts(str(report_dir), "report")
+            tags = {"device": plan.device.id, "speeds": ",".join(format_speed(s) for s in plan.speeds),
+                    "base_model": plan.base.get("name") or plan.base["uri"], "base_version": plan.base.get("version") or "",
+                    "base_uri": plan.base["uri"], "study": plan.study_name, "best_trial": best.number,
+                    "study_storage": describe_storage(plan.storage_url),
+                    "recipe": plan.recipe["name"], "noise_minutes": plan.noise_minutes("train"),
+                    "noise_minutes_test": plan.noise_minutes("test"), TAG_PROMOTED: str(promoted).lower(),
+                    TAG_GATE: reason[:4900]}
+            for snr in snrs:
+                tags[delta_snr_tag(snr)] = f"{result.summary(FINE_TUNED, snr).mean:.3f}"
+            version = tracking.register_checkpoint(
+                checkpoint, model_name, tags=tags, description=_description(plan, result, info, promoted, reason, champion),
+                artifacts={"report.html": files.html, "report.json": files.json}, workspace=plan.workspace)
+            local = plan.workspace.reports_dir / plan.device.id / f"v{version}"
+            local.mkdir(parents=True, exist_ok=True)
+            for path in (files.html, files.json):
+                shutil.copy2(path, local / path.name)
+            registry.set_model_version_tag(model_name, str(version), TAG_REPORT, str(local / "report.html"))
+            if promoted:
+                tracking.set_alias(model_name, CHAMPION, version, plan.workspace)
+            run_id = run.info.run_id
+    return FinetuneResult(plan.device.id, plan.speeds, plan.study_name, describe_storage(plan.storage_url), info["counts"],
+                          info["best"], model_name, version, promoted, reason, snrs, _summary(result, snrs),
+                          local / "report.html", local / "report.json", run_id, plan.base, champion)
+
+
+def _registered_for(registry, model_name: str, study: str, storage: str, trial: int) -> Any | None:
+    """The version already registered from this study's (in this storage) trial, if any."""
+    try:
+        versions = registry.search_model_versions(f"name = '{model_name}'", max_results=1000)
+    except Exception:  # no such model yet
+        return None
+    for version in versions:
+        tags = version.tags or {}
+        if tags.get("study") == study and tags.get("study_storage") == storage and tags.get("best_trial") == str(trial):
+            return version
+    return None
+
+
+def _result_from_version(plan: Plan, registry, version, info: dict, storage: str) -> FinetuneResult:
+    """The result of a version this study already registered (another worker, or an earlier run)."""
+    from workbench.model_registry import CHAMPION, TAG_GATE, TAG_PROMOTED, TAG_REPORT
+
+    tags = version.tags or {}
+    html = Path(tags.get(TAG_REPORT, ""))
+    report = json.loads(html.with_name("report.json").read_text()) if html.with_name("report.json").is_file() else {}
+    snrs = list(plan.evaluation.snrs_db)
+    summary: dict[str, dict[str, dict]] = {}
+    for row in report.get("evaluation", {}).get("summary", []):
+        if row["set"] == "all" or len(report["evaluation"]["fragment_sets"]) == 1:
+            cell = row["delta_snr"]
+            summary.setdefault(row["method"], {})[f"{row['input_snr_db']:g}"] = {
+                k: cell[k] for k in ("mean", "ci_low", "ci_high", "n")}
+    aliases = registry.get_registered_model(version.name).aliases or {}
+    promoted = tags.get(TAG_PROMOTED) == "true" and str(aliases.get(CHAMPION)) == str(version.version)
+    return FinetuneResult(plan.device.id, plan.speeds, plan.study_name, storage, info["counts"], info["best"],
+                          version.name, int(version.version), promoted,
+                          tags.get(TAG_GATE, "") + " (registered earlier for this study's best trial)", snrs, summary,
+                          html, html.with_name("report.json"), version.run_id, plan.base, None, registered_now=False)

@@ -1,0 +1,438 @@
+"""Optuna for fine-tuning: the search space as recipe data, studies in any storage, pruning, resumption.
+
+The recipe's `[finetune.search]` table lists what a trial may change, each entry named by the recipe key
+it overrides and giving its distribution:
+
+    [finetune.search]
+    "schedule.learning_rate" = { type = "float", low = 1e-5, high = 1e-3, log = true }
+    "schedule.shape"         = { type = "categorical", choices = ["constant", "cosine"] }
+    "finetune.freeze"        = { type = "categorical", choices = ["none", "encoders", "stage1"] }
+
+Keys of `[schedule]` and `[data]` (e.g. `data.snr_db.low`) override the recipe; `finetune.freeze` (layer
+groups that stay frozen, joined by "+") and `finetune.l2sp_alpha` (the pull toward the base weights) go
+to the training loop. `[finetune.pruner]` picks Optuna's median or Hyperband pruner; the sampler is TPE
+seeded from the recipe.
+
+A study lives in the workspace's SQLite file, in any SQLAlchemy URL (PostgreSQL for many hosts) or in a
+journal file (`journal:PATH`); `load_if_exists` lets several processes share it, and the target number
+of trials counts finished trials of the whole study (MaxTrialsCallback), so re-running the command after
+an interruption runs only what is missing. A trial whose process died leaves it RUNNING: on the next
+start, such trials of dead processes on this host (and, for database storages, any whose heartbeat
+stopped) are marked failed and their parameters enqueued again; the retry continues from the trial's
+saved training state.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import re
+import socket
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import optuna
+from optuna.trial import TrialState
+
+from workbench.errors import WorkbenchError
+
+FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
+DIMENSION_TYPES = ("float", "int", "categorical")
+FINETUNE_KEYS = ("freeze", "l2sp_alpha")  # [finetune] keys a trial may set; the loop's Schedule takes them
+FREEZE_NONE = "none"
+PRUNERS = ("median", "hyperband", "none")
+# Database storages beat every HEARTBEAT_S seconds; a RUNNING trial silent for GRACE_S is taken as dead.
+HEARTBEAT_S = 30
+GRACE_S = 120
+WORKER_ATTR = "worker"
+RETRY_OF_ATTR = "retry_of"
+INTERRUPTED_ATTR = "interrupted"
+
+DEFAULT_FINETUNE: dict[str, Any] = {
+    "trials": 20,  # finished (completed or pruned) trials the study should reach
+    "timeout": "",  # stop starting new trials after this long ("90s", "20m", "2h"; "" = no limit)
+    "seed": 0,  # TPE sampler seed
+    "validate_every": 0,  # report validation ΔSNR to the pruner every N steps (0 = [schedule] validate_every)
+    "freeze": [],  # layer groups that stay frozen unless the search says otherwise
+    "l2sp_alpha": 0.0,  # L2-SP weight unless the search says otherwise
+    "search": {},
+    "pruner": {},
+}
+DEFAULT_PRUNER: dict[str, Any] = {"type": "median"}
+
+
+# ------------------------------------------------------------------------------------------ search space
+
+@dataclass(frozen=True)
+class Dimension:
+    """One searched recipe key and its distribution."""
+
+    name: str
+    type: str
+    low: float | None = None
+    high: float | None = None
+    log: bool = False
+    step: float | None = None
+    choices: tuple = ()
+
+    def suggest(self, trial: optuna.Trial):
+        if self.type == "float":
+            return trial.suggest_float(self.name, self.low, self.high, log=self.log, step=self.step)
+        if self.type == "int":
+            return trial.suggest_int(self.name, int(self.low), int(self.high), log=self.log, step=int(self.step or 1))
+        return trial.suggest_categorical(self.name, list(self.choices))
+
+
+def _flatten_search(table: dict, prefix: str = "") -> dict[str, dict]:
+    """Accept both `"schedule.steps" = {...}` and nested `[finetune.search.schedule] steps = {...}`."""
+    flat: dict[str, dict] = {}
+    for key, value in table.items():
+        name = f"{prefix}.{key}" if prefix else str(key)
+        if isinstance(value, dict) and "type" not in value:
+            flat |= _flatten_search(value, name)
+        else:
+            flat[name] = value
+    return flat
+
+
+def _check_target(name: str, source: str) -> None:
+    """A searched key must name something a trial can change."""
+    from workbench.recipes import DEFAULTS
+
+    section, _, rest = name.partition(".")
+    if section == "finetune":
+        if rest not in FINETUNE_KEYS:
+            raise WorkbenchError(f"{source}: [finetune.search] {name}: a trial can set finetune.{' or finetune.'.join(FINETUNE_KEYS)}")
+        return
+    if section not in ("schedule", "data"):
+        raise WorkbenchError(f"{source}: [finetune.search] {name}: searched keys start with schedule., data. or finetune.")
+    node: Any = DEFAULTS[section]
+    for part in rest.split("."):
+        if not isinstance(node, dict) or part not in node:
+            raise WorkbenchError(f"{source}: [finetune.search] {name}: [{section}] has no key {rest!r}")
+        node = node[part]
+    if isinstance(node, dict):
+        raise WorkbenchError(f"{source}: [finetune.search] {name}: search its entries ({', '.join(f'{name}.{k}' for k in node)})")
+
+
+def search_space(recipe: dict) -> list[Dimension]:
+    """The recipe's [finetune.search] as validated dimensions (one-line errors name the key)."""
+    source = recipe.get("source", "recipe")
+    table = recipe.get("finetune", {}).get("search", {})
+    if not isinstance(table, dict):
+        raise WorkbenchError(f"{source}: [finetune.search] must be a table")
+    dimensions = []
+    for name, spec in sorted(_flatten_search(table).items()):
+        where = f"{source}: [finetune.search] {name}"
+        if not isinstance(spec, dict):
+            raise WorkbenchError(f'{where} must be a table like {{ type = "float", low = 1e-5, high = 1e-3, log = true }}')
+        _check_target(name, source)
+        kind = spec.get("type")
+        if kind not in DIMENSION_TYPES:
+            raise WorkbenchError(f"{where}: type must be one of {', '.join(DIMENSION_TYPES)} (got {kind!r})")
+        allowed = {"type", "choices"} if kind == "categorical" else {"type", "low", "high", "log", "step"}
+        unknown = set(spec) - allowed
+        if unknown:
+            raise WorkbenchError(f"{where}: unknown key {sorted(unknown)[0]!r} for a {kind} (known: {', '.join(sorted(allowed))})")
+        if kind == "categorical":
+            choices = spec.get("choices")
+            if not isinstance(choices, list) or not choices or not all(
+                    isinstance(c, (str, int, float, bool)) for c in choices):
+                raise WorkbenchError(f"{where}: choices must be a non-empty list of strings or numbers")
+            if name == "finetune.freeze":
+                for choice in choices:
+                    freeze_groups(str(choice), where)
+            dimensions.append(Dimension(name, kind, choices=tuple(choices)))
+            continue
+        low, high = spec.get("low"), spec.get("high")
+        numbers = (int,) if kind == "int" else (int, float)
+        if not all(isinstance(v, numbers) and not isinstance(v, bool) and math.isfinite(v) for v in (low, high)):
+            raise WorkbenchError(f"{where}: low and high must be {'integers' if kind == 'int' else 'numbers'} (got {low!r}, {high!r})")
+        if low > high:
+            raise WorkbenchError(f"{where}: low ({low}) is above high ({high})")
+        log, step = bool(spec.get("log", False)), spec.get("step")
+        if log and low <= 0:
+            raise WorkbenchError(f"{where}: a log scale needs low > 0 (got {low})")
+        if log and step is not None:
+            raise WorkbenchError(f"{where}: use either log or step, not both")
+        if step is not None and not (isinstance(step, numbers) and not isinstance(step, bool) and step > 0):
+            raise WorkbenchError(f"{where}: step must be a positive {'integer' if kind == 'int' else 'number'} (got {step!r})")
+        dimensions.append(Dimension(name, kind, float(low) if kind == "float" else int(low),
+                                    float(high) if kind == "float" else int(high), log, step))
+    return dimensions
+
+
+def freeze_groups(value: str | list, where: str = "finetune.freeze") -> tuple[str, ...]:
+    """"encoders+bottlenecks" (or a list, or "none") as a tuple of the loop's parameter group names."""
+    from workbench.train.loop import PARAMETER_GROUPS
+
+    if isinstance(value, str):
+        names = [] if value.strip() in ("", FREEZE_NONE) else [v.strip() for v in value.split("+")]
+    else:
+        names = [str(v) for v in value]
+    for name in names:
+        if name not in PARAMETER_GROUPS:
+            raise WorkbenchError(f"{where}: unknown layer group {name!r} (known: {', '.join(PARAMETER_GROUPS)}, or none)")
+    return tuple(names)
+
+
+# ------------------------------------------------------------------------------------------ settings
+
+def parse_duration(text: str | int | float | None, where: str = "--timeout") -> float | None:
+    """"90", "90s", "20m", "1.5h", "1h30m" -> seconds; "" or None -> None (no limit)."""
+    if text is None or (isinstance(text, str) and not text.strip()):
+        return None
+    if isinstance(text, (int, float)) and not isinstance(text, bool):
+        seconds = float(text)
+    else:
+        match = re.fullmatch(r"\s*(?:(\d+(?:\.\d+)?)h)?\s*(?:(\d+(?:\.\d+)?)m)?\s*(?:(\d+(?:\.\d+)?)s?)?\s*", str(text))
+        if not match or not any(match.groups()):
+            raise WorkbenchError(f"{where}: {text!r} is not a duration (like 90s, 20m, 2h, 1h30m)")
+        hours, minutes, secs = (float(g) if g else 0.0 for g in match.groups())
+        seconds = hours * 3600 + minutes * 60 + secs
+    if seconds <= 0:
+        raise WorkbenchError(f"{where}: the duration must be positive (got {text!r})")
+    return seconds
+
+
+@dataclass(frozen=True)
+class FinetuneSettings:
+    trials: int
+    timeout_s: float | None
+    seed: int
+    validate_every: int
+    freeze: tuple[str, ...]
+    l2sp_alpha: float
+    dimensions: list[Dimension] = field(default_factory=list)
+    pruner: dict = field(default_factory=dict)
+
+
+def finetune_settings(recipe: dict) -> FinetuneSettings:
+    """The recipe's [finetune] section with defaults, validated."""
+    source = recipe.get("source", "recipe")
+    section = recipe.get("finetune", {})
+    unknown = set(section) - set(DEFAULT_FINETUNE)
+    if unknown:
+        raise WorkbenchError(f"{source}: unknown key [finetune] {sorted(unknown)[0]} (known: {', '.join(DEFAULT_FINETUNE)})")
+    merged = {**DEFAULT_FINETUNE, **section}
+    for key in ("trials", "seed", "validate_every"):
+        value = merged[key]
+        if not isinstance(value, int) or isinstance(value, bool) or value < (1 if key == "trials" else 0):
+            raise WorkbenchError(f"{source}: [finetune] {key} must be an integer >= {1 if key == 'trials' else 0} (got {value!r})")
+    alpha = merged["l2sp_alpha"]
+    if not isinstance(alpha, (int, float)) or isinstance(alpha, bool) or not math.isfinite(alpha) or alpha < 0:
+        raise WorkbenchError(f"{source}: [finetune] l2sp_alpha must be a number >= 0 (got {alpha!r})")
+    pruner = {**DEFAULT_PRUNER, **merged["pruner"]}
+    if pruner["type"] not in PRUNERS:
+        raise WorkbenchError(f"{source}: [finetune.pruner] type must be one of {', '.join(PRUNERS)} (got {pruner['type']!r})")
+    make_pruner(pruner, source)  # validates its arguments
+    validate_every = merged["validate_every"] or int(recipe["schedule"]["validate_every"])
+    return FinetuneSettings(
+        trials=merged["trials"], timeout_s=parse_duration(merged["timeout"], f"{source}: [finetune] timeout"),
+        seed=merged["seed"], validate_every=validate_every,
+        freeze=freeze_groups(merged["freeze"], f"{source}: [finetune] freeze"), l2sp_alpha=float(alpha),
+        dimensions=search_space(recipe), pruner=pruner)
+
+
+def make_pruner(spec: dict, source: str = "recipe") -> optuna.pruners.BasePruner:
+    """Optuna's MedianPruner or HyperbandPruner (or none) with the recipe's arguments."""
+    import inspect
+
+    kind = spec.get("type", "median")
+    if kind == "none":
+        return optuna.pruners.NopPruner()
+    cls = optuna.pruners.MedianPruner if kind == "median" else optuna.pruners.HyperbandPruner
+    arguments = {k: v for k, v in spec.items() if k != "type"}
+    known = [p for p in inspect.signature(cls.__init__).parameters if p != "self"]
+    for key in arguments:
+        if key not in known:
+            raise WorkbenchError(f"{source}: [finetune.pruner] {key}: not an argument of the {kind} pruner "
+                                 f"(known: {', '.join(known)})")
+    try:
+        return cls(**arguments)
+    except (TypeError, ValueError) as error:
+        raise WorkbenchError(f"{source}: [finetune.pruner] {error}") from None
+
+
+def trial_overrides(params: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Split a trial's parameters into recipe overrides ([schedule], [data]) and loop settings ([finetune])."""
+    recipe_changes = {k: v for k, v in params.items() if not k.startswith("finetune.")}
+    loop_changes = {k.split(".", 1)[1]: v for k, v in params.items() if k.startswith("finetune.")}
+    return recipe_changes, loop_changes
+
+
+# ------------------------------------------------------------------------------------------ storage
+
+@contextlib.contextmanager
+def _file_lock(path: Path):
+    import fcntl
+
+    with open(path, "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def describe_storage(url: str) -> str:
+    """The storage URL without a password, for messages and tags."""
+    return re.sub(r"(://[^:/@]+):[^@]*@", r"\1:***@", url)
+
+
+def open_storage(url: str) -> optuna.storages.BaseStorage:
+    """An Optuna storage from a URL: sqlite:///, postgresql://, mysql://... (SQLAlchemy) or journal:PATH.
+
+    Database storages get a heartbeat, so trials of workers that died anywhere are failed and retried.
+    Raises a one-line WorkbenchError when the storage cannot be opened or reached.
+    """
+    shown = describe_storage(url)
+    if url.startswith("journal:"):
+        from optuna.storages.journal import JournalFileBackend
+
+        path = Path(url[len("journal:"):]).expanduser()
+        if not path.parent.is_dir():
+            raise WorkbenchError(f"{shown}: cannot open Optuna journal (folder {path.parent} does not exist)")
+        try:
+            return optuna.storages.JournalStorage(JournalFileBackend(str(path)))
+        except OSError as error:
+            raise WorkbenchError(f"{shown}: cannot open Optuna journal ({error.strerror or error})") from None
+    if "://" not in url:
+        raise WorkbenchError(f"{shown}: not an Optuna storage (use sqlite:///FILE, postgresql://..., or journal:FILE)")
+    lock = contextlib.nullcontext()
+    if url.startswith("sqlite:///"):
+        database = Path(url[len("sqlite:///"):]).expanduser()
+        if not database.parent.is_dir():
+            raise WorkbenchError(f"{shown}: cannot open Optuna storage (folder {database.parent} does not exist)")
+        # Several processes creating a fresh SQLite store at once collide in its schema migration: the
+        # first creates it under an exclusive lock, the others wait and find the tables there.
+        lock = _file_lock(database.with_name(database.name + ".lock"))
+    try:
+        with lock, warnings.catch_warnings():  # heartbeats are "experimental" in Optuna 5; they are what we need
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            return optuna.storages.RDBStorage(
+                url, heartbeat_interval=HEARTBEAT_S, grace_period=GRACE_S,
+                heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=2),
+                engine_kwargs={"pool_pre_ping": True} if not url.startswith("sqlite") else None)
+    except ImportError:
+        scheme = url.split("://", 1)[0]
+        raise WorkbenchError(f"{shown}: cannot open Optuna storage (no database driver for {scheme} is installed; "
+                             f"install its SQLAlchemy driver, e.g. psycopg2-binary for postgresql)") from None
+    except Exception as error:  # SQLAlchemy's errors (unreachable host, refused login, bad URL) vary by driver
+        reason = str(getattr(error, "orig", None) or error).strip().splitlines()[0]
+        raise WorkbenchError(f"{shown}: cannot open Optuna storage ({type(error).__name__}: {reason})") from None
+
+
+# ------------------------------------------------------------------------------------------ workers
+
+def _process_start(pid: int) -> str | None:
+    """The kernel's start time of a process (Linux /proc), so a recycled pid is not taken for the old one."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return fields[19]  # field 22 of stat: starttime
+    except (OSError, IndexError):
+        return None
+
+
+def worker_identity() -> dict[str, Any]:
+    """Who runs a trial: host, pid and the process's start time."""
+    pid = os.getpid()
+    return {"host": socket.gethostname(), "pid": pid, "start": _process_start(pid)}
+
+
+def _is_alive(worker: dict) -> bool:
+    if worker.get("host") != socket.gethostname():
+        return True  # another host's worker: only a heartbeat can tell
+    pid = int(worker.get("pid", -1))
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    started = _process_start(pid)
+    return started is None or worker.get("start") is None or started == worker["start"]
+
+
+def _heartbeat_retry_of(trial: optuna.trial.FrozenTrial) -> int | None:
+    """The trial a heartbeat retry (database storages) re-runs, if it is one."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        return optuna.storages.RetryHeartbeatStaleTrialCallback.retried_trial_number(trial)
+
+
+def root_trial_number(trial: optuna.trial.FrozenTrial) -> int:
+    """The first trial of a retry chain: retries share its training folder and so resume its state."""
+    if RETRY_OF_ATTR in trial.user_attrs:
+        return int(trial.user_attrs[RETRY_OF_ATTR])
+    retried = _heartbeat_retry_of(trial)
+    return int(retried) if retried is not None else trial.number
+
+
+def recover_abandoned_trials(study: optuna.Study) -> list[int]:
+    """Fail the RUNNING trials of dead processes on this host and re-enqueue interrupted trials once.
+
+    Returns the numbers of the trials enqueued again.
+    """
+    trials = study.get_trials(deepcopy=False)
+    storage = study._storage
+    for trial in trials:
+        if trial.state == TrialState.RUNNING and not _is_alive(trial.user_attrs.get(WORKER_ATTR, {})):
+            storage.set_trial_user_attr(trial._trial_id, INTERRUPTED_ATTR, "process died")
+            storage.set_trial_state_values(trial._trial_id, TrialState.FAIL)
+    trials = study.get_trials(deepcopy=False)
+    retried = {int(t.user_attrs[RETRY_OF_ATTR]) for t in trials if RETRY_OF_ATTR in t.user_attrs}
+    retried |= {n for t in trials if (n := _heartbeat_retry_of(t)) is not None}
+    again = []
+    for trial in trials:
+        root = root_trial_number(trial)
+        latest_of_chain = max(t.number for t in trials if root_trial_number(t) == root)
+        if (trial.state == TrialState.FAIL and INTERRUPTED_ATTR in trial.user_attrs
+                and trial.number == latest_of_chain and trial.number not in retried and trial.params):
+            study.enqueue_trial(trial.params, user_attrs={RETRY_OF_ATTR: root}, skip_if_exists=False)
+            again.append(trial.number)
+    return again
+
+
+def open_study(name: str, storage_url: str, *, seed: int, pruner: optuna.pruners.BasePruner) -> optuna.Study:
+    """Create or join the study `name` (maximising validation ΔSNR) with a seeded TPE sampler."""
+    storage = open_storage(storage_url)
+    sampler = optuna.samplers.TPESampler(seed=seed, multivariate=True, constant_liar=True, n_startup_trials=4)
+    try:
+        study = optuna.create_study(study_name=name, storage=storage, sampler=sampler, pruner=pruner,
+                                    direction="maximize", load_if_exists=True)
+    except ValueError as error:  # e.g. an existing study of that name with another direction
+        raise WorkbenchError(f"{describe_storage(storage_url)}: study {name}: {error}") from None
+    return study
+
+
+def finished_trials(study: optuna.Study) -> int:
+    return len(study.get_trials(deepcopy=False, states=FINISHED))
+
+
+def run_study(study: optuna.Study, objective: Callable[[optuna.Trial], float], *, trials: int,
+              timeout_s: float | None = None, callbacks: list | None = None) -> None:
+    """Run trials until the study holds `trials` finished ones (all workers together) or time runs out.
+
+    `callbacks` are Optuna's (called with the study and each finished trial)."""
+    recover_abandoned_trials(study)
+    missing = trials - finished_trials(study)
+    if missing <= 0:
+        return
+
+    def tracked(trial: optuna.Trial) -> float:
+        trial.set_user_attr(WORKER_ATTR, worker_identity())
+        try:
+            return objective(trial)
+        except KeyboardInterrupt:
+            trial.set_user_attr(INTERRUPTED_ATTR, "Ctrl-C")
+            raise
+
+    study.optimize(tracked, n_trials=None, timeout=timeout_s, gc_after_trial=True,
+                   callbacks=[optuna.study.MaxTrialsCallback(trials, states=FINISHED), *(callbacks or [])])
