@@ -299,3 +299,16 @@ def test_folders_expand_to_their_audio_and_keep_their_layout(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(WorkbenchError, match="holds no audio"):
         plan_jobs([tmp_path / "empty"], out_dir=tmp_path / "x")
+
+
+def test_denoise_samples_is_what_the_command_runs_at_44k(tmp_path, tiny_model):
+    from workbench.denoise import denoise_samples
+
+    samples = _tones(44_100, 20_000, channels=1)[0]
+    source, target = tmp_path / "in.wav", tmp_path / "out.wav"
+    write_audio(source, samples, 44_100, subtype="FLOAT")
+    denoise_stream(model_process(tiny_model, torch.device("cpu")), source, target,
+                   plan=ChunkPlan.from_seconds(grid_frames=model_grid_frames(tiny_model)))
+    in_memory = denoise_samples(tiny_model, samples)
+    assert in_memory.shape == samples.shape
+    assert np.max(np.abs(in_memory - read_audio(target)[0][0])) < 1e-6

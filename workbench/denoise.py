@@ -454,6 +454,18 @@ def model_process(model: torch.nn.Module, device: torch.device) -> Process:
     return process
 
 
+def denoise_samples(model: torch.nn.Module, samples: np.ndarray, plan: ChunkPlan | None = None,
+                    device: torch.device | None = None) -> np.ndarray:
+    """In-memory 44.1 kHz audio, (frames,) or (channels, frames), through `model` exactly as `workbench
+    denoise` runs it at full strength (same grid-aligned chunks and crossfades); same shape back."""
+    samples = np.asarray(samples, dtype=np.float32)
+    rows = np.atleast_2d(samples)
+    device = device or next(model.parameters()).device
+    plan = plan or ChunkPlan.from_seconds(grid_frames=model_grid_frames(model))
+    chunker = OverlapAdd(model_process(model, device), rows.shape[0], plan)
+    return np.concatenate([chunker.push(rows), chunker.flush()], axis=1).reshape(samples.shape)
+
+
 def compute_facts(device: torch.device) -> dict:
     facts = {"device": device.type, "threads": torch.get_num_threads()}
     if device.type == "cuda":
