@@ -23,6 +23,9 @@ from workbench.workspace import Workspace, init_workspace, is_workspace
 
 DEFAULT_FOLDER = Path("demo")
 CORPUS_NAME = "synthetic-archive"
+# How capture-noise cuts each archive scale's blank tapes: (snippet seconds, train/validation/test split).
+# The small scale's few seconds of tape only fill every split with short snippets and larger held-out parts.
+INGEST_BY_SCALE = {"demo": (5.0, (80.0, 10.0, 10.0)), "small": (1.0, (60.0, 20.0, 20.0))}
 
 
 @dataclass
@@ -85,10 +88,12 @@ def demo_stages(workspace: Workspace, settings: DemoSettings) -> Iterator[Stage]
     def capture(progress: Progress) -> StageResult:
         from workbench.noise.ingest import capture_noise
 
+        snippet_seconds, split = INGEST_BY_SCALE[settings.scale]
         reports, added = [], 0
         for tape in state["manifest"]["blank_tapes"]:
             report = capture_noise(workspace, [archive_folder / tape["path"]], tape["device"], tape["speed_ips"],
-                                   tape="synthetic", progress=progress)
+                                   tape="synthetic", snippet_seconds=snippet_seconds, split=split,
+                                   progress=progress)
             reports.append(report.to_json())
             added += sum(f.added for f in report.files)
         return StageResult("capture-noise", f"{len(reports)} recordings ingested, {added} new snippets",
