@@ -81,15 +81,17 @@ def _hiss(rng: np.random.Generator, frames: int) -> np.ndarray:
 
 def _music(rng: np.random.Generator, start: int, frames: int) -> np.ndarray:
     """A few decaying notes per second (deterministic in `start`), about −20 dBFS."""
-    t = (start + np.arange(frames)) / SAMPLE_RATE
     out = np.zeros(frames)
-    for note in range(int(t[0] * 3) - 2, int(t[-1] * 3) + 1):
-        onset = note / 3
+    ring = 3 * SAMPLE_RATE  # a note has decayed by 78 dB after 3 s: stop there
+    for note in range(start * 3 // SAMPLE_RATE - 9, (start + frames) * 3 // SAMPLE_RATE + 1):
+        onset = note * SAMPLE_RATE // 3
+        first, last = max(onset, start), min(onset + ring, start + frames)
+        if first >= last:
+            continue
+        since = np.arange(first - onset, last - onset) / SAMPLE_RATE
         pitch = 110 * 2 ** (((note * 7) % 24) / 12)
-        since = t - onset
-        live = since >= 0
-        for k in (1, 2, 3):
-            out[live] += 0.08 / k * np.sin(2 * np.pi * k * pitch * since[live]) * np.exp(-3 * since[live])
+        tone = sum(0.08 / k * np.sin(2 * np.pi * k * pitch * since) for k in (1, 2, 3))
+        out[first - start : last - start] += tone * np.exp(-3 * since)
     return out.astype(np.float32)
 
 

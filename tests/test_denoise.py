@@ -28,6 +28,7 @@ from workbench.denoise import (
     process_whole,
     strength_from_reduction_db,
 )
+from workbench.errors import WorkbenchError
 from workbench.model.checkpoint import save_checkpoint
 from workbench.model.unet import SIZES, TwoStageUNet
 
@@ -281,7 +282,6 @@ def test_device_champion_from_the_registry(tmp_path, cli, tiny_checkpoint, works
 
 def test_folders_expand_to_their_audio_and_keep_their_layout(tmp_path):
     from workbench.denoise import plan_jobs
-    from workbench.errors import WorkbenchError
 
     transfers = tmp_path / "transfers"
     for name in ("box-1/reel-01.wav", "box-1/reel-02.flac", "box-2/reel-01.wav", "loose.wav",
@@ -312,3 +312,20 @@ def test_denoise_samples_is_what_the_command_runs_at_44k(tmp_path, tiny_model):
     in_memory = denoise_samples(tiny_model, samples)
     assert in_memory.shape == samples.shape
     assert np.max(np.abs(in_memory - read_audio(target)[0][0])) < 1e-6
+
+
+def test_audio_that_breaks_mid_stream_leaves_nothing(tmp_path, cli, tiny_checkpoint):
+    """A FLAC cut short passes the header check and fails while decoding: one line, no partial output."""
+    whole = tmp_path / "whole.flac"
+    write_audio(whole, np.random.default_rng(0).uniform(-0.5, 0.5, (2, 88_200)).astype(np.float32), 44_100,
+                subtype="PCM_16")
+    cut = tmp_path / "in" / "cut.flac"
+    cut.parent.mkdir()
+    cut.write_bytes(whole.read_bytes()[: whole.stat().st_size // 2])
+    line = _only_line(cli("denoise", "--model", tiny_checkpoint, cut, "--out", tmp_path / "out"))
+    assert str(cut) in line and "unreadable" in line
+    assert not (tmp_path / "out").exists()  # not even the folder it would have made
+    # The library, given a process, stops the same way without leaving its temporary file behind.
+    with pytest.raises(WorkbenchError, match="unreadable"):
+        denoise_stream(lambda chunk: chunk, cut, tmp_path / "out2" / "cut.flac")
+    assert list((tmp_path / "out2").iterdir()) == []

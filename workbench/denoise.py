@@ -29,6 +29,7 @@ processes to float rounding.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import math
 import platform
@@ -622,38 +623,62 @@ def denoise_files(inputs: Iterable[Path], *, model_ref: str | Path | None = None
                            else resolve_device_model(device_id, device))
     plan = ChunkPlan.from_seconds(chunk_seconds, grid_frames=model_grid_frames(model))
     process = model_process(model, device)
+    created = _missing_folders(job.output.parent for job in jobs)
     records = []
-    for number, job in enumerate(jobs, start=1):
-        started_at = _utc_now()
-        input_sha256 = sha256_file(job.input)
-        stage = f"{number}/{len(jobs)} {job.input.name}" if len(jobs) > 1 else job.input.name
-        result = denoise_stream(process, job.input, job.output, strength=strength, plan=plan,
-                                subtype=job.subtype, format=job.format, progress=progress, stage=stage)
-        out_info = audio_info(job.output)
-        record = {
-            "schema": SIDECAR_SCHEMA,
-            "input": {"path": str(job.input.resolve()), "sha256": input_sha256, "sample_rate": job.info.sample_rate,
-                      "channels": job.info.channels, "frames": job.info.frames, "seconds": job.info.seconds,
-                      "format": job.info.format, "subtype": job.info.subtype},
-            "output": {"path": str(job.output.resolve()), "sha256": sha256_file(job.output),
-                       "sample_rate": out_info.sample_rate, "channels": out_info.channels,
-                       "frames": out_info.frames, "format": out_info.format, "subtype": out_info.subtype,
-                       "clipped_samples": result.clipped_samples},
-            "model": model_record,
-            "settings": settings_record(strength, plan),
-            "software": software_versions(),
-            "compute": compute_facts(device),
-            "started_at": started_at,
-            "finished_at": _utc_now(),
-            "wall_seconds": round(result.wall_seconds, 3),
-            "real_time_factor": round(result.real_time_factor, 3),
-            "chunks": result.chunks,
-        }
-        assert out_info.frames == job.info.frames and out_info.channels == job.info.channels
-        try:
-            atomic_write_json(job.sidecar, record)
-        except BaseException:
-            job.output.unlink(missing_ok=True)  # an output without its provenance is not a restoration
-            raise
-        records.append(record)
+    try:
+        for number, job in enumerate(jobs, start=1):
+            stage = f"{number}/{len(jobs)} {job.input.name}" if len(jobs) > 1 else job.input.name
+            records.append(_restore(job, process, strength, plan, model_record, device, progress, stage))
+    except BaseException:
+        for folder in created:  # deepest first; folders that now hold earlier outputs stay
+            with contextlib.suppress(OSError):
+                folder.rmdir()
+        raise
     return records
+
+
+def _missing_folders(folders: Iterable[Path]) -> list[Path]:
+    """Folders (and their missing parents) that do not exist yet, deepest first."""
+    missing: set[Path] = set()
+    for folder in folders:
+        folder = Path(folder).absolute()
+        while not folder.exists() and folder != folder.parent:
+            missing.add(folder)
+            folder = folder.parent
+    return sorted(missing, key=lambda path: len(path.parts), reverse=True)
+
+
+def _restore(job: Job, process: Process, strength: float, plan: ChunkPlan, model_record: dict,
+             device: torch.device, progress: Progress, stage: str) -> dict:
+    """One input to its output and sidecar; returns the provenance record."""
+    started_at = _utc_now()
+    input_sha256 = sha256_file(job.input)
+    result = denoise_stream(process, job.input, job.output, strength=strength, plan=plan,
+                            subtype=job.subtype, format=job.format, progress=progress, stage=stage)
+    out_info = audio_info(job.output)
+    record = {
+        "schema": SIDECAR_SCHEMA,
+        "input": {"path": str(job.input.resolve()), "sha256": input_sha256, "sample_rate": job.info.sample_rate,
+                  "channels": job.info.channels, "frames": job.info.frames, "seconds": job.info.seconds,
+                  "format": job.info.format, "subtype": job.info.subtype},
+        "output": {"path": str(job.output.resolve()), "sha256": sha256_file(job.output),
+                   "sample_rate": out_info.sample_rate, "channels": out_info.channels,
+                   "frames": out_info.frames, "format": out_info.format, "subtype": out_info.subtype,
+                   "clipped_samples": result.clipped_samples},
+        "model": model_record,
+        "settings": settings_record(strength, plan),
+        "software": software_versions(),
+        "compute": compute_facts(device),
+        "started_at": started_at,
+        "finished_at": _utc_now(),
+        "wall_seconds": round(result.wall_seconds, 3),
+        "real_time_factor": round(result.real_time_factor, 3),
+        "chunks": result.chunks,
+    }
+    assert out_info.frames == job.info.frames and out_info.channels == job.info.channels
+    try:
+        atomic_write_json(job.sidecar, record)
+    except BaseException:
+        job.output.unlink(missing_ok=True)  # an output without its provenance is not a restoration
+        raise
+    return record
