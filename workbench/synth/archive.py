@@ -60,7 +60,7 @@ class ArchiveScale:
 
 
 SCALES = {
-    "small": ArchiveScale(noise_seconds=8.0, train_minutes=20 / 60, validation_minutes=10 / 60, test_minutes=10 / 60,
+    "small": ArchiveScale(noise_seconds=20.0, train_minutes=20 / 60, validation_minutes=10 / 60, test_minutes=10 / 60,
                           piece_seconds=10.0, transfer_seconds=6.0, transfers=1),
     "demo": ArchiveScale(noise_seconds=120.0, train_minutes=4.0, validation_minutes=1.0, test_minutes=2.0,
                          piece_seconds=30.0, transfer_seconds=25.0, transfers=2),

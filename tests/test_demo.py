@@ -1,0 +1,96 @@
+"""The demo pipeline end to end at reduced size: every stage's result is checked, then a rerun reuses them."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import soundfile as sf
+
+from workbench import tracking
+from workbench.demo import DemoSettings, fine_tuned_device, run_demo
+from workbench.noise.library import NoiseLibrary
+from workbench.workspace import Workspace
+
+# The quickstart recipe shrunk to seconds: the point is that every stage runs and hands over, not quality.
+RECIPE = """
+name = "demo-test"
+description = "the demo's stages at test size"
+[model]
+size = "tiny"
+[data]
+segment_seconds = 0.5
+validation_mixtures = 2
+validation_seconds = 0.5
+num_workers = 0
+seed = 7
+[schedule]
+steps = 4
+batch_size = 2
+learning_rate = 3e-3
+shape = "constant"
+validate_every = 2
+checkpoint_every = 2
+[finetune]
+trials = 2
+seed = 0
+[finetune.search]
+"schedule.learning_rate" = { type = "float", low = 2e-3, high = 1e-2, log = true }
+"schedule.steps" = { type = "int", low = 2, high = 3 }
+[finetune.pruner]
+type = "median"
+n_startup_trials = 1
+n_warmup_steps = 0
+[evaluation]
+fragments = 2
+seconds = 0.5
+seed = 3
+batch_size = 2
+"""
+
+
+@pytest.fixture
+def demo_run(tmp_path, monkeypatch):
+    monkeypatch.delenv("WORKBENCH_HOME", raising=False)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    recipe = tmp_path / "demo-test.toml"
+    recipe.write_text(RECIPE)
+    settings = DemoSettings(folder=tmp_path / "demo", scale="small", recipe=str(recipe))
+    return settings, run_demo(settings)
+
+
+def test_demo_runs_every_stage_and_a_rerun_reuses_them(demo_run):
+    settings, results = demo_run
+    assert [r.name for r in results] == ["archive", "capture-noise", "corpus", "pretrain", "finetune", "denoise",
+                                         "registry"]
+    workspace = Workspace(settings.folder.resolve())
+    manifest = results[0].data
+    device = fine_tuned_device(manifest)
+
+    library = NoiseLibrary(workspace)
+    for tape in manifest["blank_tapes"]:
+        for split in ("train", "validation", "test"):
+            assert library.snippets(device=tape["device"], speed=tape["speed_ips"], split=split), (tape, split)
+
+    assert tracking.latest_version("tape-denoiser-general", workspace) == 1
+    name = tracking.device_model_name(device)
+    finetune = results[4].data
+    assert tracking.latest_version(name, workspace) == finetune["version"]
+    champion = tracking.get_alias_version(name, "champion", workspace)
+    assert champion == (finetune["version"] if finetune["promoted"] else None)
+    report = json.loads(open(finetune["report_json"]).read())
+    assert report and (settings.folder / "registry").exists()
+    assert str(finetune["report_html"]).endswith(".html")
+
+    transfer = settings.folder / "archive" / manifest["transfers"][0]["path"]
+    restored = results[5].data["records"][0]["output"]["path"]
+    source_info, output_info = sf.info(str(transfer)), sf.info(restored)
+    assert (output_info.samplerate, output_info.channels, output_info.frames, output_info.subtype) == \
+        (source_info.samplerate, source_info.channels, source_info.frames, source_info.subtype)
+
+    listed = {m["name"] for m in results[6].data["models"]}
+    assert listed == {"tape-denoiser-general", name}
+
+    again = run_demo(settings)
+    assert [r.reused for r in again[:-1]] == [True] * 6
+    assert tracking.latest_version(name, workspace) == finetune["version"]
