@@ -53,8 +53,9 @@ TINY_MUSIC_SECONDS = {"train": 40.0, "validation": 10.0, "test": 10.0}
 
 @pytest.fixture(scope="session")
 def tiny_archive_template(tmp_path_factory):
-    """A workspace with a tiny ingested noise library (3 devices, 1 s snippets in all three splits) and a
-    registered clean corpus `tiny-music` (synthetic music in train/validation/test folders), built once.
+    """A workspace with a tiny ingested noise library (3 devices, 1 s snippets in all three splits), a
+    registered clean corpus `tiny-music` (synthetic music in train/validation/test folders) and an empty
+    MLflow store, built once.
     Use `tiny_archive` for a private copy; never write into this one."""
     from workbench.corpus import add_corpus
     from workbench.devices import get_device
@@ -71,6 +72,9 @@ def tiny_archive_template(tmp_path_factory):
     for number, (split, seconds) in enumerate(TINY_MUSIC_SECONDS.items()):
         render_music(root / "music" / split, seconds / 60, seed=100 + number, piece_seconds=min(seconds, 20.0))
     add_corpus(ws, root / "music", name="tiny-music")
+    from workbench import tracking
+
+    tracking.configure(ws)  # the MLflow tables, created once here rather than in every copy
     return ws.root
 
 

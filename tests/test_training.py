@@ -290,6 +290,9 @@ def test_validation_callback_and_plateau_stop_the_run(sources, tmp_path):
     model, schedule, examples, validation = _tiny_run(sources, tmp_path, steps=8, learning_rate=1e-12, patience=1)
     result = train(model, schedule, examples, validation, tmp_path / "plateau", validate_at_start=True)
     assert result.stopped == "plateau" and result.step == 2 and [h["step"] for h in result.history] == [0, 2]
+    again = train(*_tiny_run(sources, tmp_path, steps=8, learning_rate=1e-12, patience=1)[:3], validation,
+                  tmp_path / "plateau", resume=True)
+    assert again.stopped == "plateau" and again.step == 2 and again.losses == {}  # stopped on purpose stays stopped
 
 
 # ---------------------------------------------------------------------------------------------- pretrain
@@ -362,18 +365,50 @@ def read_mixture(workspace) -> dict:
     return {"noisy": tensors["noisy"][0], "clean": tensors["clean"][0]}
 
 
-def test_pretrain_resumes_after_ctrl_c_and_refuses_what_it_cannot(tiny_archive, tmp_path, cli):
+def test_pretrain_saves_on_ctrl_c_resumes_exactly_and_refuses_what_it_cannot(tiny_archive, tmp_path, cli):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
     from workbench.train.pretrain import pretrain
 
-    recipe = write_recipe(tmp_path, steps=6, validate_every=3)
-    with pytest.raises(KeyboardInterrupt):
-        pretrain(tiny_archive, recipe, device="cpu", num_workers=0, stop_after=4)
+    recipe = tmp_path / "ctrl-c.toml"
+    recipe.write_text(TEST_RECIPE.format(steps=12, validate_every=6).replace("batch_size = 4", "batch_size = 1")
+                      .replace("checkpoint_every = 4", "checkpoint_every = 2"))
+    # A real Ctrl-C (SIGINT) to a real `workbench pretrain` with a DataLoader worker.
+    env = {**os.environ, "WORKBENCH_HOME": str(tiny_archive.root)}
+    process = subprocess.Popen([sys.executable, "-m", "workbench", "pretrain", "--recipe", str(recipe), "--workers", "1",
+                                "--device", "cpu", "--json"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               text=True)
+    deadline = time.monotonic() + 300
+    while not list(tiny_archive.runs_dir.glob("pretrain-test-tiny-*/state.safetensors")) and time.monotonic() < deadline:
+        assert process.poll() is None, process.stderr.read()
+        time.sleep(0.05)
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=300)
+    assert process.returncode == 130, stderr[-2000:]
+    assert "--resume" in stderr
+    [run_dir] = tiny_archive.runs_dir.glob("pretrain-test-tiny-*")
+    saved = json.loads((run_dir / "state.json").read_text())
+    assert 2 <= saved["step"] < 12
+
     resumed = pretrain(tiny_archive, recipe, device="cpu", num_workers=0, resume=True)
-    assert resumed.step == 6 and [h["step"] for h in resumed.history] == [0, 3, 6] and resumed.version == 1
+    assert resumed.step == 12 and resumed.run_dir == run_dir and resumed.version == 1
+    assert [h["step"] for h in resumed.history] == [0, 6, 12]
+    history = tracking_client(tiny_archive).get_metric_history(resumed.run_id, "train_loss")
+    assert sorted(m.step for m in history) == list(range(1, 13))  # one MLflow run across the interruption
     with pytest.raises(WorkbenchError, match="no interrupted pretrain run"):
         pretrain(tiny_archive, recipe, device="cpu", resume=True)
-    bad = cli("pretrain", "--recipe", write_recipe(tmp_path, steps=2).with_name("other.toml"))
+    bad = cli("pretrain", "--recipe", tmp_path / "missing.toml")
     assert bad.code == 2 and "no such recipe" in bad.stderr
     (tmp_path / "wrong.toml").write_text("[data]\ndevices = ['no-such-deck']\n")
     wrong = cli("pretrain", "--recipe", tmp_path / "wrong.toml")
     assert wrong.code == 2 and "no-such-deck" in wrong.stderr
+
+
+def tracking_client(workspace):
+    from workbench import tracking
+
+    return tracking.client(workspace)

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import logging
 import os
 import platform
 import re
@@ -73,12 +74,20 @@ def configure(workspace: Workspace | None = None):
 
 
 def _touch_store(mlflow, uri: str) -> None:
-    client = mlflow.MlflowClient(tracking_uri=uri, registry_uri=uri)
+    # Creating the tables logs a few INFO lines per migration; the library never prints.
+    quiet = [logging.getLogger(name) for name in ("mlflow.store.db.utils", "alembic", "alembic.runtime.migration")]
+    levels = [logger.level for logger in quiet]
+    for logger in quiet:
+        logger.setLevel(logging.WARNING)
     try:
+        client = mlflow.MlflowClient(tracking_uri=uri, registry_uri=uri)
         client.search_experiments(max_results=1)
         client.search_registered_models(max_results=1)
     except Exception as error:  # a broken or unreachable store: name it in one line
         raise WorkbenchError(f"MLflow store {uri}: unusable ({type(error).__name__}: {str(error).splitlines()[0][:200]})") from None
+    finally:
+        for logger, level in zip(quiet, levels):
+            logger.setLevel(level)
 
 
 def client(workspace: Workspace | None = None):
@@ -238,13 +247,13 @@ def register_checkpoint(checkpoint_path: str | Path, name: str, *, tags: dict[st
     """
     from workbench.model.checkpoint import config_path_for, weights_path_for
 
-    workspace = workspace or find_workspace()
-    mlflow = configure(workspace)
     weights = weights_path_for(Path(checkpoint_path)).resolve()
     sidecar = config_path_for(weights)
     for path in (weights, sidecar):
         if not path.is_file():
             raise WorkbenchError(f"{path}: no such checkpoint file (a checkpoint is X.safetensors with X.json beside it)")
+    workspace = workspace or find_workspace()
+    mlflow = configure(workspace)
     model_artifacts = {"weights": str(weights), "config": str(sidecar), **{k: str(v) for k, v in (artifacts or {}).items()}}
     with contextlib.ExitStack() as stack:
         if mlflow.active_run() is None:

@@ -20,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import signal
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -207,7 +208,14 @@ def training_batches(examples: TrainingExamples, start_step: int, steps: int, ba
     return torch.utils.data.DataLoader(
         examples, batch_sampler=StepBatches(start_step, steps, batch_size, rank, world_size),
         num_workers=num_workers, pin_memory=pin_memory, persistent_workers=False,
-        prefetch_factor=4 if num_workers else None)
+        prefetch_factor=4 if num_workers else None, worker_init_fn=_ignore_ctrl_c if num_workers else None)
+
+
+def _ignore_ctrl_c(worker_id: int) -> None:
+    # Ctrl-C (or a SIGTERM to the job) reaches the whole process group; the training process handles it
+    # (saving its state at the end of the step) and needs its workers alive until then.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 def mix_batch(batch: dict[str, torch.Tensor], device: torch.device | str) -> tuple[torch.Tensor, torch.Tensor]:

@@ -261,16 +261,19 @@ def validate(model: TwoStageUNet, mixtures: Mixtures, device: torch.device, dist
 # ---------------------------------------------------------------------------------------------- Ctrl-C
 
 class _DeferredInterrupt:
-    """Turns the first Ctrl-C into a flag checked between steps (so the state saved is consistent); a
-    second Ctrl-C interrupts at once. Only in the main thread, where Python delivers signals."""
+    """Turns the first Ctrl-C (SIGINT) or SIGTERM (torchrun stopping its workers, a scheduler preempting the
+    job) into a flag checked between steps, so the state saved is consistent; a second one interrupts at
+    once. Only in the main thread, where Python delivers signals."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
     def __init__(self):
         self.requested = False
-        self.previous = None
+        self.previous: dict = {}
 
     def __enter__(self):
         if threading.current_thread() is threading.main_thread():
-            self.previous = signal.signal(signal.SIGINT, self._handle)
+            self.previous = {number: signal.signal(number, self._handle) for number in self.SIGNALS}
         return self
 
     def _handle(self, signum, frame):
@@ -279,8 +282,8 @@ class _DeferredInterrupt:
         self.requested = True
 
     def __exit__(self, *exc):
-        if self.previous is not None:
-            signal.signal(signal.SIGINT, self.previous)
+        for number, handler in self.previous.items():
+            signal.signal(number, handler)
         return False
 
 
@@ -320,7 +323,7 @@ def train(model: TwoStageUNet, schedule: Schedule, examples: TrainingExamples, v
         anchors = [base_weights[name].detach().to(device) for name, _ in trainable]
 
     # Resume: weights, Adam, RNG, step, history — everything, or nothing at all.
-    step, history, best, bad_validations = 0, [], None, 0
+    step, history, best, bad_validations, stopped = 0, [], None, 0, "completed"
     if resume:
         saved = read_state(run_dir)
         if saved is None:
@@ -333,6 +336,8 @@ def train(model: TwoStageUNet, schedule: Schedule, examples: TrainingExamples, v
         optimizer.load_state_dict(_optimizer_from_flat(tensors, document["optimizer"]))
         _set_rng_state(tensors, document["rng"])
         step, history, best, bad_validations = document["step"], document["history"], document["best"], document["bad_validations"]
+        if document.get("stopped", "completed") != "completed":  # it stopped early on purpose: stay stopped
+            return TrainResult(step, document["stopped"], {}, history, best, run_dir)
 
     raw_model = model
     if dist.enabled:  # gradients are averaged across processes after each backward pass
@@ -354,8 +359,8 @@ def train(model: TwoStageUNet, schedule: Schedule, examples: TrainingExamples, v
         if dist.is_main:
             save_state(run_dir, raw_model, optimizer, {
                 "step": step, "history": history, "best": best, "bad_validations": bad_validations,
-                "batch_size": schedule.batch_size, "freeze": list(schedule.freeze), "schedule": asdict(schedule),
-                "saved_at": time.time()})
+                "stopped": stopped, "batch_size": schedule.batch_size, "freeze": list(schedule.freeze),
+                "schedule": asdict(schedule), "saved_at": time.time()})
         dist.barrier()
 
     if validate_at_start and step == 0 and not history:
@@ -366,7 +371,6 @@ def train(model: TwoStageUNet, schedule: Schedule, examples: TrainingExamples, v
             log_metrics({k: v for k, v in record.items() if k != "step"}, 0)
 
     losses: dict[int, float] = {}
-    stopped = "completed"
     started, steps_at_start = time.perf_counter(), step
     smoothed_loss = None
     batches = training_batches(examples, step, schedule.steps, schedule.batch_size, num_workers=num_workers,
@@ -394,8 +398,10 @@ def train(model: TwoStageUNet, schedule: Schedule, examples: TrainingExamples, v
                 optimizer.step()
                 step += 1
 
-                # Bookkeeping: the loss of the whole (global) batch; logging and progress are rank 0's.
-                losses[step] = float(loss.detach()) if not dist.enabled else dist.sum([float(loss.detach())])[0] / dist.world_size
+                # Bookkeeping: the loss of the whole (global) batch and whether any rank got a Ctrl-C,
+                # in one all-reduce; logging and progress are rank 0's.
+                loss_sum, interrupts = dist.sum([float(loss.detach()), float(interrupt.requested)])
+                losses[step] = loss_sum / dist.world_size
                 smoothed_loss = losses[step] if smoothed_loss is None else 0.95 * smoothed_loss + 0.05 * losses[step]
                 if dist.is_main and log_metrics:
                     log_metrics({"train_loss": losses[step], "learning_rate": learning_rate}, step)
@@ -421,7 +427,7 @@ def train(model: TwoStageUNet, schedule: Schedule, examples: TrainingExamples, v
                              **({"val_dsnr": history[-1]["val_delta_snr_db"]} if history else {}))
                 if step % schedule.checkpoint_every == 0 and step < schedule.steps:
                     snapshot()
-                if dist.broadcast(interrupt.requested):
+                if interrupts:
                     raise KeyboardInterrupt
                 if stopped != "completed":
                     break
