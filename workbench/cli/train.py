@@ -31,7 +31,9 @@ def corpus_add(
 ) -> None:
     """Register a folder of clean music: every file is checked, hashed and given its split.
 
-    Example: workbench corpus add ~/data/musicnet --name musicnet
+    Nothing is copied or modified; the registry keeps each file's sha256, length and split.
+
+        workbench corpus add ~/data/musicnet --name musicnet
     """
     from workbench.corpus import add_corpus
     from workbench.workspace import find_workspace
@@ -99,9 +101,10 @@ def pretrain_command(
     tape-denoiser-general. Ctrl-C saves the state: `--resume` continues exactly.
 
     Examples:
-      workbench pretrain --recipe quickstart
-      workbench pretrain --recipe pretrain-paper --device cuda
-      torchrun --nproc-per-node 4 -m workbench pretrain --recipe pretrain-paper
+
+        workbench pretrain --recipe quickstart
+        workbench pretrain --recipe pretrain-paper --device cuda
+        torchrun --nproc-per-node 4 -m workbench pretrain --recipe pretrain-paper
     """
     from workbench.train.distributed import world_size_from_env
     from workbench.train.pretrain import pretrain
@@ -146,8 +149,8 @@ def register_checkpoint_command(
     For a checkpoint made outside `workbench pretrain`, e.g. the published model after
     `workbench import-checkpoint`:
 
-      workbench import-checkpoint tape/checkpoint.index --out general.safetensors
-      workbench register-checkpoint general.safetensors --alias base
+        workbench import-checkpoint tape/checkpoint.index --out general.safetensors
+        workbench register-checkpoint general.safetensors --alias base
     """
     from workbench import tracking
     from workbench.train.pretrain import register_checkpoint_file

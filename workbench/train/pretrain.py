@@ -98,12 +98,12 @@ def _find_resumable(workspace: Workspace, recipe_name: str) -> Path:
 
 def pretrain(workspace: Workspace, recipe_ref: str | Path, *, resume: bool = False, steps: int | None = None,
              device: str | None = None, num_workers: int | None = None, alias: str | None = None,
-             progress: Progress = no_progress, stop_after: int | None = None) -> PretrainResult:
+             progress: Progress = no_progress) -> PretrainResult:
     """Train and register the general model; see the module docstring.
 
-    `steps` overrides the recipe's step count; `alias` (e.g. "base") is moved to the new version;
-    `stop_after` interrupts the run like Ctrl-C once that many steps are done (for tests and demos of
-    `--resume`).
+    `steps` overrides the recipe's step count; `alias` (e.g. "base") is moved to the new version.
+    Ctrl-C (or SIGTERM) saves the state and raises KeyboardInterrupt; `resume=True` continues the last
+    unfinished run of the recipe exactly, in the same MLflow run.
     """
     from workbench import tracking
     from workbench.corpus import corpus_files
@@ -181,14 +181,9 @@ def pretrain(workspace: Workspace, recipe_ref: str | Path, *, resume: bool = Fal
                                                                               "path": str(validation.path),
                                                                               "count": len(validation)}})
 
-            def stop_hook(stage, done, total=None, **fields):
-                progress(stage, done, total, **fields)
-                if stop_after is not None and done >= stop_after:
-                    raise KeyboardInterrupt
-
             result = train(model, schedule, examples, validation, run_dir, device=device, resume=resume,
                            num_workers=data["num_workers"] if num_workers is None else num_workers, dist=dist,
-                           progress=stop_hook, log_metrics=tracking.log_metrics if dist.is_main else None,
+                           progress=progress, log_metrics=tracking.log_metrics if dist.is_main else None,
                            validate_at_start=not resume, stage=f"pretrain {recipe['name']}")
 
             version = checkpoint = uri = None
