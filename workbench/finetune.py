@@ -412,22 +412,30 @@ def evaluate_models(plan: Plan, models: dict[str, Any], progress: Progress = no_
 
 def promotion_decision(result, snrs: list[float], champion_version: int | None) -> tuple[bool, str]:
     """Promote only if the fine-tuned model's pooled mean ΔSNR beats the base model's and the champion's at
-    every input SNR; the reason names each comparison that failed (or the margins when all pass)."""
-    failures, margins = [], []
+    every input SNR. The reason names each rival and input SNR it failed to beat (or the margins)."""
     rivals = [(BASE_MODEL, "the base model")]
     if champion_version is not None:
         rivals.append((CHAMPION_METHOD, f"champion v{champion_version}"))
-    for snr in snrs:
-        ours = result.summary(FINE_TUNED, snr).mean
-        for method, shown in rivals:
-            theirs = result.summary(method, snr).mean
+    failures, margins = [], []
+    for method, shown in rivals:
+        lost, won = [], []
+        for snr in snrs:
+            ours, theirs = result.summary(FINE_TUNED, snr).mean, result.summary(method, snr).mean
             if ours > theirs:
-                margins.append(f"{ours - theirs:+.2f} dB over {shown} at {snr:g} dB")
+                won.append(f"{ours - theirs:+.2f} dB at {snr:g} dB")
             else:
-                failures.append(f"at {snr:g} dB input its ΔSNR {ours:+.2f} dB does not beat {shown}'s {theirs:+.2f} dB")
+                lost.append(f"at {snr:g} dB input ({ours:+.2f} vs {theirs:+.2f} dB ΔSNR)")
+        if lost:
+            failures.append(f"does not beat {shown} " + " or ".join(lost))
+        else:
+            margins.append(f"beats {shown} by " + ", ".join(won))
     if failures:
-        return False, "not promoted: " + "; ".join(failures)
-    return True, "promoted: " + ", ".join(margins)
+        return False, "; ".join(failures)
+    return True, "; ".join(margins)
+
+
+def _verdict(promoted: bool, reason: str) -> str:
+    return ("promoted to @champion: it " if promoted else "not promoted: it ") + reason
 
 
 def _summary(result, snrs: list[float]) -> dict[str, dict[str, dict]]:
@@ -451,7 +459,7 @@ def _description(plan: Plan, result, study_info: dict, promoted: bool, reason: s
     lines.append(f"Optuna study {plan.study_name} ({counts}); best trial #{best['number']} "
                  f"(validation ΔSNR {best['value']:+.2f} dB): "
                  + ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in best["params"].items()) + ".")
-    lines.append(("Promoted to @champion" if promoted else "Not promoted") + f" — {reason.split(': ', 1)[-1]}"
+    lines.append(("Promoted to @champion: it " if promoted else "Not promoted: it ") + reason
                  + (f" (previous champion v{champion})." if champion else "."))
     return "\n\n".join(lines)
 
@@ -463,35 +471,19 @@ def finetune_device(workspace: Workspace, device_id: str, *, speed: float | None
                     storage: str | None = None, accelerator: str = "auto",
                     progress: Progress = no_progress) -> FinetuneResult:
     """Tune, evaluate, report and register a device model; see the module docstring."""
-    import mlflow
     import optuna
 
     from workbench import tracking
-    from workbench.evaluate.report import study_summary, write_report
-    from workbench.model.checkpoint import save_checkpoint
-    from workbench.model_registry import (CHAMPION, TAG_GATE, TAG_PROMOTED, TAG_REPORT, delta_snr_tag)
-    from workbench.recipes import recipe_digest
-    from workbench.train.loop import load_weights
-    from workbench.train.tuning import (FINISHED, describe_storage, finished_trials, make_pruner, open_study,
-                                        recover_abandoned_trials, root_trial_number, run_study)
+    from workbench.evaluate.report import study_summary
+    from workbench.train.tuning import describe_storage
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     plan = make_plan(workspace, device_id, speed=speed, base=base, recipe=recipe, trials=trials, timeout=timeout,
                      storage=storage, accelerator=accelerator)
-    model_name = tracking.device_model_name(plan.device.id)
-    study = open_study(plan.study_name, plan.storage_url, seed=plan.settings.seed, pruner=make_pruner(plan.settings.pruner))
-    if STUDY_KEY_ATTR not in study.user_attrs:
-        import uuid
-
-        study.set_user_attr(STUDY_KEY_ATTR, uuid.uuid4().hex[:12])
-        study.set_user_attr("device", plan.device.id)
-        study.set_user_attr("speeds", [float(s) for s in plan.speeds])
-    plan.study_key = study.user_attrs[STUDY_KEY_ATTR]  # read back: a worker that raced us may have set it first
+    study = _open_study(plan)
     progress("validation mixtures", 0, 1)
     validation = _validation_mixtures(plan)
     progress("validation mixtures", 1, 1)
-    base_model = plan.base_model
-
     parent_id = _study_run_id(plan, study)
     with tracking.start_run(plan.experiment, run_name=plan.study_name, run_id=parent_id, workspace=plan.workspace,
                             tags={"workbench.kind": "finetune-study", "optuna.study": plan.study_name,
@@ -505,133 +497,185 @@ def finetune_device(workspace: Workspace, device_id: str, *, speed: float | None
             {"training": plan.clean["train"], "validation": plan.clean["validation"], "test": plan.clean["test"]},
             extra={"base_model": plan.base, "validation_mixtures": {"key": validation.key, "path": str(validation.path)}})
 
-        def study_progress(*_):
-            progress(f"study {plan.study_name}", finished_trials(study), plan.trials)
-
-        recover_abandoned_trials(study)
-        _close_abandoned_runs(study, tracking.client(plan.workspace))
-        study_progress()
-        run_study(study, _objective(plan, study, base_model, validation, progress), trials=plan.trials,
-                  timeout_s=plan.timeout_s, callbacks=[study_progress])
-        complete = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
-        if not complete:
-            counts = {s.name.lower(): n for s in FINISHED if (n := len(study.get_trials(deepcopy=False, states=(s,))))}
-            raise WorkbenchError(f"study {plan.study_name}: no trial completed ({counts or 'none ran'}); widen "
-                                 "[finetune.search], loosen [finetune.pruner] or give more --trials / --timeout")
-        best = study.best_trial
-        info = study_summary(study)
-
+        tune(plan, study, validation, progress)
+        best, info = study.best_trial, study_summary(study)
         # A worker that shares the study may have registered this very trial already: don't do it twice.
-        registry = tracking.client(plan.workspace)
-        existing = _registered_for(registry, model_name, plan.study_name, describe_storage(plan.storage_url), best.number)
+        existing = _registered_for(tracking.client(plan.workspace), plan, best.number)
         if existing is not None:
-            return _result_from_version(plan, registry, existing, info, describe_storage(plan.storage_url))
-
-        # The best trial's weights: from its folder, or trained again (a trial run on another host).
-        run_dir = plan.study_dir / f"trial-{root_trial_number(best):04d}"
-        model = copy.deepcopy(base_model)
-        weights = run_dir / "best.safetensors"
-        if not weights.is_file():
-            _, model = train_with_params(plan, best.params, plan.study_dir / f"retrain-{best.number:04d}",
-                                         base_model=base_model, validation=validation, progress=progress,
-                                         stage=f"retrain trial {best.number}")
-            weights = plan.study_dir / f"retrain-{best.number:04d}" / "best.safetensors"
-        load_weights(model, weights)
-        model.eval()
-
-        champion = tracking.get_alias_version(model_name, CHAMPION, plan.workspace)
-        models = {BASE_MODEL: base_model.eval(), FINE_TUNED: model}
-        if champion is not None:
-            from workbench.model.checkpoint import load_checkpoint
-
-            champion_path, _ = tracking.fetch_checkpoint(tracking.model_uri(model_name, alias=CHAMPION), plan.workspace)
-            models[CHAMPION_METHOD] = load_checkpoint(champion_path, device="cpu")[0]
-        result = evaluate_models(plan, models, progress)
-        snrs = list(plan.evaluation.snrs_db)
-        promoted, reason = promotion_decision(result, snrs, champion)
-
-        checkpoint = plan.study_dir / f"{model_name}-trial-{best.number:04d}.safetensors"
-        model_lineage = {"kind": "finetune", "device": plan.device.id, "speeds": plan.speeds, "base": plan.base,
-                         "study": plan.study_name, "trial": best.number, "params": best.params,
-                         "recipe": plan.recipe["name"], "recipe_digest": recipe_digest(plan.recipe),
-                         "noise_digest": lineage["noise"]["training"]["digest"],
-                         "corpus_digest": lineage["corpus"]["training"]["digest"]}
-        save_checkpoint(checkpoint, model, model_lineage)
-
-        with tracking.start_run(plan.experiment, run_name=f"evaluate and register trial {best.number}", nested=True,
-                                workspace=plan.workspace, tags={"workbench.kind": "finetune-model",
-                                                                "optuna.study": plan.study_name,
-                                                                "optuna.trial": str(best.number)}) as run:
-            for snr in snrs:
-                for method in result.methods:
-                    key = method.replace(" ", "_").replace("-", "_")
-                    mlflow.log_metric(f"test_delta_snr_{snr:g}db_{key}", result.summary(method, snr).mean)
-                    mlflow.log_metric(f"test_delta_si_sdr_{snr:g}db_{key}", result.summary(method, snr, "delta_si_sdr").mean)
-            report_dir = plan.study_dir / f"report-trial-{best.number:04d}"
-            report_lineage = {
-                "noise_snippets": {split: {"digest": lineage["noise"][ctx]["digest"], "sha256": lineage["noise"][ctx]["sha256"],
-                                           "minutes": lineage["noise"][ctx]["minutes"]}
-                                   for split, ctx in (("train", "training"), ("validation", "validation"), ("test", "test"))},
-                "clean_corpus": {split: {k: v for k, v in lineage["corpus"][ctx].items() if k != "sha256"}
-                                 for split, ctx in (("train", "training"), ("validation", "validation"), ("test", "test"))},
-                "base_model": plan.base, "recipe": plan.recipe, "validation_mixtures": lineage.get("validation_mixtures"),
-                "evaluation_fragments": [{"label": s["label"], "digest": s["digest"], "path": s["path"]} for s in result.sets],
-                "mlflow_run_id": run.info.run_id, "study_storage": describe_storage(plan.storage_url),
-            }
-            model_facts = {"registered_model": model_name, "device": plan.device.id,
-                           "speeds_ips": [format_speed(s) for s in plan.speeds], "base": plan.base["uri"],
-                           "best_trial": best.number, "best_params": best.params,
-                           "previous_champion": f"v{champion}" if champion else "none",
-                           "weights_sha256": json.loads(checkpoint.with_suffix(".json").read_text())["weights_sha256"]}
-            files = write_report(report_dir, result, title=f"{model_name}: fine-tuned to {plan.device.id}",
-                                 lineage=report_lineage, study=study, model=model_facts,
-                                 decision={"promoted": promoted, "message": reason},
-                                 summary_text=_description(plan, result, info, promoted, reason, champion).split("\n\n")[0])
-            mlflow.log_artifacts(str(report_dir), "report")
-            tags = {"device": plan.device.id, "speeds": ",".join(format_speed(s) for s in plan.speeds),
-                    "base_model": plan.base.get("name") or plan.base["uri"], "base_version": plan.base.get("version") or "",
-                    "base_uri": plan.base["uri"], "study": plan.study_name, "best_trial": best.number,
-                    "study_storage": describe_storage(plan.storage_url),
-                    "recipe": plan.recipe["name"], "noise_minutes": plan.noise_minutes("train"),
-                    "noise_minutes_test": plan.noise_minutes("test"), TAG_PROMOTED: str(promoted).lower(),
-                    TAG_GATE: reason[:4900]}
-            for snr in snrs:
-                tags[delta_snr_tag(snr)] = f"{result.summary(FINE_TUNED, snr).mean:.3f}"
-            version = tracking.register_checkpoint(
-                checkpoint, model_name, tags=tags, description=_description(plan, result, info, promoted, reason, champion),
-                artifacts={"report.html": files.html, "report.json": files.json}, workspace=plan.workspace)
-            local = plan.workspace.reports_dir / plan.device.id / f"v{version}"
-            local.mkdir(parents=True, exist_ok=True)
-            for path in (files.html, files.json):
-                shutil.copy2(path, local / path.name)
-            registry.set_model_version_tag(model_name, str(version), TAG_REPORT, str(local / "report.html"))
-            if promoted:
-                tracking.set_alias(model_name, CHAMPION, version, plan.workspace)
-            run_id = run.info.run_id
-    return FinetuneResult(plan.device.id, plan.speeds, plan.study_name, describe_storage(plan.storage_url), info["counts"],
-                          info["best"], model_name, version, promoted, reason, snrs, _summary(result, snrs),
-                          local / "report.html", local / "report.json", run_id, plan.base, champion)
+            return _result_from_version(plan, existing, info)
+        model = best_model(plan, best, validation, progress)
+        champion = tracking.get_alias_version(tracking.device_model_name(plan.device.id), "champion", plan.workspace)
+        result = evaluate_models(plan, _scored_models(plan, model, champion), progress)
+        promoted, reason = promotion_decision(result, list(plan.evaluation.snrs_db), champion)
+        return _register(plan, study, info, best, model, result, lineage, champion, promoted, reason)
 
 
-def _registered_for(registry, model_name: str, study: str, storage: str, trial: int) -> Any | None:
-    """The version already registered from this study's (in this storage) trial, if any."""
+def _open_study(plan: Plan):
+    """Create or join the plan's study; its key (a study attribute) names the trials' training folders."""
+    import uuid
+
+    from workbench.train.tuning import make_pruner, open_study
+
+    study = open_study(plan.study_name, plan.storage_url, seed=plan.settings.seed, pruner=make_pruner(plan.settings.pruner))
+    if STUDY_KEY_ATTR not in study.user_attrs:
+        study.set_user_attr(STUDY_KEY_ATTR, uuid.uuid4().hex[:12])
+        study.set_user_attr("device", plan.device.id)
+        study.set_user_attr("speeds", [float(s) for s in plan.speeds])
+    plan.study_key = study.user_attrs[STUDY_KEY_ATTR]  # read back: a worker that raced us may have set it first
+    return study
+
+
+def tune(plan: Plan, study, validation, progress: Progress = no_progress) -> None:
+    """Run the study's missing trials (after recovering those of dead workers); at least one must complete."""
+    import optuna
+
+    from workbench import tracking
+    from workbench.train.tuning import FINISHED, finished_trials, recover_abandoned_trials, run_study
+
+    def study_progress(*_):
+        progress(f"study {plan.study_name}", finished_trials(study), plan.trials)
+
+    recover_abandoned_trials(study)
+    _close_abandoned_runs(study, tracking.client(plan.workspace))
+    study_progress()
+    run_study(study, _objective(plan, study, plan.base_model, validation, progress), trials=plan.trials,
+              timeout_s=plan.timeout_s, callbacks=[study_progress])
+    if not study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)):
+        counts = {s.name.lower(): n for s in FINISHED if (n := len(study.get_trials(deepcopy=False, states=(s,))))}
+        raise WorkbenchError(f"study {plan.study_name}: no trial completed ({counts or 'none ran'}); widen "
+                             "[finetune.search], loosen [finetune.pruner] or give more --trials / --timeout")
+
+
+def best_model(plan: Plan, best, validation, progress: Progress = no_progress):
+    """The best trial's network: its kept weights, or trained again when the trial ran on another host."""
+    from workbench.train.loop import BEST_FILE, load_weights
+    from workbench.train.tuning import root_trial_number
+
+    weights = plan.study_dir / f"trial-{root_trial_number(best):04d}" / BEST_FILE
+    model = copy.deepcopy(plan.base_model)
+    if not weights.is_file():
+        retrain_dir = plan.study_dir / f"retrain-{best.number:04d}"
+        train_with_params(plan, best.params, retrain_dir, base_model=plan.base_model, validation=validation,
+                          progress=progress, stage=f"retrain trial {best.number}")
+        weights = retrain_dir / BEST_FILE
+    load_weights(model, weights)
+    return model.eval()
+
+
+def _scored_models(plan: Plan, model, champion: int | None) -> dict:
+    """The networks evaluated beside the baselines: base, fine-tuned and (if there is one) the champion."""
+    from workbench import tracking
+    from workbench.model.checkpoint import load_checkpoint
+
+    models = {BASE_MODEL: plan.base_model.eval(), FINE_TUNED: model}
+    if champion is not None:
+        name = tracking.device_model_name(plan.device.id)
+        path, _ = tracking.fetch_checkpoint(tracking.model_uri(name, alias="champion"), plan.workspace)
+        models[CHAMPION_METHOD] = load_checkpoint(path, device="cpu")[0]
+    return models
+
+
+def _register(plan: Plan, study, info: dict, best, model, result, lineage: dict, champion: int | None,
+              promoted: bool, reason: str) -> FinetuneResult:
+    """Save the checkpoint, write the report, register the version (tags, description, report) in a nested
+    run of its own, copy the report into the workspace, and move @champion if the gate allows."""
+    import mlflow
+
+    from workbench import tracking
+    from workbench.evaluate.report import write_report
+    from workbench.model.checkpoint import save_checkpoint
+    from workbench.model_registry import CHAMPION, TAG_GATE, TAG_PROMOTED, TAG_REPORT, delta_snr_tag
+    from workbench.recipes import recipe_digest
+    from workbench.train.tuning import describe_storage
+
+    model_name = tracking.device_model_name(plan.device.id)
+    snrs = list(plan.evaluation.snrs_db)
+    storage = describe_storage(plan.storage_url)
+    checkpoint = plan.study_dir / f"{model_name}-trial-{best.number:04d}.safetensors"
+    save_checkpoint(checkpoint, model, {
+        "kind": "finetune", "device": plan.device.id, "speeds": plan.speeds, "base": plan.base,
+        "study": plan.study_name, "trial": best.number, "params": best.params, "recipe": plan.recipe["name"],
+        "recipe_digest": recipe_digest(plan.recipe), "noise_digest": lineage["noise"]["training"]["digest"],
+        "corpus_digest": lineage["corpus"]["training"]["digest"]})
+    description = _description(plan, result, info, promoted, reason, champion)
+    splits = (("train", "training"), ("validation", "validation"), ("test", "test"))
+    with tracking.start_run(plan.experiment, run_name=f"evaluate and register trial {best.number}", nested=True,
+                            workspace=plan.workspace, tags={"workbench.kind": "finetune-model",
+                                                            "optuna.study": plan.study_name,
+                                                            "optuna.trial": str(best.number)}) as run:
+        for snr in snrs:
+            for method in result.methods:
+                key = method.replace(" ", "_").replace("-", "_")
+                mlflow.log_metric(f"test_delta_snr_{snr:g}db_{key}", result.summary(method, snr).mean)
+                mlflow.log_metric(f"test_delta_si_sdr_{snr:g}db_{key}", result.summary(method, snr, "delta_si_sdr").mean)
+        report_lineage = {
+            "noise_snippets": {split: {k: lineage["noise"][ctx][k] for k in ("digest", "minutes", "sha256")}
+                               for split, ctx in splits},
+            "clean_corpus": {split: {k: v for k, v in lineage["corpus"][ctx].items() if k != "sha256"}
+                             for split, ctx in splits},
+            "base_model": plan.base, "recipe": plan.recipe, "validation_mixtures": lineage.get("validation_mixtures"),
+            "evaluation_fragments": [{"label": s["label"], "digest": s["digest"], "path": s["path"]} for s in result.sets],
+            "mlflow_run_id": run.info.run_id, "study_storage": storage,
+        }
+        model_facts = {"registered_model": model_name, "device": plan.device.id,
+                       "speeds_ips": [format_speed(s) for s in plan.speeds], "base": plan.base["uri"],
+                       "best_trial": best.number, "best_params": best.params,
+                       "previous_champion": f"v{champion}" if champion else "none",
+                       "weights_sha256": json.loads(checkpoint.with_suffix(".json").read_text())["weights_sha256"]}
+        report_dir = plan.study_dir / f"report-trial-{best.number:04d}"
+        files = write_report(report_dir, result, title=f"{model_name}: fine-tuned to {plan.device.id}",
+                             lineage=report_lineage, study=study, model=model_facts,
+                             decision={"promoted": promoted, "message": _verdict(promoted, reason)},
+                             summary_text=description.split("\n\n")[0])
+        mlflow.log_artifacts(str(report_dir), "report")
+        tags = {"device": plan.device.id, "speeds": ",".join(format_speed(s) for s in plan.speeds),
+                "base_model": plan.base.get("name") or plan.base["uri"], "base_version": plan.base.get("version") or "",
+                "base_uri": plan.base["uri"], "study": plan.study_name, "study_storage": storage,
+                "study_key": plan.study_key,
+                "best_trial": best.number, "recipe": plan.recipe["name"], "noise_minutes": plan.noise_minutes("train"),
+                "noise_minutes_test": plan.noise_minutes("test"), TAG_PROMOTED: str(promoted).lower(),
+                TAG_GATE: _verdict(promoted, reason)[:4900],
+                **{delta_snr_tag(snr): f"{result.summary(FINE_TUNED, snr).mean:.3f}" for snr in snrs}}
+        version = tracking.register_checkpoint(checkpoint, model_name, tags=tags, description=description,
+                                               artifacts={"report.html": files.html, "report.json": files.json},
+                                               workspace=plan.workspace)
+        local = plan.workspace.reports_dir / plan.device.id / f"v{version}"
+        local.mkdir(parents=True, exist_ok=True)
+        for path in (files.html, files.json):
+            shutil.copy2(path, local / path.name)
+        tracking.client(plan.workspace).set_model_version_tag(model_name, str(version), TAG_REPORT, str(local / "report.html"))
+        if promoted:
+            tracking.set_alias(model_name, CHAMPION, version, plan.workspace)
+    return FinetuneResult(plan.device.id, plan.speeds, plan.study_name, storage, info["counts"], info["best"],
+                          model_name, version, promoted, reason, snrs, _summary(result, snrs),
+                          local / "report.html", local / "report.json", run.info.run_id, plan.base, champion)
+
+
+def _registered_for(registry, plan: Plan, trial: int) -> Any | None:
+    """The version already registered from this trial of this very study (its key, not just its name), if any."""
+    from workbench import tracking
+
+    name = tracking.device_model_name(plan.device.id)
     try:
-        versions = registry.search_model_versions(f"name = '{model_name}'", max_results=1000)
+        versions = registry.search_model_versions(f"name = '{name}'", max_results=1000)
     except Exception:  # no such model yet
         return None
     for version in versions:
         tags = version.tags or {}
-        if tags.get("study") == study and tags.get("study_storage") == storage and tags.get("best_trial") == str(trial):
+        if tags.get("study_key") == plan.study_key and tags.get("best_trial") == str(trial):
             return version
     return None
 
 
-def _result_from_version(plan: Plan, registry, version, info: dict, storage: str) -> FinetuneResult:
+def _result_from_version(plan: Plan, version, info: dict) -> FinetuneResult:
     """The result of a version this study already registered (another worker, or an earlier run)."""
+    from workbench import tracking
     from workbench.model_registry import CHAMPION, TAG_GATE, TAG_PROMOTED, TAG_REPORT
+    from workbench.train.tuning import describe_storage
 
+    registry, storage = tracking.client(plan.workspace), describe_storage(plan.storage_url)
     tags = version.tags or {}
-    html = Path(tags.get(TAG_REPORT, ""))
+    html = Path(tags.get(TAG_REPORT) or plan.workspace.reports_dir / plan.device.id / f"v{version.version}" / "report.html")
     report = json.loads(html.with_name("report.json").read_text()) if html.with_name("report.json").is_file() else {}
     snrs = list(plan.evaluation.snrs_db)
     summary: dict[str, dict[str, dict]] = {}
@@ -644,5 +688,6 @@ def _result_from_version(plan: Plan, registry, version, info: dict, storage: str
     promoted = tags.get(TAG_PROMOTED) == "true" and str(aliases.get(CHAMPION)) == str(version.version)
     return FinetuneResult(plan.device.id, plan.speeds, plan.study_name, storage, info["counts"], info["best"],
                           version.name, int(version.version), promoted,
-                          tags.get(TAG_GATE, "") + " (registered earlier for this study's best trial)", snrs, summary,
+                          tags.get(TAG_GATE, "").split(": it ", 1)[-1] + " (registered earlier for this study's best trial)",
+                          snrs, summary,
                           html, html.with_name("report.json"), version.run_id, plan.base, None, registered_now=False)

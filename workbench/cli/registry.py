@@ -16,6 +16,11 @@ models_app = typer.Typer(
 app.add_typer(models_app, name="models", rich_help_panel="Models")
 
 
+def _when(iso: str) -> str:
+    """2026-11-25T21:07:17+00:00 -> 2026-11-25 21:07 (UTC): the table's width goes to the numbers."""
+    return iso[:16].replace("T", " ")
+
+
 def _ci(value: float, low: float, high: float) -> str:
     return f"{value:+.2f} [{low:+.2f}, {high:+.2f}]"
 
@@ -61,7 +66,7 @@ def finetune(
     if as_json:
         print_json(result.to_dict())
         return
-    console.print(f"study `{result.study}`: {result.trials_summary}")
+    console.print(f"study [bold]{result.study}[/]: {result.trials_summary}")
     table = Table(title=f"{result.model_name} v{result.version} on {device_id}'s test noise (ΔSNR dB, mean [95 % CI])")
     table.add_column("method")
     for snr in result.snrs_db:
@@ -69,8 +74,8 @@ def finetune(
     for method, cells in result.table().items():
         table.add_row(method, *[_ci(*cell) for cell in cells])
     console.print(table)
-    verdict = "[green]promoted to @champion[/]" if result.promoted else "[yellow]registered, not promoted[/]"
-    console.print(f"{result.model_name} version {result.version}: {verdict} — {result.reason}")
+    verdict = "[green]promoted to @champion[/]: it" if result.promoted else "[yellow]registered, not promoted[/]: it"
+    console.print(f"{result.model_name} version {result.version}: {verdict} {result.reason}")
     console.print(f"report: {result.report_html}")
 
 
@@ -93,14 +98,16 @@ def models_list(as_json: bool = typer.Option(False, "--json", help="Print JSON f
         return
     snrs = sorted({snr for m in models for snr in m["delta_snr_db"]}, key=float)
     table = Table(title="Registered models")
-    for column in ("model", "versions", "aliases", *(f"ΔSNR @{s} dB" for s in snrs), "updated"):
-        table.add_column(column, justify="right" if column.startswith(("ΔSNR", "versions")) else "left")
+    for column in ("model", "versions", "aliases", *(f"ΔSNR@{s}" for s in snrs), "updated (UTC)"):
+        table.add_column(column, justify="right" if column.startswith(("ΔSNR", "versions")) else "left",
+                         no_wrap=column in ("model", "updated (UTC)"))
     for m in models:
         aliases = ", ".join(f"@{a}→v{v}" for a, v in m["aliases"].items()) or "—"
         deltas = [f"{m['delta_snr_db'][s]:+.2f}" if s in m["delta_snr_db"] else "" for s in snrs]
-        table.add_row(m["name"], str(m["versions"]), aliases, *deltas, m["updated"])
+        table.add_row(m["name"], str(m["versions"]), aliases, *deltas, _when(m["updated"]))
     console.print(table)
-    console.print("ΔSNR of the champion (else @base, else the latest version) on its device's test noise; "
+    console.print("ΔSNR@N: gain in dB at N dB input SNR of the champion (else @base, else the latest version) "
+                  "on its device's test noise; "
                   "details: `workbench models show DEVICE`, browse: `workbench ui`")
 
 
@@ -121,12 +128,12 @@ def models_show(
         print_json(shown)
         return
     table = Table(title=f"{shown['name']} versions")
-    for column in ("version", "aliases", "ΔSNR (dB) per input SNR", "promoted", "created"):
+    for column in ("version", "aliases", "ΔSNR (dB) per input SNR", "promoted", "created (UTC)"):
         table.add_column(column)
     for v in shown["versions"]:
         deltas = ", ".join(f"{snr} dB: {value:+.2f}" for snr, value in v["delta_snr_db"].items())
         table.add_row(str(v["version"]), ", ".join(f"@{a}" for a in v["aliases"]) or "—", deltas,
-                      v["promoted"] or "—", v["created"])
+                      v["promoted"] or "—", _when(v["created"]))
     console.print(table)
     report = shown["report"]
     if report:
