@@ -118,7 +118,7 @@ def demo_stages(workspace: Workspace, settings: DemoSettings) -> Iterator[Stage]
         result = pretrain(workspace, settings.recipe, progress=progress)
         best = result.best or {}
         return StageResult("pretrain", f"{name} version {result.version} registered "
-                           f"(validation ΔSNR {best.get('delta_snr_db', float('nan')):+.2f} dB after {result.step} steps)",
+                           f"(validation ΔSNR {best.get('val_delta_snr_db', float('nan')):+.2f} dB after {result.step} steps)",
                            result.as_dict())
 
     def finetune(progress: Progress) -> StageResult:
