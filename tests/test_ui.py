@@ -15,6 +15,7 @@ import urllib.request
 import pytest
 
 MODEL = "tape-denoiser-revox-a77"
+REPORT = "<!DOCTYPE html><html><body><h1>report of tape-denoiser-revox-a77</h1></body></html>"
 
 
 def free_port() -> int:
@@ -32,10 +33,14 @@ def registered(workspace):
     from workbench.model.checkpoint import save_checkpoint
     from workbench.model.unet import TwoStageUNet, get_config
 
+    import mlflow
+
     torch.manual_seed(0)
     path = workspace.root / "model.safetensors"
     save_checkpoint(path, TwoStageUNet(get_config("tiny")), {"kind": "test"})
-    version = tracking.register_checkpoint(path, MODEL, tags={"device": "revox-a77"}, workspace=workspace)
+    with tracking.start_run("finetune-revox-a77", run_name="register", workspace=workspace):
+        mlflow.log_text(REPORT, "report/report.html")  # as `finetune` logs its report beside the model
+        version = tracking.register_checkpoint(path, MODEL, tags={"device": "revox-a77"}, workspace=workspace)
     tracking.set_alias(MODEL, "champion", version, workspace)
     return workspace
 
@@ -65,6 +70,13 @@ def test_ui_serves_the_registry_over_http_on_localhost(registered):
         assert {a["alias"]: a["version"] for a in model["aliases"]} == {"champion": "1"}
         versions = get_json(f"http://127.0.0.1:{port}/api/2.0/mlflow/model-versions/search?filter=name%3D%27{MODEL}%27")
         assert [v["version"] for v in versions["model_versions"]] == ["1"]
+        # The UI serves the version's run artifacts (the report) from the workspace's artifact folder.
+        run_id = versions["model_versions"][0]["run_id"]
+        listed = get_json(f"http://127.0.0.1:{port}/api/2.0/mlflow/artifacts/list?run_id={run_id}&path=report")
+        assert [f["path"] for f in listed["files"]] == ["report/report.html"]
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/get-artifact?path=report/report.html&run_uuid={run_id}",
+                                    timeout=5) as response:
+            assert response.read().decode() == REPORT
         # It listens on the loopback interface only.
         connections = subprocess.run(["ss", "-ltnH", f"sport = :{port}"], capture_output=True, text=True)
         if connections.returncode == 0 and connections.stdout.strip():

@@ -11,7 +11,7 @@ from workbench.cli._app import app
 from workbench.cli._render import console, err_console, print_json, progress_bars
 
 models_app = typer.Typer(
-    help="The device models in the MLflow registry (tape-denoiser-<device>): versions, champions, reports.",
+    help="The device models in the MLflow registry (tape-denoiser-DEVICE): versions, champions, reports.",
     no_args_is_help=True)
 app.add_typer(models_app, name="models", rich_help_panel="Models")
 
@@ -53,8 +53,14 @@ def finetune(
     and spectral gating; the report is written and the model registered. The alias @champion moves only if
     the new version beats the base model and the previous champion at every input SNR.
 
-    Run it again to continue an interrupted study; run it on several machines with one --storage to share
-    the trials.  Example: `workbench finetune --device uher-4000-l --trials 6`
+    Run it again to continue an interrupted study (finished trials are kept, a trial cut off is retried
+    from its saved steps); run it on several machines with one `--storage` to share the trials.
+
+    Examples:
+
+        workbench finetune --device uher-4000-l --trials 6
+        workbench finetune --device revox-a77 --speed 7.5 --recipe finetune-paper --accelerator cuda
+        workbench finetune --device revox-a77 --storage postgresql://db/optuna  # each host
     """
     from workbench.finetune import finetune_device
     from workbench.workspace import find_workspace
@@ -83,7 +89,10 @@ def finetune(
 def models_list(as_json: bool = typer.Option(False, "--json", help="Print JSON for scripts.")) -> None:
     """Every device model: versions, aliases, the champion's ΔSNR, last change.
 
-    Example: `workbench models list`
+    Examples:
+
+        workbench models list
+        workbench models list --json
     """
     from workbench.model_registry import list_models
     from workbench.workspace import find_workspace
@@ -118,7 +127,9 @@ def models_show(
 ) -> None:
     """One device's model: its versions, the champion, its report's summary and where the full report is.
 
-    Example: `workbench models show uher-4000-l`
+    Examples:
+
+        workbench models show uher-4000-l
     """
     from workbench.model_registry import show_model
     from workbench.workspace import find_workspace
@@ -157,7 +168,12 @@ def ui(
 ) -> None:
     """Serve the MLflow UI (and REST API) for this workspace's store: runs, studies' trials, registry, reports.
 
-    Stops with Ctrl-C.  Example: `workbench ui --port 5000`, then open http://127.0.0.1:5000
+    Binds 127.0.0.1 unless told otherwise; Ctrl-C stops it.
+
+    Examples:
+
+        workbench ui                 # then open http://127.0.0.1:5000
+        workbench ui --port 5001
     """
     import signal
     import subprocess
