@@ -43,6 +43,7 @@ def a_study() -> optuna.Study:
                 raise optuna.TrialPruned()
         return value
     study.optimize(objective, n_trials=8)
+    study.set_user_attr("base_val_delta_snr_db", -0.5)  # the starting model's score: the line to clear
     return study
 
 
@@ -76,7 +77,8 @@ def test_report_html_is_self_contained(written):
     for data in images:
         assert base64.b64decode(data).startswith(b"\x89PNG\r\n\x1a\n")
     for text in ("revox-a77@7.5", "revox-a77@3.75", "input 10 dB", "input 16 dB", "quieter noise",
-                 "finetune-revox-a77", "tape-denoiser-general/3", "not promoted", "Parameter importances"):
+                 "finetune-revox-a77", "tape-denoiser-general/3", "not promoted", "Parameter importances",
+                 "the base model scores -0.500 dB"):
         assert text in page, text
 
 
@@ -98,6 +100,7 @@ def test_report_json_holds_every_number(written):
     assert data["study"]["counts"].get("PRUNED", 0) >= 1
     assert data["study"]["best"]["value"] == pytest.approx(study.best_value)
     assert set(data["study"]["importances"]) == {"learning_rate", "steps"}
+    assert data["study"]["baseline"] == -0.5
     assert data["lineage"]["clean_corpus"] == "synthetic"
     # Scaling the noisy input by one half never changes SI-SDR: the table says so.
     si = next(r for r in rows if r["set"] == "all" and r["method"] == "quieter noise")["delta_si_sdr"]["mean"]

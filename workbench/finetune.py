@@ -537,6 +537,15 @@ def tune(plan: Plan, study, validation, progress: Progress = no_progress) -> Non
 
     recover_abandoned_trials(study)
     _close_abandoned_runs(study, tracking.client(plan.workspace))
+    from workbench.evaluate.report import BASELINE_ATTR
+
+    if BASELINE_ATTR not in study.user_attrs:  # the line every trial must clear, drawn in the report
+        from workbench.train.loop import validate
+
+        progress("validate the base model", 0, 1)
+        scores = validate(copy.deepcopy(plan.base_model).to(plan.accelerator), validation, plan.accelerator)
+        study.set_user_attr(BASELINE_ATTR, scores["val_delta_snr_db"])
+        progress("validate the base model", 1, 1)
     study_progress()
     run_study(study, _objective(plan, study, plan.base_model, validation, progress), trials=plan.trials,
               timeout_s=plan.timeout_s, callbacks=[study_progress])

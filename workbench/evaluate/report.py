@@ -24,6 +24,8 @@ from workbench.audio.io import atomic_write_json, atomic_write_text
 from workbench.evaluate.baselines import NOISY_INPUT
 from workbench.evaluate.evaluate import METRIC_TITLES, METRICS, NOISE_ADDED, POOLED, EvaluationResult
 
+# A study attribute holding the starting model's validation ΔSNR: drawn as the line trials must clear.
+BASELINE_ATTR = "base_val_delta_snr_db"
 REPORT_HTML = "report.html"
 REPORT_JSON = "report.json"
 # Spectrogram analysis for the report's pictures (display only): 2048-sample Hann, hop 512, as the model.
@@ -122,8 +124,9 @@ def plot_spectrograms(example: dict, methods: list[str], sample_rate: int) -> st
     return _png_base64(figure)
 
 
-def plot_study_history(trials: list[dict], direction: str = "maximize") -> str:
-    """Each trial's objective (completed) or last reported value (pruned), and the best so far."""
+def plot_study_history(trials: list[dict], direction: str = "maximize", baseline: float | None = None) -> str:
+    """Each trial's objective (completed) or last reported value (pruned), the best so far, and the
+    starting model's value when known."""
     figure = _figure(7.5, 3.4)
     axes = figure.add_subplot()
     better = max if direction == "maximize" else min
@@ -139,6 +142,8 @@ def plot_study_history(trials: list[dict], direction: str = "maximize") -> str:
     if pruned:
         axes.scatter(*zip(*pruned), marker="x", color="grey", label="pruned (last report)", zorder=3)
     numbers = [t["number"] for t in trials]
+    if baseline is not None:
+        axes.axhline(baseline, color="black", linestyle=":", label="base model")
     if any(b is not None for b in best_line):
         axes.step(numbers, [np.nan if b is None else b for b in best_line], where="post", color="tab:red",
                   label="best so far")
@@ -149,10 +154,12 @@ def plot_study_history(trials: list[dict], direction: str = "maximize") -> str:
     return _png_base64(figure)
 
 
-def plot_intermediate(trials: list[dict]) -> str:
+def plot_intermediate(trials: list[dict], baseline: float | None = None) -> str:
     """Learning curves the pruner saw: validation ΔSNR at each reported step, per trial."""
     figure = _figure(7.5, 3.4)
     axes = figure.add_subplot()
+    if baseline is not None:
+        axes.axhline(baseline, color="black", linestyle=":", label="base model")
     for trial in trials:
         if trial["intermediate"]:
             steps, values = zip(*trial["intermediate"])
@@ -208,7 +215,8 @@ def study_summary(study) -> dict:
     for trial in trials:
         counts[trial["state"]] = counts.get(trial["state"], 0) + 1
     return {"name": study.study_name, "direction": study.direction.name.lower(), "trials": trials,
-            "counts": counts, "best": best, "importances": importances, "importance_note": importance_note}
+            "counts": counts, "best": best, "importances": importances, "importance_note": importance_note,
+            "baseline": study.user_attrs.get(BASELINE_ATTR)}
 
 
 # ---------------------------------------------------------------- HTML
@@ -297,14 +305,17 @@ def render_html(data: dict, result: EvaluationResult, study: dict | None) -> str
     if study:
         parts.append(f"<h2>Optuna study <code>{_e(study['name'])}</code></h2>")
         counts = ", ".join(f"{n} {state.lower()}" for state, n in sorted(study["counts"].items()))
+        baseline = study.get("baseline")
         parts.append(f"<p>{_e(counts)}. Objective: validation ΔSNR on the device's validation noise "
-                     f"({_e(study['direction'])}).</p>")
+                     f"({_e(study['direction'])})"
+                     + (f"; the base model scores {baseline:+.3f} dB there" if baseline is not None else "") + ".</p>")
         if study["best"]:
             parts.append(f"<p>Best trial #{study['best']['number']}: {study['best']['value']:.3f} dB with</p>"
                          + _definition_list(study["best"]["params"]))
         if study["trials"]:
-            parts.append(_img(plot_study_history(study["trials"], study["direction"]), "optimisation history"))
-            parts.append(_img(plot_intermediate(study["trials"]), "intermediate values"))
+            parts.append(_img(plot_study_history(study["trials"], study["direction"], study.get("baseline")),
+                              "optimisation history"))
+            parts.append(_img(plot_intermediate(study["trials"], study.get("baseline")), "intermediate values"))
         if study["importances"]:
             parts.append("<h3>Parameter importances</h3>")
             parts.append(_img(plot_importances(study["importances"]), "parameter importances"))
