@@ -188,6 +188,15 @@ def test_spectral_gating_reduces_stationary_noise_and_keeps_shape():
     np.testing.assert_array_equal(noisy_input(noisy), noisy)
 
 
+def test_spectral_gating_scales_its_reference_to_the_noise_in_the_input():
+    # A reference 20 dB under the input's noise sets the gate's thresholds too low to remove anything;
+    # scaled up by the gain the noise has in the input, the same reference gates it away.
+    gate = spectral_gating(0.1 * hiss(2.0, 99))
+    noisy = np.stack([hiss(1.0, 5), hiss(1.0, 6)])
+    unscaled, scaled = gate(noisy), gate(noisy, np.array([10.0, 10.0]))
+    assert np.mean(scaled ** 2) < 0.3 * np.mean(noisy ** 2) < np.mean(unscaled ** 2)
+
+
 # ----------------------------------------------------------------------------------------------- evaluate
 
 def test_evaluate_methods_scores_known_methods_exactly(tmp_path, sources):
@@ -205,15 +214,28 @@ def test_evaluate_methods_scores_known_methods_exactly(tmp_path, sources):
         clean_rows = np.stack([clean_by_noisy[row.tobytes()] for row in np.atleast_2d(noisy)])
         return (clean_rows + 0.5 * (noisy - clean_rows)).astype(np.float32)
 
-    built_for = []
+    built_for, gains_seen = [], {}
 
     def gate_for(fragment_set):  # spectral gating given the noise of each set's own speed
         built_for.append(fragment_set.label)
-        return spectral_gating(hiss(2.0, int(fragment_set.speed * 4)))
+        gate = spectral_gating(hiss(2.0, int(fragment_set.speed * 4)))
+
+        def gate_and_record(noisy, gains):
+            gains_seen.setdefault(fragment_set.label, []).extend(gains)
+            return gate(noisy, gains)
+        return gate_and_record
 
     result = evaluate_methods(sets, {NOISY_INPUT: noisy_input, "half noise": half_noise,
-                                     SPECTRAL_GATING: PerSet(gate_for)}, batch_size=2)
+                                     SPECTRAL_GATING: PerSet(gate_for, noise_gains=True)}, batch_size=2)
     assert sorted(set(built_for)) == ["revox-a77@3.75", "revox-a77@7.5"]
+    # The gate is handed Eq. 1's factor on each fragment's noise, and so removes some of it.
+    for fragment_set in sets:
+        expected = np.concatenate([fragment_set.noise_gains(snr) for snr in (10.0, 16.0)])
+        np.testing.assert_allclose(gains_seen[fragment_set.label], expected, rtol=1e-6)
+        noisy = fragment_set.noisy(10.0)
+        np.testing.assert_allclose(noisy - fragment_set.clean, fragment_set.noise * fragment_set.noise_gains(10.0)[:, None],
+                                   atol=1e-6)
+    assert result.summary(SPECTRAL_GATING, 10.0).mean > 0.5
     assert result.labels == ["revox-a77@7.5", "revox-a77@3.75"]
     for snr in (10.0, 16.0):
         assert result.summary(NOISY_INPUT, snr).mean == pytest.approx(0.0, abs=1e-4)

@@ -406,7 +406,8 @@ def evaluate_models(plan: Plan, models: dict[str, Any], progress: Progress = no_
                                          progress=progress))
     methods: dict[str, Any] = {NOISY_INPUT: noisy_input}
     methods |= {name: _model_method(model) for name, model in models.items()}
-    methods[SPECTRAL_GATING] = PerSet(lambda fragment_set: spectral_gating(_gating_noise(plan, fragment_set.speed)))
+    methods[SPECTRAL_GATING] = PerSet(lambda fragment_set: spectral_gating(_gating_noise(plan, fragment_set.speed)),
+                                      noise_gains=True)
     return evaluate_methods(sets, methods, batch_size=settings.batch_size, progress=progress)
 
 

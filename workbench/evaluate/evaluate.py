@@ -28,9 +28,13 @@ NOISE_ADDED = "noise added"
 @dataclass(frozen=True)
 class PerSet:
     """A method that depends on the fragment set, e.g. spectral gating given the noise of that set's speed:
-    `build(fragment_set)` returns the callable used on that set."""
+    `build(fragment_set)` returns the callable used on that set. With `noise_gains` the callable is called
+    as `method(noisy, gains)`, `gains` (B,) being the factor Eq. 1 put on each row's noise: a noise
+    reference scaled by it sits at the level the noise has in that row, as a blank tape recorded with
+    the transfer's gain would."""
 
-    build: Callable[[FragmentSet], Callable[[np.ndarray], np.ndarray]]
+    build: Callable[[FragmentSet], Callable[..., np.ndarray]]
+    noise_gains: bool = False
 
 
 @dataclass
@@ -108,11 +112,15 @@ def _welch(x: np.ndarray, sample_rate: int) -> tuple[np.ndarray, np.ndarray]:
     return frequencies, psd.reshape(-1, psd.shape[-1]).mean(axis=0)
 
 
-def _run_method(method: Callable[[np.ndarray], np.ndarray], noisy: np.ndarray, batch_size: int) -> np.ndarray:
+def _run_method(method: Callable[..., np.ndarray], noisy: np.ndarray, batch_size: int,
+                noise_gains: np.ndarray | None = None) -> np.ndarray:
     estimates = []
     for start in range(0, noisy.shape[0], batch_size):
         batch = noisy[start:start + batch_size]
-        estimate = np.asarray(method(batch), dtype=np.float32)
+        if noise_gains is None:
+            estimate = np.asarray(method(batch), dtype=np.float32)
+        else:
+            estimate = np.asarray(method(batch, noise_gains[start:start + batch_size]), dtype=np.float32)
         if estimate.shape != batch.shape:
             raise ValueError(f"a method returned shape {estimate.shape} for input {batch.shape}")
         estimates.append(estimate)
@@ -146,9 +154,11 @@ def evaluate_methods(fragments: FragmentSet | Sequence[FragmentSet],
             if snr == min(snrs):
                 examples[label] = {"snr": snr, "clean": clean[example_at], "noisy": noisy[example_at]}
             for name, method in methods.items():
+                gains = None
                 if isinstance(method, PerSet):
+                    gains = fragment_set.noise_gains(snr) if method.noise_gains else None
                     method = method.build(fragment_set)
-                estimate = _run_method(method, noisy, batch_size)
+                estimate = _run_method(method, noisy, batch_size, gains)
                 if not np.all(np.isfinite(estimate)):
                     raise ValueError(f"method {name!r} returned non-finite samples")
                 out_snr = snr_db(clean, estimate)

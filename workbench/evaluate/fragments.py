@@ -81,6 +81,18 @@ class FragmentSet:
             self._noisy_cache[key] = noisy.numpy()
         return self._noisy_cache[key]
 
+    def noise_gains(self, snr_db: float) -> np.ndarray:
+        """The factor `noisy(snr_db)` put on each fragment's noise (Eq. 1's α): (N,) float32.
+
+        A noise reference recorded on the same machine at the same gain as a transfer carries its noise at
+        the transfer's level; scaling the reference by these factors plays that for the fixed fragments.
+        """
+        import torch
+
+        from workbench.train.mixing import noise_gain_for_snr
+
+        return noise_gain_for_snr(torch.from_numpy(self.clean), torch.from_numpy(self.noise), float(snr_db)).numpy()
+
 
 def fragment_digest(clean_files: Sequence[AudioSource], noise_snippets: Sequence[AudioSource], *, count: int,
                     seconds: float, seed: int, silence_dbfs: float = -50.0) -> str:

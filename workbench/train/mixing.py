@@ -25,6 +25,16 @@ def snr_db(clean: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
     return 10.0 * torch.log10(power(clean) / power(noise).clamp_min(1e-20))
 
 
+def noise_gain_for_snr(clean: torch.Tensor, noise: torch.Tensor, snr: torch.Tensor | float) -> torch.Tensor:
+    """Eq. 1's α: the factor on `noise` that puts `clean` exactly `snr` dB above it, shape (...,)."""
+    assert clean.shape == noise.shape, (clean.shape, noise.shape)
+    snr = torch.as_tensor(snr, dtype=clean.dtype, device=clean.device)
+    clean_power, noise_power = power(clean), power(noise)
+    if bool((clean_power < MIN_SIGNAL_POWER).any()) or bool((noise_power <= 0).any()):
+        raise ValueError("mix_at_snr needs clean segments with signal and noise segments that are not silent")
+    return torch.sqrt(clean_power / (noise_power * 10.0 ** (snr / 10.0)))
+
+
 def mix_at_snr(clean: torch.Tensor, noise: torch.Tensor, snr: torch.Tensor | float,
                gain: torch.Tensor | float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
     """Eq. 1 for a batch: returns (noisy x = β(y + αz), target β y).
@@ -32,13 +42,8 @@ def mix_at_snr(clean: torch.Tensor, noise: torch.Tensor, snr: torch.Tensor | flo
     `clean` and `noise` are (..., T); `snr` and `gain` are in dB, scalars or (...,) tensors. α is chosen
     so that the SNR of y against αz over the whole segment is exactly `snr`; β = 10^(gain/20).
     """
-    assert clean.shape == noise.shape, (clean.shape, noise.shape)
-    snr = torch.as_tensor(snr, dtype=clean.dtype, device=clean.device)
+    alpha = noise_gain_for_snr(clean, noise, snr)
     gain = torch.as_tensor(gain, dtype=clean.dtype, device=clean.device)
-    clean_power, noise_power = power(clean), power(noise)
-    if bool((clean_power < MIN_SIGNAL_POWER).any()) or bool((noise_power <= 0).any()):
-        raise ValueError("mix_at_snr needs clean segments with signal and noise segments that are not silent")
-    alpha = torch.sqrt(clean_power / (noise_power * 10.0 ** (snr / 10.0)))
     beta = 10.0 ** (gain / 20.0)
     target = beta.unsqueeze(-1) * clean
     noisy = beta.unsqueeze(-1) * (clean + alpha.unsqueeze(-1) * noise)
