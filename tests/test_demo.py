@@ -8,7 +8,7 @@ import pytest
 import soundfile as sf
 
 from workbench import tracking
-from workbench.demo import DemoSettings, fine_tuned_device, run_demo
+from workbench.demo import DemoSettings, fine_tuned_device, general_model_devices, run_demo
 from workbench.noise.library import NoiseLibrary
 from workbench.workspace import Workspace
 
@@ -73,6 +73,12 @@ def test_demo_runs_every_stage_and_a_rerun_reuses_them(demo_run):
             assert library.snippets(device=tape["device"], speed=tape["speed_ips"], split=split), (tape, split)
 
     assert tracking.latest_version("tape-denoiser-general", workspace) == 1
+    assert tracking.get_alias_version("tape-denoiser-general", "base", workspace) == 1
+    # The general model learned every archive machine's noise but the one the demo fine-tunes.
+    heard = general_model_devices(manifest)
+    assert device not in heard and set(heard) | {device} == {t["device"] for t in manifest["blank_tapes"]}
+    general_run = tracking.client(workspace).get_run(results[3].data["run_id"])
+    assert json.loads(general_run.data.params["data.devices"]) == heard
     name = tracking.device_model_name(device)
     finetune = results[4].data
     assert tracking.latest_version(name, workspace) == finetune["version"]

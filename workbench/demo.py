@@ -6,7 +6,7 @@ finished: the archive is rendered once, ingest is idempotent, the general model 
 are reused when registered. `fresh=True` deletes the demo workspace first.
 
 Stages: render the archive → capture-noise for each blank tape → register the clean corpus → pretrain
-the general model (quickstart recipe) → fine-tune one device with a small Optuna study, evaluate and
+the general model (quickstart recipe) on every machine's noise but the one the demo fine-tunes → fine-tune one device with a small Optuna study, evaluate and
 register it → denoise a sample transfer with the device's champion → list the registry.
 """
 
@@ -115,11 +115,12 @@ def demo_stages(workspace: Workspace, settings: DemoSettings) -> Iterator[Stage]
         if version is not None:
             return StageResult("pretrain", f"{name} version {version} already registered",
                                {"model_uri": tracking.model_uri(name, version)}, reused=True)
-        result = pretrain(workspace, settings.recipe, progress=progress)
+        heard = general_model_devices(state["manifest"])
+        result = pretrain(workspace, settings.recipe, noise_devices=heard, alias="base", progress=progress)
         best = result.best or {}
-        return StageResult("pretrain", f"{name} version {result.version} registered "
-                           f"(validation ΔSNR {best.get('val_delta_snr_db', float('nan')):+.2f} dB after {result.step} steps)",
-                           result.as_dict())
+        return StageResult("pretrain", f"{name} version {result.version} registered as @base, trained on the noise of "
+                           f"{', '.join(heard)} (validation ΔSNR {best.get('val_delta_snr_db', float('nan')):+.2f} dB "
+                           f"after {result.step} steps)", result.as_dict())
 
     def finetune(progress: Progress) -> StageResult:
         from workbench.finetune import finetune_device
@@ -177,6 +178,18 @@ def demo_stages(workspace: Workspace, settings: DemoSettings) -> Iterator[Stage]
 def fine_tuned_device(manifest: dict) -> str:
     """The demo fine-tunes the machine its first sample transfer was played on."""
     return manifest["transfers"][0]["device"]
+
+
+def general_model_devices(manifest: dict) -> list[str]:
+    """The machines whose noise the demo's general model learns: every archive machine but the fine-tuned one.
+
+    An archive's own machines are new to the published general model (trained on the research's decks);
+    holding the demo's target out of pretraining plays that situation, so fine-tuning has something to learn.
+    """
+    target = fine_tuned_device(manifest)
+    heard = sorted({tape["device"] for tape in manifest["blank_tapes"]} - {target})
+    assert heard, "the synthetic archive has blank tape for more machines than the fine-tuned one"
+    return heard
 
 
 def run_demo(settings: DemoSettings, progress: Progress = no_progress,

@@ -91,6 +91,9 @@ def pretrain_command(
     device: str = typer.Option(None, "--device", help="cpu or cuda (default: cuda when available)."),
     workers: int = typer.Option(None, "--workers", min=0, help="DataLoader worker processes (default: the recipe's)."),
     alias: str = typer.Option(None, "--alias", help="Point this alias (e.g. base) at the new version."),
+    noise_from: list[str] = typer.Option(None, "--noise-from", metavar="ID",
+                                         help="Train on this machine's noise only (repeat for several; default: the "
+                                              "recipe's data.devices, else every machine in the noise library)."),
     as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
 ) -> None:
     """Train the general tape-noise model on the noise library and clean corpus; register it in MLflow.
@@ -104,6 +107,7 @@ def pretrain_command(
 
         workbench pretrain --recipe quickstart
         workbench pretrain --recipe pretrain-paper --device cuda
+        workbench pretrain --noise-from uher-4000-l --noise-from revox-a77 --alias base
         torchrun --nproc-per-node 4 -m workbench pretrain --recipe pretrain-paper
     """
     from workbench.train.distributed import world_size_from_env
@@ -116,7 +120,7 @@ def pretrain_command(
     try:
         with progress_bars(show) as progress:
             result = pretrain(workspace, recipe, resume=resume, steps=steps, device=device, num_workers=workers,
-                              alias=alias, progress=progress)
+                              alias=alias, noise_devices=noise_from or None, progress=progress)
     except KeyboardInterrupt:
         err_console.print(f"interrupted: state saved; continue with `workbench pretrain --recipe {recipe} --resume`")
         raise

@@ -98,10 +98,11 @@ def _find_resumable(workspace: Workspace, recipe_name: str) -> Path:
 
 def pretrain(workspace: Workspace, recipe_ref: str | Path, *, resume: bool = False, steps: int | None = None,
              device: str | None = None, num_workers: int | None = None, alias: str | None = None,
-             progress: Progress = no_progress) -> PretrainResult:
+             noise_devices: list[str] | None = None, progress: Progress = no_progress) -> PretrainResult:
     """Train and register the general model; see the module docstring.
 
-    `steps` overrides the recipe's step count; `alias` (e.g. "base") is moved to the new version.
+    `steps` overrides the recipe's step count, `noise_devices` its machines (data.devices); `alias` (e.g.
+    "base") is moved to the new version.
     Ctrl-C (or SIGTERM) saves the state and raises KeyboardInterrupt; `resume=True` continues the last
     unfinished run of the recipe exactly, in the same MLflow run.
     """
@@ -113,7 +114,10 @@ def pretrain(workspace: Workspace, recipe_ref: str | Path, *, resume: bool = Fal
     from workbench.train.distributed import init_distributed, shutdown_distributed
     from workbench.train.loop import Schedule, load_weights, train
 
-    recipe = load_recipe(recipe_ref, workspace, overrides={"schedule.steps": steps} if steps else None)
+    overrides = {"schedule.steps": steps} if steps else {}
+    if noise_devices:
+        overrides["data.devices"] = list(noise_devices)
+    recipe = load_recipe(recipe_ref, workspace, overrides=overrides or None)
     device = device or default_device()
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise WorkbenchError("--device cuda: no CUDA GPU is available here (use --device cpu)")
