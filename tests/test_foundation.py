@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import itertools
+import time
+
 import numpy as np
 import pytest
 import soundfile as sf
 
 from workbench.audio.dsp import StreamingResampler, resample, resampled_length
-from workbench.audio.io import atomic_path, audio_info, iter_blocks, write_audio
+from workbench.audio.io import atomic_path, audio_info, iter_blocks, read_ahead, write_audio
 from workbench.devices import get_device, load_devices, parse_playback_eq
 from workbench.errors import WorkbenchError
 from workbench.workspace import find_workspace, init_workspace
@@ -144,3 +147,27 @@ def test_streaming_resampler_equals_whole_signal(orig, new):
     streamed = np.concatenate(pieces, axis=1)
     assert streamed.shape == whole.shape
     assert np.max(np.abs(streamed - whole)) < 1e-5
+
+
+def test_read_ahead_keeps_order_raises_the_workers_error_and_stops_when_left_early():
+    assert list(read_ahead(iter(range(50)), depth=3)) == list(range(50))
+
+    def failing():
+        yield 1
+        raise WorkbenchError("x.wav: truncated")
+    with pytest.raises(WorkbenchError, match="x.wav: truncated"):
+        list(read_ahead(failing()))
+
+    produced = []
+
+    def endless():
+        for i in itertools.count():
+            produced.append(i)
+            yield i
+    for item in read_ahead(endless(), depth=2):
+        if item == 5:
+            break
+    settled = len(produced)
+    assert settled <= 5 + 1 + 2 + 1  # bounded by the hand-off depth, and the worker has stopped
+    time.sleep(0.2)
+    assert len(produced) == settled

@@ -62,6 +62,54 @@ def _reason(error: Exception) -> str:
     return " ".join(str(error).split()).replace(str(error.__class__.__name__), "").strip() or "unknown error"
 
 
+def read_ahead(items: Iterator, depth: int = 2) -> Iterator:
+    """`items`, produced in a worker thread up to `depth` ahead of the consumer.
+
+    Decoding (libsndfile) and resampling (torch) release the GIL, so on two cores they run while the
+    caller analyses the previous block. Memory stays bounded by `depth` items. An exception in the
+    worker is raised here; leaving the loop early stops the worker.
+    """
+    import queue
+    import threading
+
+    assert depth >= 1, depth
+    handoff: queue.Queue = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+    done = object()
+
+    def put(entry) -> bool:
+        while not stop.is_set():
+            try:
+                handoff.put(entry, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def produce() -> None:
+        try:
+            for item in items:
+                if not put((None, item)):
+                    return
+            put((None, done))
+        except BaseException as error:  # handed to the consumer, raised there
+            put((error, None))
+
+    worker = threading.Thread(target=produce, name="read-ahead", daemon=True)
+    worker.start()
+    try:
+        while True:
+            error, item = handoff.get()
+            if error is not None:
+                raise error
+            if item is done:
+                return
+            yield item
+    finally:
+        stop.set()
+        worker.join()
+
+
 def iter_blocks(path: Path, block_frames: int) -> Iterator[np.ndarray]:
     """Yield float32 blocks of shape (channels, frames) until the end of the file.
 

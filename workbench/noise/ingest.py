@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from workbench.audio.dsp import MODEL_SAMPLE_RATE, StreamingResampler, dbfs, resampled_length, rms, torch_threads
-from workbench.audio.io import AUDIO_SUFFIXES, AudioInfo, audio_info, iter_blocks, sha256_file
+from workbench.audio.io import AUDIO_SUFFIXES, AudioInfo, audio_info, iter_blocks, read_ahead, sha256_file
 from workbench.devices import get_device
 from workbench.errors import WorkbenchError
 from workbench.noise.library import ALREADY, NewSource, NoiseLibrary
@@ -273,7 +273,7 @@ def _ingest_file(library: NoiseLibrary, item: _Pending, device: str, speed: floa
     read = 0
     block_frames = max(WINDOW_FRAMES, int(BLOCK_SECONDS * info.sample_rate))
     stage = f"ingest {path.name}"
-    for block, resampled in _decoded(path, block_frames, resampler):
+    for block, resampled in read_ahead(_decoded(path, block_frames, resampler)):
         if block is not None:
             screener.push_source(block)
             read += block.shape[1]
