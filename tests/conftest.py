@@ -6,6 +6,7 @@ import json
 from dataclasses import dataclass
 
 import pytest
+import torch
 
 from workbench.workspace import Workspace, init_workspace
 
@@ -89,3 +90,62 @@ def tiny_archive(tiny_archive_template, tmp_path, monkeypatch) -> Workspace:
     monkeypatch.setenv("WORKBENCH_HOME", str(root))
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     return Workspace(root)
+
+
+# --- tiny recipes: the smallest settings that still train, tune and evaluate for real ------------------
+
+def tiny_recipe(name: str, *, steps: int = 4, batch_size: int = 4, segment_seconds: float = 0.25,
+                validation_mixtures: int = 4, validation_seconds: float = 0.5, validate_every: int = 2,
+                checkpoint_every: int = 100, seed: int = 5, schedule_extra: str = "") -> str:
+    """A training recipe (TOML) with the tiny network and quarter-second segments."""
+    return f"""
+name = "{name}"
+[model]
+size = "tiny"
+[data]
+segment_seconds = {segment_seconds}
+validation_mixtures = {validation_mixtures}
+validation_seconds = {validation_seconds}
+num_workers = 0
+seed = {seed}
+[schedule]
+steps = {steps}
+batch_size = {batch_size}
+validate_every = {validate_every}
+checkpoint_every = {checkpoint_every}
+{schedule_extra}
+"""
+
+
+def tiny_finetune_recipe(name: str, *, trials: int, steps: int, validate_every: int, segment_seconds: float) -> str:
+    """`tiny_recipe` plus a two-parameter study (median pruning from the second trial) and a 2-fragment evaluation."""
+    return tiny_recipe(name, steps=steps, batch_size=2, segment_seconds=segment_seconds, validation_mixtures=2,
+                       validation_seconds=segment_seconds, validate_every=validate_every,
+                       checkpoint_every=validate_every, seed=7,
+                       schedule_extra='learning_rate = 3e-3\nshape = "constant"') + f"""
+[finetune]
+trials = {trials}
+seed = 0
+[finetune.search]
+"schedule.learning_rate" = {{ type = "float", low = 2e-3, high = 1e-2, log = true }}
+"schedule.steps" = {{ type = "int", low = 2, high = 3 }}
+[finetune.pruner]
+type = "median"
+n_startup_trials = 1
+n_warmup_steps = 0
+[evaluation]
+fragments = 2
+seconds = 0.5
+seed = 3
+batch_size = 2
+"""
+
+
+@pytest.fixture
+def one_torch_thread():
+    """One torch thread for the test: on a shared 2-core machine OpenMP threads spin against other
+    processes, and one thread is far faster for these small models."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

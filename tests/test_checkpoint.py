@@ -15,12 +15,7 @@ from workbench.model.stft import FREQ_BINS
 from workbench.model.unet import SIZES, ModelConfig, TwoStageUNet
 
 
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture

@@ -13,30 +13,13 @@ import sys
 
 import pytest
 
+from conftest import tiny_recipe
 from workbench import tracking
-
-RECIPE = """
-name = "ddp-tiny"
-[model]
-size = "tiny"
-[data]
-segment_seconds = 0.25
-validation_mixtures = 4
-validation_seconds = 0.5
-num_workers = 0
-seed = 8
-[schedule]
-steps = 4
-batch_size = 4
-learning_rate = 3e-3
-validate_every = 2
-checkpoint_every = 100
-"""
 
 
 def test_two_gloo_processes_train_like_one_and_register_once(tiny_archive, tmp_path):
     recipe = tmp_path / "ddp-tiny.toml"
-    recipe.write_text(RECIPE)
+    recipe.write_text(tiny_recipe("ddp-tiny", seed=8, schedule_extra="learning_rate = 3e-3"))
     env = {**os.environ, "WORKBENCH_HOME": str(tiny_archive.root), "OMP_NUM_THREADS": "1"}
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
                "-m", "workbench", "pretrain", "--recipe", str(recipe), "--device", "cpu", "--json"]

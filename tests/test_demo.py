@@ -7,46 +7,13 @@ import json
 import pytest
 import soundfile as sf
 
+from conftest import tiny_finetune_recipe
 from workbench import tracking
 from workbench.demo import DemoSettings, fine_tuned_device, general_model_devices, run_demo
 from workbench.noise.library import NoiseLibrary
 from workbench.workspace import Workspace
 
 # The quickstart recipe shrunk to seconds: the point is that every stage runs and hands over, not quality.
-RECIPE = """
-name = "demo-test"
-description = "the demo's stages at test size"
-[model]
-size = "tiny"
-[data]
-segment_seconds = 0.5
-validation_mixtures = 2
-validation_seconds = 0.5
-num_workers = 0
-seed = 7
-[schedule]
-steps = 4
-batch_size = 2
-learning_rate = 3e-3
-shape = "constant"
-validate_every = 2
-checkpoint_every = 2
-[finetune]
-trials = 2
-seed = 0
-[finetune.search]
-"schedule.learning_rate" = { type = "float", low = 2e-3, high = 1e-2, log = true }
-"schedule.steps" = { type = "int", low = 2, high = 3 }
-[finetune.pruner]
-type = "median"
-n_startup_trials = 1
-n_warmup_steps = 0
-[evaluation]
-fragments = 2
-seconds = 0.5
-seed = 3
-batch_size = 2
-"""
 
 
 @pytest.fixture
@@ -54,7 +21,7 @@ def demo_run(tmp_path, monkeypatch):
     monkeypatch.delenv("WORKBENCH_HOME", raising=False)
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     recipe = tmp_path / "demo-test.toml"
-    recipe.write_text(RECIPE)
+    recipe.write_text(tiny_finetune_recipe("demo-test", trials=2, steps=4, validate_every=2, segment_seconds=0.5))
     settings = DemoSettings(folder=tmp_path / "demo", scale="small", recipe=str(recipe))
     return settings, run_demo(settings)
 

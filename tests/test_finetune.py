@@ -21,51 +21,17 @@ import numpy as np
 import optuna
 import pytest
 
+from conftest import CliResult, tiny_finetune_recipe
 from workbench.workspace import Workspace
 
 DEVICE = "uher-4000-l"
 MODEL = f"tape-denoiser-{DEVICE}"
 STUDY = f"finetune-{DEVICE}"
 
-RECIPE = """
-name = "ft-test"
-description = "tiny fine-tuning for tests"
-[model]
-size = "tiny"
-[data]
-segment_seconds = 0.25
-validation_mixtures = 2
-validation_seconds = 0.25
-num_workers = 0
-seed = 7
-[schedule]
-steps = 3
-batch_size = 2
-learning_rate = 3e-3
-shape = "constant"
-validate_every = 1
-checkpoint_every = 1
-[finetune]
-trials = 3
-seed = 0
-[finetune.search]
-"schedule.learning_rate" = { type = "float", low = 2e-3, high = 1e-2, log = true }
-"schedule.steps" = { type = "int", low = 2, high = 3 }
-[finetune.pruner]
-type = "median"
-n_startup_trials = 1
-n_warmup_steps = 0
-[evaluation]
-fragments = 2
-seconds = 0.5
-seed = 3
-batch_size = 2
-"""
-
 
 def recipe(ws: Workspace, name: str, search: str | None = None, **finetune) -> str:
     """Write a variant of the test recipe into the workspace's recipes/ and return its name."""
-    text = RECIPE.replace('name = "ft-test"', f'name = "{name}"')
+    text = tiny_finetune_recipe(name, trials=3, steps=3, validate_every=1, segment_seconds=0.25)
     if search is not None:
         head, _, tail = text.partition("[finetune.search]")
         text = head + "[finetune.search]\n" + search + "\n[finetune.pruner]" + tail.partition("[finetune.pruner]")[2]
@@ -157,7 +123,6 @@ def cli_module(archive):
     import contextlib
     import io
 
-    from conftest import CliResult
 
     from workbench.cli import main
 

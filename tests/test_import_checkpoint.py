@@ -25,12 +25,7 @@ from workbench.model.unet import SIZES, TwoStageUNet
 EXAMPLE_KEY = "layer_with_weights-0/decoder_s1/dblocks/0/i_block/tfc/H/0/kernel/.ATTRIBUTES/VARIABLE_VALUE"
 
 
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _key(path: str) -> str:

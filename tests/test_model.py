@@ -15,13 +15,7 @@ from workbench.model.unet import (SIZES, ModelConfig, TwoStageUNet, center_crop,
                                   mirror_pad)
 
 
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    # On a shared 2-core machine, OpenMP threads spin against other processes: one thread is far faster.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def test_paper_size_has_exactly_the_reference_parameter_count():

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import tiny_recipe
 from workbench.audio.io import sha256_file, write_audio
 from workbench.errors import WorkbenchError
 from workbench.recipes import apply_overrides, load_recipe, recipe_params
@@ -21,31 +22,16 @@ from workbench.train.loop import (PARAMETER_GROUPS, Schedule, _optimizer_from_fl
 
 RATE = 44_100
 
-# A recipe small enough for a test: tiny network, quarter-second segments, a few steps.
-TEST_RECIPE = """
-name = "test-tiny"
-[model]
-size = "tiny"
-[data]
-segment_seconds = 0.25
-validation_mixtures = 4
-validation_seconds = 0.5
-num_workers = 0
-seed = 5
-[schedule]
-steps = {steps}
-batch_size = 4
-learning_rate = 5e-3
-warmup_steps = 5
-grad_clip = 1.0
-validate_every = {validate_every}
-checkpoint_every = 4
-"""
+
+def training_recipe(steps: int, validate_every: int, batch_size: int = 4, checkpoint_every: int = 4) -> str:
+    return tiny_recipe("test-tiny", steps=steps, batch_size=batch_size, validate_every=validate_every,
+                       checkpoint_every=checkpoint_every,
+                       schedule_extra="learning_rate = 5e-3\nwarmup_steps = 5\ngrad_clip = 1.0")
 
 
 def write_recipe(folder: Path, steps: int = 6, validate_every: int = 3) -> Path:
     path = folder / "test-tiny.toml"
-    path.write_text(TEST_RECIPE.format(steps=steps, validate_every=validate_every))
+    path.write_text(training_recipe(steps, validate_every))
     return path
 
 
@@ -375,8 +361,7 @@ def test_pretrain_saves_on_ctrl_c_resumes_exactly_and_refuses_what_it_cannot(tin
     from workbench.train.pretrain import pretrain
 
     recipe = tmp_path / "ctrl-c.toml"
-    recipe.write_text(TEST_RECIPE.format(steps=12, validate_every=6).replace("batch_size = 4", "batch_size = 1")
-                      .replace("checkpoint_every = 4", "checkpoint_every = 2"))
+    recipe.write_text(training_recipe(12, 6, batch_size=1, checkpoint_every=2))
     # A real Ctrl-C (SIGINT) to a real `workbench pretrain` with a DataLoader worker.
     env = {**os.environ, "WORKBENCH_HOME": str(tiny_archive.root)}
     process = subprocess.Popen([sys.executable, "-m", "workbench", "pretrain", "--recipe", str(recipe), "--workers", "1",
