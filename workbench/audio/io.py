@@ -176,6 +176,17 @@ def atomic_write_json(path: Path, data) -> None:
     atomic_write_text(path, json.dumps(data, indent=2, sort_keys=False, ensure_ascii=False, default=str) + "\n")
 
 
+def read_json_object(path: Path, what: str) -> dict:
+    """A JSON file holding an object (a manifest, a sidecar); one clear line when it is anything else."""
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise WorkbenchError(f"{path}: not a readable {what} ({error})") from None
+    if not isinstance(data, dict):
+        raise WorkbenchError(f"{path}: not a {what}")
+    return data
+
+
 def format_for(path: Path) -> str:
     """soundfile's major format for an output file's suffix (.bwf and .rf64 are WAV variants)."""
     suffix = Path(path).suffix.lower()

@@ -22,13 +22,13 @@ or archive parts without a manifest, is refused rather than overwritten.
 from __future__ import annotations
 
 import hashlib
-import json
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 
+from workbench.audio.io import read_json_object
 from workbench.devices import Device, format_speed
 from workbench.errors import WorkbenchError
 from workbench.progress import Progress, no_progress
@@ -111,7 +111,7 @@ def build_archive(folder: Path, devices: Mapping[str, Device], seed: int = 0, sc
                "signatures": {d: device_signature(devices[d]).to_json() for d in needed}}
     manifest_path = folder / MANIFEST
     if manifest_path.exists():
-        existing = _read_json(manifest_path, "archive manifest")
+        existing = read_json_object(manifest_path, "archive manifest")
         if existing.get("request") != request:
             old = existing.get("request", {})
             raise WorkbenchError(f"{folder}: holds a synthetic archive of another request (seed {old.get('seed')}, "
@@ -187,7 +187,7 @@ def _transfer(folder: Path, name: str, device: Device, speed: float, seed: int, 
              "sample_rate": TRANSFER_SAMPLE_RATE, "channels": 2, "subtype": TRANSFER_SUBTYPE,
              "snr_db": TRANSFER_SNR_DB, "signature": signature}
     if path.is_file() and (folder / reference).is_file() and sidecar.is_file():
-        if _read_json(sidecar, "transfer sidecar") == entry:
+        if read_json_object(sidecar, "transfer sidecar") == entry:
             return entry, False
 
     music, _ = render_piece([seed, 0], seconds, MUSIC_SAMPLE_RATE, channels=2,
@@ -214,7 +214,7 @@ def _reusable(path: Path, wanted: dict) -> dict | None:
     the folder is this request's archive, so whatever is there is an interrupted build's)."""
     sidecar = sidecar_path(path)
     if path.is_file() and sidecar.is_file():
-        truth = _read_json(sidecar, "blank-tape sidecar")
+        truth = read_json_object(sidecar, "blank-tape sidecar")
         if all(truth.get(key) == value for key, value in wanted.items()) and truth.get("frames"):
             return truth
     return None
@@ -226,12 +226,3 @@ def _all_present(folder: Path, manifest: dict) -> bool:
             [f"{c['folder']}/{p}" for c in manifest.get("corpus", {}).values() for p in c.get("pieces", [])]
     return bool(manifest.get("complete")) and all((folder / p).is_file() for p in paths)
 
-
-def _read_json(path: Path, what: str) -> dict:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise WorkbenchError(f"{path}: not a readable {what} ({error})") from None
-    if not isinstance(data, dict):
-        raise WorkbenchError(f"{path}: not a {what}")
-    return data

@@ -27,6 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
+from workbench.audio.io import read_json_object
 from workbench.errors import WorkbenchError
 from workbench.progress import Progress, no_progress
 
@@ -578,7 +579,7 @@ def render_music(folder: Path, minutes: float, seed: int = 0, sample_rate: int =
     done: dict[str, MusicPiece] = {}
     existing: dict = {}
     if manifest_path.exists():
-        existing = _read_manifest(manifest_path)
+        existing = read_json_object(manifest_path, "music manifest")
         if existing.get("request") != request:
             raise WorkbenchError(f"{folder}: already holds synthetic music of another request "
                                  f"(seed {existing.get('request', {}).get('seed')}); use an empty folder")
@@ -613,14 +614,3 @@ def render_music(folder: Path, minutes: float, seed: int = 0, sample_rate: int =
     atomic_write_json(manifest_path, {"request": request, "complete": True, "pieces": [p.to_json() for p in pieces]})
     return MusicRender(folder, manifest_path, pieces, reused=False)
 
-
-def _read_manifest(path: Path) -> dict:
-    import json
-
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise WorkbenchError(f"{path}: not a readable music manifest ({error})") from None
-    if not isinstance(data, dict):
-        raise WorkbenchError(f"{path}: not a music manifest")
-    return data
