@@ -391,6 +391,9 @@ def test_pretrain_saves_on_ctrl_c_resumes_exactly_and_refuses_what_it_cannot(tin
     (tmp_path / "wrong.toml").write_text("[data]\ndevices = ['no-such-deck']\n")
     wrong = cli("pretrain", "--recipe", tmp_path / "wrong.toml")
     assert wrong.code == 2 and "no-such-deck" in wrong.stderr
+    unknown = cli("pretrain", "--recipe", recipe, "--noise-from", "revox-a77", "--noise-from", "no-such-deck")
+    assert unknown.code == 2 and "unknown device 'no-such-deck'" in unknown.stderr
+    assert len(unknown.stderr.strip().splitlines()) == 1
 
 
 def tracking_client(workspace):
