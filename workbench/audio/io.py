@@ -94,6 +94,9 @@ def read_ahead(items: Iterator, depth: int = 2) -> Iterator:
             put((None, done))
         except BaseException as error:  # handed to the consumer, raised there
             put((error, None))
+        finally:
+            if hasattr(items, "close"):  # a generator left early: close its files in this thread, now
+                items.close()
 
     worker = threading.Thread(target=produce, name="read-ahead", daemon=True)
     worker.start()
