@@ -189,7 +189,7 @@ def test_spectral_gating_reduces_stationary_noise_and_keeps_shape():
 
 
 def test_spectral_gating_scales_its_reference_to_the_noise_in_the_input():
-    # A reference 20 dB under the input's noise sets the gate's thresholds too low to remove anything;
+    # A reference 20 dB under the input's noise sets the gate's thresholds too low to remove much;
     # scaled up by the gain the noise has in the input, the same reference gates it away.
     gate = spectral_gating(0.1 * hiss(2.0, 99))
     noisy = np.stack([hiss(1.0, 5), hiss(1.0, 6)])

@@ -13,7 +13,7 @@ import pytest
 from workbench.evaluate.baselines import NOISY_INPUT, noisy_input
 from workbench.evaluate.evaluate import evaluate_methods
 from workbench.evaluate.fragments import FragmentSet
-from workbench.evaluate.report import REPORT_HTML, REPORT_JSON, study_summary, write_report
+from workbench.evaluate.report import BASELINE_ATTR, REPORT_HTML, REPORT_JSON, study_summary, write_report
 
 SR = 44100
 
@@ -43,7 +43,7 @@ def a_study() -> optuna.Study:
                 raise optuna.TrialPruned()
         return value
     study.optimize(objective, n_trials=8)
-    study.set_user_attr("base_val_delta_snr_db", -0.5)  # the starting model's score: the line to clear
+    study.set_user_attr(BASELINE_ATTR, -0.5)  # the starting model's score: the line to clear
     return study
 
 

@@ -6,8 +6,9 @@ finished: the archive is rendered once, ingest is idempotent, the general model 
 are reused when registered. `fresh=True` deletes the demo workspace first.
 
 Stages: render the archive → capture-noise for each blank tape → register the clean corpus → pretrain
-the general model (quickstart recipe) on every machine's noise but the one the demo fine-tunes → fine-tune one device with a small Optuna study, evaluate and
-register it → denoise a sample transfer with the device's champion → list the registry.
+the general model (quickstart recipe) on every machine's noise but the one the demo fine-tunes →
+fine-tune that device with a small Optuna study, evaluate and register it → denoise a sample transfer
+with the device's champion → list the registry.
 """
 
 from __future__ import annotations
@@ -184,7 +185,8 @@ def general_model_devices(manifest: dict) -> list[str]:
     """The machines whose noise the demo's general model learns: every archive machine but the fine-tuned one.
 
     An archive's own machines are new to the published general model (trained on the research's decks);
-    holding the demo's target out of pretraining plays that situation, so fine-tuning has something to learn.
+    holding the demo's target out of pretraining plays that situation, so the demo measures what fitting
+    adds for a machine the base model never heard.
     """
     target = fine_tuned_device(manifest)
     heard = sorted({tape["device"] for tape in manifest["blank_tapes"]} - {target})

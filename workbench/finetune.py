@@ -531,6 +531,7 @@ def tune(plan: Plan, study, validation, progress: Progress = no_progress) -> Non
     import optuna
 
     from workbench import tracking
+    from workbench.evaluate.report import BASELINE_ATTR
     from workbench.train.tuning import FINISHED, finished_trials, recover_abandoned_trials, run_study
 
     def study_progress(*_):
@@ -538,8 +539,6 @@ def tune(plan: Plan, study, validation, progress: Progress = no_progress) -> Non
 
     recover_abandoned_trials(study)
     _close_abandoned_runs(study, tracking.client(plan.workspace))
-    from workbench.evaluate.report import BASELINE_ATTR
-
     if BASELINE_ATTR not in study.user_attrs:  # the line every trial must clear, drawn in the report
         from workbench.train.loop import validate
 

@@ -117,10 +117,8 @@ def _run_method(method: Callable[..., np.ndarray], noisy: np.ndarray, batch_size
     estimates = []
     for start in range(0, noisy.shape[0], batch_size):
         batch = noisy[start:start + batch_size]
-        if noise_gains is None:
-            estimate = np.asarray(method(batch), dtype=np.float32)
-        else:
-            estimate = np.asarray(method(batch, noise_gains[start:start + batch_size]), dtype=np.float32)
+        extra = () if noise_gains is None else (noise_gains[start:start + batch_size],)
+        estimate = np.asarray(method(batch, *extra), dtype=np.float32)
         if estimate.shape != batch.shape:
             raise ValueError(f"a method returned shape {estimate.shape} for input {batch.shape}")
         estimates.append(estimate)

@@ -313,9 +313,8 @@ def render_html(data: dict, result: EvaluationResult, study: dict | None) -> str
             parts.append(f"<p>Best trial #{study['best']['number']}: {study['best']['value']:.3f} dB with</p>"
                          + _definition_list(study["best"]["params"]))
         if study["trials"]:
-            parts.append(_img(plot_study_history(study["trials"], study["direction"], study.get("baseline")),
-                              "optimisation history"))
-            parts.append(_img(plot_intermediate(study["trials"], study.get("baseline")), "intermediate values"))
+            parts.append(_img(plot_study_history(study["trials"], study["direction"], baseline), "optimisation history"))
+            parts.append(_img(plot_intermediate(study["trials"], baseline), "intermediate values"))
         if study["importances"]:
             parts.append("<h3>Parameter importances</h3>")
             parts.append(_img(plot_importances(study["importances"]), "parameter importances"))

@@ -31,7 +31,7 @@ def noise_gain_for_snr(clean: torch.Tensor, noise: torch.Tensor, snr: torch.Tens
     snr = torch.as_tensor(snr, dtype=clean.dtype, device=clean.device)
     clean_power, noise_power = power(clean), power(noise)
     if bool((clean_power < MIN_SIGNAL_POWER).any()) or bool((noise_power <= 0).any()):
-        raise ValueError("mix_at_snr needs clean segments with signal and noise segments that are not silent")
+        raise ValueError("Eq. 1 needs clean segments with signal and noise segments that are not silent")
     return torch.sqrt(clean_power / (noise_power * 10.0 ** (snr / 10.0)))
 
 
