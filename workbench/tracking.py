@@ -117,8 +117,8 @@ def start_run(experiment: str, *, run_name: str | None = None, run_id: str | Non
               tags: dict[str, str] | None = None, workspace: Workspace | None = None) -> Iterator[Any]:
     """An active MLflow run in `experiment` (or run `run_id` reopened, to resume it); ends it on exit.
 
-    The run ends FINISHED, or FAILED/KILLED when the block raises (Ctrl-C: KILLED); metrics logged
-    asynchronously are flushed first.
+    The run ends FINISHED, or FAILED/KILLED when the block raises (Ctrl-C: KILLED); step metrics still
+    held by `log_metrics` are written first.
     """
     workspace = workspace or find_workspace()
     mlflow = configure(workspace)
@@ -134,8 +134,10 @@ def start_run(experiment: str, *, run_name: str | None = None, run_id: str | Non
         status = "FAILED"
         raise
     finally:
-        mlflow.flush_async_logging()
-        mlflow.end_run(status)
+        try:
+            _pending_metrics.write()
+        finally:
+            mlflow.end_run(status)
 
 
 def log_recipe(recipe: dict) -> None:
@@ -155,11 +157,57 @@ def log_recipe(recipe: dict) -> None:
         mlflow.set_tags(changed)
 
 
+class _PendingMetrics:
+    """Step metrics held in memory and written to the active run in one batch, at most every few seconds.
+
+    Training logs a few metrics every step; one store write per step would make a fast GPU wait on
+    SQLite. MLflow's own asynchronous logging avoids the wait but reports a failed write only as a log
+    line from a worker thread, and on a fast GPU whole runs' curves were lost that way. Here every
+    write happens in the caller's thread and a failure raises; `start_run` writes what is left when the
+    run ends.
+    """
+
+    WRITE_EVERY_S = 2.0
+    MAX_HELD = 900  # MLflow takes at most 1000 metrics per batch
+
+    def __init__(self):
+        self.run_id: str | None = None
+        self.metrics: list = []
+        self.written_at = 0.0
+
+    def add(self, run_id: str, metrics: dict[str, float], step: int) -> None:
+        import time
+
+        from mlflow.entities import Metric
+
+        if run_id != self.run_id:
+            self.write()
+            self.run_id, self.written_at = run_id, time.monotonic()
+        stamp = int(time.time() * 1000)
+        self.metrics += [Metric(name, float(value), stamp, step) for name, value in metrics.items()]
+        if len(self.metrics) >= self.MAX_HELD or time.monotonic() - self.written_at >= self.WRITE_EVERY_S:
+            self.write()
+
+    def write(self) -> None:
+        import time
+
+        import mlflow
+
+        held, self.metrics, self.written_at = self.metrics, [], time.monotonic()
+        if held:
+            mlflow.MlflowClient().log_batch(self.run_id, metrics=held)
+
+
+_pending_metrics = _PendingMetrics()
+
+
 def log_metrics(metrics: dict[str, float], step: int) -> None:
-    """Metrics of one step, logged asynchronously so training never waits on the store."""
+    """Metrics of one step of the active run: held, and written in batches (see `_PendingMetrics`)."""
     import mlflow
 
-    mlflow.log_metrics({k: float(v) for k, v in metrics.items()}, step=step, synchronous=False)
+    run = mlflow.active_run()
+    assert run is not None, "log_metrics needs an active run (tracking.start_run)"
+    _pending_metrics.add(run.info.run_id, metrics, step)
 
 
 def system_info(device: str = "cpu", world_size: int = 1) -> dict[str, str]:
