@@ -148,9 +148,11 @@ def main() -> None:
             run["slower_than_noisereduce"] = reference["rtf"] / run["rtf"]
             results["sizes"][size] = run
             note = f" (measured on a {run['audio_s']:.0f} s excerpt, extrapolated)" if source != audio else ""
+            ratio = run["slower_than_noisereduce"]
+            versus = f"{ratio:.1f}x slower than" if ratio >= 1 else f"{1 / ratio:.1f}x faster than"
             print(f"{size:>6} ({run['parameters'] / 1e6:.2f} M params, {run['device']}): {run['rtf']:.2f}x real time"
                   f"{note}; {options.seconds:.0f} s take {options.seconds / run['rtf']:.0f} s; "
-                  f"{run['slower_than_noisereduce']:.0f}x slower than noisereduce; peak RSS "
+                  f"{versus} noisereduce; peak RSS "
                   f"{run['rss_peak_kb'] / 1024:.0f} MB ({run['rss_imported_kb'] / 1024:.0f} MB after imports)",
                   flush=True)
 
