@@ -32,6 +32,28 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 
+def build_up_to_general_model(folder: Path, recipe: str, fresh: bool = False):
+    """The demo's stages up to the general model (archive, noise library, corpus, pretrain), reusing what is
+    there: returns (workspace, the archive's manifest, seconds per stage)."""
+    from workbench.demo import DemoSettings, demo_stages, prepare_workspace
+
+    settings = DemoSettings(folder=folder, recipe=recipe, fresh=fresh)
+    workspace = prepare_workspace(settings)
+    timings: dict[str, float] = {}
+    manifest = None
+    for stage in demo_stages(workspace, settings):
+        if stage.name == "finetune":
+            break
+        started = time.perf_counter()
+        result = stage.run(lambda *a, **k: None)
+        timings[stage.name] = time.perf_counter() - started
+        print(f"{stage.name:14s} {timings[stage.name]:7.1f} s  {result.summary}", file=sys.stderr)
+        if stage.name == "archive":
+            manifest = result.data.get("manifest", result.data)
+    assert manifest is not None, "the demo's first stage renders the archive"
+    return workspace, manifest, timings
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--folder", type=Path, default=Path(tempfile.gettempdir()) / "workbench-bench-finetune",
@@ -43,23 +65,10 @@ def main() -> int:
     parser.add_argument("--json", action="store_true", help="print the result as JSON")
     args = parser.parse_args()
 
-    from workbench.demo import DemoSettings, demo_stages, fine_tuned_device, prepare_workspace
+    from workbench.demo import fine_tuned_device
     from workbench.finetune import BASE_MODEL, FINE_TUNED, SPECTRAL_GATING, finetune_device
 
-    settings = DemoSettings(folder=args.folder, recipe=args.recipe, fresh=args.fresh)
-    workspace = prepare_workspace(settings)
-    timings: dict[str, float] = {}
-    stages = demo_stages(workspace, settings)
-    manifest = None
-    for stage in stages:  # everything up to the general model, reusing what is there
-        if stage.name == "finetune":
-            break
-        started = time.perf_counter()
-        result = stage.run(lambda *a, **k: None)
-        timings[stage.name] = time.perf_counter() - started
-        print(f"{stage.name:14s} {timings[stage.name]:7.1f} s  {result.summary}", file=sys.stderr)
-        if stage.name == "archive":
-            manifest = result.data.get("manifest", result.data)
+    workspace, manifest, timings = build_up_to_general_model(args.folder, args.recipe, args.fresh)
     device = args.device or fine_tuned_device(manifest)
 
     journal = workspace.registry / f"bench-study-{time.strftime('%Y%m%d-%H%M%S')}.journal"
