@@ -55,8 +55,8 @@ def get_json(url: str) -> dict:
 def listening_addresses(port: int) -> set[str]:
     """Local addresses of the TCP sockets listening on `port`, from the kernel's tables (no `ss` needed)."""
     found = set()
-    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
-        for line in Path(table).read_text().splitlines()[1:]:
+    for table in (Path("/proc/net/tcp"), Path("/proc/net/tcp6")):  # tcp6 is absent where IPv6 is off
+        for line in (table.read_text().splitlines()[1:] if table.exists() else []):
             fields = line.split()
             address, hex_port = fields[1].split(":")
             if fields[3] == "0A" and int(hex_port, 16) == port:  # 0A: LISTEN

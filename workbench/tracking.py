@@ -24,6 +24,7 @@ import platform
 import re
 import shutil
 import tempfile
+import time
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -176,8 +177,6 @@ class _PendingMetrics:
         self.written_at = 0.0
 
     def add(self, run_id: str, metrics: dict[str, float], step: int) -> None:
-        import time
-
         from mlflow.entities import Metric
 
         if run_id != self.run_id:
@@ -189,8 +188,6 @@ class _PendingMetrics:
             self.write()
 
     def write(self) -> None:
-        import time
-
         import mlflow
 
         held, self.metrics, self.written_at = self.metrics, [], time.monotonic()
