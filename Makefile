@@ -1,18 +1,20 @@
-# The two set-up commands: `make demo` and `make test`. Each creates .venv from python3 and installs the
-# project into it (once; again whenever pyproject.toml changes) before running.
+# The two set-up commands: `make demo` and `make test`. Each creates .venv from python3 and installs every
+# package from the committed lock (requirements.lock, exact versions with hashes), then the project itself
+# without resolving again. Done once, and again whenever the lock or pyproject.toml changes.
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+LOCK := requirements.lock
 export MLFLOW_DISABLE_TELEMETRY := true
 export DO_NOT_TRACK := true
 
-.PHONY: demo test bench clean-demo
+.PHONY: demo test test-fast bench lock lock-check
 
-$(STAMP): pyproject.toml
+$(STAMP): $(LOCK) pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check --require-hashes --no-deps -r $(LOCK)
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check --no-deps --no-build-isolation -e .
 	touch $(STAMP)
 
 demo: $(STAMP)
@@ -23,3 +25,13 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	for script in benchmarks/*.py; do $(BIN)/python $$script || exit 1; done
+
+# Regenerate the lock from pyproject.toml (needs uv: the lock's own copy once .venv exists, else on PATH).
+# One lock for every platform and Python >= 3.11, with the hashes of every file pip may pick.
+lock:
+	$$(test -x $(BIN)/uv && echo $(BIN)/uv || echo uv) pip compile pyproject.toml --extra dev \
+	    --universal --python-version 3.11 --generate-hashes --quiet -o $(LOCK)
+
+# Fails with one line when pyproject.toml asks for something the lock does not hold. Needs no .venv.
+lock-check:
+	$(PYTHON) .ci/lock_check.py pyproject.toml $(LOCK)

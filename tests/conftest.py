@@ -11,6 +11,29 @@ import torch
 from workbench.workspace import Workspace, init_workspace
 
 
+def pytest_sessionstart(session):
+    """Stop the whole run in its first seconds when torch and torchaudio do not load together (a broken
+    pair fails every test that touches DSP, with a traceback far from the cause)."""
+    problem = torchaudio_problem()
+    if problem:
+        pytest.exit(problem, returncode=3)
+
+
+def torchaudio_problem() -> str | None:
+    """None when torchaudio's compiled part loads beside this torch and resamples; else one line that
+    names both versions."""
+    try:
+        import torchaudio.functional
+
+        torchaudio.functional.resample(torch.zeros(1, 441), 44_100, 48_000)
+    except (ImportError, OSError, RuntimeError) as error:
+        from importlib.metadata import version
+
+        return (f"torch {version('torch')} and torchaudio {version('torchaudio')} do not load together "
+                f"({error}); reinstall from the lock: rm -rf .venv && make test")
+    return None
+
+
 @pytest.fixture
 def workspace(tmp_path, monkeypatch) -> Workspace:
     """A fresh workspace with the research data set's devices, made current through WORKBENCH_HOME."""
