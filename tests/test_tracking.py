@@ -92,7 +92,7 @@ def test_a_run_logs_recipe_metrics_system_and_datasets(tiny_archive):
     assert lineage["noise"]["training"]["devices"] == ["revox-a77", "technics-tr575-a", "uher-4000-l"]
 
 
-def test_register_alias_fetch_and_pyfunc_predict(tiny_archive, checkpoint, tmp_path):
+def test_register_alias_fetch_and_pyfunc_predict(tiny_archive, checkpoint, tmp_path, capfd):
     import mlflow
 
     from workbench.denoise import ChunkPlan, process_whole
@@ -100,8 +100,12 @@ def test_register_alias_fetch_and_pyfunc_predict(tiny_archive, checkpoint, tmp_p
     from workbench.model.unet import denoise_waveform
 
     path, model = checkpoint
+    capfd.readouterr()
     first = tracking.register_checkpoint(path, tracking.GENERAL_MODEL, tags={"source": "test"}, description="first")
     second = tracking.register_checkpoint(path, tracking.GENERAL_MODEL, description="second")
+    # MLflow's own "Successfully registered model ..." / "Created version ..." lines stay out of our output.
+    printed = capfd.readouterr()
+    assert "registered model" not in printed.err + printed.out and "Created version" not in printed.err + printed.out
     assert (first, second) == (1, 2) and tracking.latest_version(tracking.GENERAL_MODEL) == 2
     tracking.set_alias(tracking.GENERAL_MODEL, "base", first)
     assert tracking.get_alias_version(tracking.GENERAL_MODEL, "base") == 1

@@ -304,16 +304,28 @@ def register_checkpoint(checkpoint_path: str | Path, name: str, *, tags: dict[st
         if mlflow.active_run() is None:
             stack.enter_context(start_run(experiment, run_name=f"register {weights.name}", workspace=workspace))
         info = mlflow.pyfunc.log_model(name=MODEL_ARTIFACT, python_model=str(PYFUNC_CODE), artifacts=model_artifacts,
-                                       pip_requirements=_pip_requirements(), registered_model_name=name)
-        version = int(info.registered_model_version)
+                                       pip_requirements=_pip_requirements())
+    # Registered through the client, not log_model(registered_model_name=...): the fluent path prints
+    # "Successfully registered model ..." lines to stderr between our progress bars.
     registry = mlflow.MlflowClient()
-    if description:
-        registry.update_model_version(name, str(version), description=description)
-    for key, value in (tags or {}).items():
-        registry.set_model_version_tag(name, str(version), key, str(value))
+    _ensure_registered_model(registry, name)
+    version = int(registry.create_model_version(name, source=info.model_uri, run_id=info.run_id, model_id=info.model_id,
+                                                description=description or None,
+                                                tags={key: str(value) for key, value in (tags or {}).items()}).version)
     if not registry.get_registered_model(name).description:
         registry.update_registered_model(name, description=_model_description(name))
     return version
+
+
+def _ensure_registered_model(registry, name: str) -> None:
+    from mlflow.exceptions import MlflowException
+    from mlflow.protos.databricks_pb2 import RESOURCE_ALREADY_EXISTS, ErrorCode
+
+    try:
+        registry.create_registered_model(name)
+    except MlflowException as error:  # another worker registered it first
+        if error.error_code != ErrorCode.Name(RESOURCE_ALREADY_EXISTS):
+            raise
 
 
 def _model_description(name: str) -> str:
