@@ -124,19 +124,23 @@ def study_runs(client, device: str) -> tuple[list, list]:
 # ------------------------------------------------------------------------------------- two workers, one study
 
 @pytest.fixture(scope="module")
-def two_workers(archive, server, postgres):
-    """`workbench pretrain` over HTTP, then two `workbench finetune` workers started together on one study."""
-    env = environment(archive, server.uri)
-    pretrain = workbench(env, "pretrain", "--recipe", "pt-scale", "--noise-from", "uher-4000-l", "--alias", "base",
-                         "--device", "cpu", "--workers", "0", "--json")
+def general_model(archive, server) -> dict:
+    """`workbench pretrain` over HTTP: the general model every scenario fine-tunes (@base)."""
+    pretrain = workbench(environment(archive, server.uri), "pretrain", "--recipe", "pt-scale", "--noise-from",
+                         "uher-4000-l", "--alias", "base", "--device", "cpu", "--workers", "0", "--json")
     code, out, err = finish(pretrain)
     assert code == 0, err[-3000:]
+    return json.loads(out)
+
+
+@pytest.fixture(scope="module")
+def two_workers(archive, server, postgres, general_model):
+    """Two `workbench finetune` workers started together on one study."""
+    env = environment(archive, server.uri)
     storage = postgres.database("optuna_two")
-    started = time.monotonic()
     workers = [workbench(env, *finetune_command("technics-tr575-a", storage)) for _ in range(2)]
     results = [finish(worker) for worker in workers]
-    return {"storage": storage, "results": results, "pids": [w.pid for w in workers],
-            "seconds": time.monotonic() - started, "pretrain": json.loads(out)}
+    return {"storage": storage, "results": results, "pids": [w.pid for w in workers]}
 
 
 def test_two_workers_share_one_study_each_trial_once_one_version(two_workers, server):
@@ -209,7 +213,7 @@ def test_artifacts_go_through_the_server_and_the_model_loads_from_another_folder
 # ------------------------------------------------------------------------------------- a worker killed
 
 def test_a_killed_workers_trial_is_failed_by_the_heartbeat_and_retried_by_the_other(archive, server, postgres,
-                                                                                   two_workers):
+                                                                                   general_model):
     env = environment(archive, server.uri)
     storage = postgres.database("optuna_kill")
     study = "finetune-uher-4000-l"
@@ -258,7 +262,7 @@ def test_a_killed_workers_trial_is_failed_by_the_heartbeat_and_retried_by_the_ot
 
 # ------------------------------------------------------------------------------------- the server goes away
 
-def test_the_server_going_away_is_one_line_naming_it_and_a_rerun_finishes(archive, server, postgres, two_workers):
+def test_the_server_going_away_is_one_line_naming_it_and_a_rerun_finishes(archive, server, postgres, general_model):
     env = environment(archive, server.uri)
     storage = postgres.database("optuna_away")
     study = "finetune-revox-a77"
@@ -286,6 +290,9 @@ def test_the_server_going_away_is_one_line_naming_it_and_a_rerun_finishes(archiv
     before = study_trials(storage, study)
     assert not [t for t in before if t.state == optuna.trial.TrialState.RUNNING]  # nothing left hanging
     assert 1 <= sum(t.state in FINISHED for t in before) < TRIALS
+    # The trial the outage broke is not the trial's fault: marked so, and the rerun retries it.
+    broken = [t for t in before if t.user_attrs.get("interrupted") == "tracking server unreachable"]
+    assert len(broken) == 1 and broken[0].state == optuna.trial.TrialState.FAIL
     rerun = workbench(env, *finetune_command("revox-a77", storage))
     code, out, err = finish(rerun)
     assert code == 0, err[-3000:]
@@ -294,4 +301,7 @@ def test_the_server_going_away_is_one_line_naming_it_and_a_rerun_finishes(archiv
     for old in before:  # the finished trials were kept, not run again
         if old.state in FINISHED:
             assert after[old.number].state == old.state and after[old.number].datetime_complete == old.datetime_complete
+    assert [t.state in FINISHED for t in after if t.user_attrs.get("retry_of") == broken[0].number] == [True]
+    parents, _ = study_runs(mlflow_client(server.uri), "revox-a77")
+    assert len(parents) == 1  # the rerun continued the study's run
     assert json.loads(out)["version"] == 1

@@ -565,6 +565,7 @@ def tune(plan: Plan, study, validation, progress: Progress = no_progress) -> Non
     study_progress()
     run_study(study, _objective(plan, study, plan.base_model, validation, progress), trials=plan.trials,
               timeout_s=plan.timeout_s, callbacks=[study_progress])
+    _close_abandoned_runs(study, tracking.client(plan.workspace))  # those of peers the heartbeat found dead
     if not study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)):
         counts = {s.name.lower(): n for s in FINISHED if (n := len(study.get_trials(deepcopy=False, states=(s,))))}
         raise WorkbenchError(f"study {plan.study_name}: no trial completed ({counts or 'none ran'}); widen "

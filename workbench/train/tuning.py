@@ -531,8 +531,15 @@ def run_study(study: optuna.Study, objective: Callable[[optuna.Trial], float], *
         if remaining is not None and remaining <= 0:
             return
         if len(study.get_trials(deepcopy=False, states=counted)) < trials:
-            study.optimize(tracked, n_trials=None, timeout=remaining, gc_after_trial=True,
-                           callbacks=[optuna.study.MaxTrialsCallback(trials, states=counted), *(callbacks or [])])
+            # A trial's exception reaches our caller, which reports it in one line; Optuna would log its
+            # traceback first.
+            verbosity = optuna.logging.get_verbosity()
+            optuna.logging.set_verbosity(optuna.logging.ERROR)
+            try:
+                study.optimize(tracked, n_trials=None, timeout=remaining, gc_after_trial=True,
+                               callbacks=[optuna.study.MaxTrialsCallback(trials, states=counted), *(callbacks or [])])
+            finally:
+                optuna.logging.set_verbosity(verbosity)
             continue
         if not heartbeat:
             return
