@@ -180,10 +180,12 @@ def one_torch_thread():
 def postgres():
     """A PostgreSQL server for the session on a free loopback port, stopped at the end (also on failure).
     Skips with the reason only where PostgreSQL is not installed; `.ci/run` installs it."""
-    from services import postgres_absent, postgres_server
+    from services import port_is_bound, postgres_absent, postgres_server
 
     reason = postgres_absent()
     if reason:
         pytest.skip(reason)
     with postgres_server() as server:
         yield server
+    assert not port_is_bound(server.port), f"PostgreSQL still holds port {server.port}"
+    assert not server.folder.exists(), f"{server.folder} was left behind"

@@ -171,41 +171,39 @@ def test_two_workers_share_one_study_each_trial_once_one_version(two_workers, se
 
 
 def test_artifacts_go_through_the_server_and_the_model_loads_from_another_folder(two_workers, archive, server,
-                                                                                  tmp_path):
+                                                                                  cli, monkeypatch, tmp_path):
     client = mlflow_client(server.uri)
     version = client.get_model_version("tape-denoiser-technics-tr575-a", "1")
     run = client.get_run(version.run_id)
     assert run.info.artifact_uri.startswith("mlflow-artifacts:/"), run.info.artifact_uri
-    stored = list(server.artifacts.rglob("*.safetensors"))
-    assert stored, "the checkpoint is in the server's artifact store"
+    assert list(server.artifacts.rglob("*.safetensors")), "the checkpoint is in the server's artifact store"
     assert not (archive.root / "registry" / "artifacts").exists()  # nothing written beside the client
     assert not (archive.root / "registry" / "mlflow.db").exists()
 
-    env = environment(archive, server.uri)
-    listed = subprocess.run([sys.executable, "-m", "workbench", "models", "list", "--json"], env=env,
-                            capture_output=True, text=True, timeout=120)
-    assert listed.returncode == 0, listed.stderr
-    models = {m["name"]: m for m in json.loads(listed.stdout)}
+    # In this process (a worker's start costs seconds of imports), as the CLI: the workspace and the URI.
+    monkeypatch.setenv("WORKBENCH_HOME", str(archive.root))
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", server.uri)
+    listed = cli("models", "list", "--json")
+    assert listed.code == 0, listed.stderr
+    models = {m["name"]: m for m in listed.json()}
     assert models["tape-denoiser-technics-tr575-a"]["aliases"] == {"champion": 1}
     assert models["tape-denoiser-general"]["aliases"] == {"base": 1}
-    shown = subprocess.run([sys.executable, "-m", "workbench", "models", "show", "technics-tr575-a", "--json"],
-                           env=env, capture_output=True, text=True, timeout=120)
-    assert shown.returncode == 0, shown.stderr
-    assert json.loads(shown.stdout)["champion"] == 1
+    shown = cli("models", "show", "technics-tr575-a", "--json")
+    assert shown.code == 0, shown.stderr
+    assert shown.json()["champion"] == 1
 
     # Another working folder: a fresh workspace (the device registry only) and the tracking URI.
     other = init_workspace(tmp_path / "elsewhere", with_research_devices=True)
+    monkeypatch.setenv("WORKBENCH_HOME", str(other.root))
     transfer = tmp_path / "transfer.wav"
     audio = (0.05 * np.random.default_rng(1).standard_normal((44_100, 2))).astype(np.float32)
     sf.write(transfer, audio, 44_100, subtype="PCM_24")
-    env_other = {**env, "WORKBENCH_HOME": str(other.root)}
-    restored = subprocess.run([sys.executable, "-m", "workbench", "denoise", "--device", "technics-tr575-a",
-                               str(transfer), "--out", str(tmp_path / "restored"), "--compute", "cpu", "--json"],
-                              env=env_other, capture_output=True, text=True, timeout=300, cwd=other.root)
-    assert restored.returncode == 0, restored.stderr
-    record = json.loads(restored.stdout)[0]
+    restored = cli("denoise", "--device", "technics-tr575-a", transfer, "--out", tmp_path / "restored",
+                   "--compute", "cpu", "--json")
+    assert restored.code == 0, restored.stderr
+    record = restored.json()[0]
     assert record["model"]["uri"] == "models:/tape-denoiser-technics-tr575-a/1"
-    output, rate = sf.read(record["output"]["path"] if isinstance(record["output"], dict) else record["output"])
+    output, rate = sf.read(record["output"]["path"])
     assert rate == 44_100 and output.shape == audio.shape
     assert list((other.root / "registry" / "models-cache").rglob("*.safetensors"))  # fetched over HTTP
 

@@ -20,6 +20,11 @@ an interruption runs only what is missing. A trial whose process died leaves it 
 start, such trials of dead processes on this host (and, for database storages, any whose heartbeat
 stopped) are marked failed and their parameters enqueued again; the retry continues from the trial's
 saved training state.
+
+Several workers (processes, GPUs, hosts) share a study in PostgreSQL: each starts trials only while the
+study is short of its target, waits for its peers' last trials (the heartbeat, every 30 s with a 120 s
+grace unless WORKBENCH_HEARTBEAT_S / WORKBENCH_HEARTBEAT_GRACE_S say otherwise, fails those of a dead
+worker and a live one retries them), and what must happen once per study is done under `study_lock`.
 """
 
 from __future__ import annotations
@@ -384,7 +389,8 @@ def open_storage(url: str) -> optuna.storages.BaseStorage:
         with lock, warnings.catch_warnings():  # heartbeats are "experimental" in Optuna 5; they are what we need
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
             return optuna.storages.RDBStorage(
-                url, heartbeat_interval=interval, grace_period=grace, heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=2),
+                url, heartbeat_interval=interval, grace_period=grace,
+                heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=2),
                 engine_kwargs={"pool_pre_ping": True} if not url.startswith("sqlite") else None)
     except ImportError:
         scheme = url.split("://", 1)[0]
