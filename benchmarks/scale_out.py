@@ -15,9 +15,11 @@ only the learning rate searched, no pruning) as real `workbench finetune` proces
 
 A study's time runs from its first trial's start to its last trial's end (Optuna's own timestamps), so
 process start, evaluation and registration are left out; seconds per trial = that time / trials.
-Overheads are differences and ratios against the baseline measured in the same run.
+The configurations run in turn, `--rounds` times (so a busy spell of the machine falls on all of them);
+each is reported by its median round, with the spread over rounds. Overheads are differences and
+ratios of medians against the baseline measured in the same run.
 
-    .venv/bin/python benchmarks/scale_out.py [--trials 8] [--json]
+    .venv/bin/python benchmarks/scale_out.py [--trials 8] [--rounds 2] [--json]
 """
 
 from __future__ import annotations
@@ -134,6 +136,7 @@ def run_study(template: Path, folder: Path, base: Path, *, storage: str | None, 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--trials", type=int, default=8, help="trials per study (default 8)")
+    parser.add_argument("--rounds", type=int, default=2, help="times each configuration runs (default 2)")
     parser.add_argument("--json", action="store_true", help="print the results as JSON")
     args = parser.parse_args()
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
@@ -150,18 +153,25 @@ def main() -> int:
         configs = [("SQLite", "workspace SQLite", 1), ("PostgreSQL", "workspace SQLite", 1),
                    ("SQLite", "MLflow server", 1), ("PostgreSQL", "MLflow server", 1),
                    ("PostgreSQL", "MLflow server", 2)]
-        results = []
+        rounds: list[list[dict]] = [[] for _ in configs]
         with postgres_server() as postgres, mlflow_server(postgres.database("mlflow"), folder / "server") as server:
-            for number, (storage, tracking, workers) in enumerate(configs):
-                url = postgres.database(f"optuna_{number}") if storage == "PostgreSQL" else None
-                uri = server.uri if tracking == "MLflow server" else None
-                result = run_study(template, folder / f"run-{number}", base, storage=url, tracking_uri=uri,
-                                   workers=workers, trials=args.trials)
-                results.append({"storage": storage, "tracking": tracking, "workers": workers, **result})
-                print(f"{storage:10s} {tracking:16s} {workers} worker(s): {result['trials']} trials in "
-                      f"{result['study_s']:.1f} s", file=sys.stderr)
+            for round_number in range(args.rounds):
+                for number, (storage, tracking, workers) in enumerate(configs):
+                    name = f"optuna_{round_number}_{number}"
+                    url = postgres.database(name) if storage == "PostgreSQL" else None
+                    uri = server.uri if tracking == "MLflow server" else None
+                    result = run_study(template, folder / name, base, storage=url, tracking_uri=uri,
+                                       workers=workers, trials=args.trials)
+                    rounds[number].append(result)
+                    print(f"round {round_number + 1}: {storage:10s} {tracking:16s} {workers} worker(s): "
+                          f"{result['trials']} trials in {result['study_s']:.1f} s", file=sys.stderr)
     finally:
         shutil.rmtree(folder, ignore_errors=True)
+    results = []
+    for (storage, tracking, workers), runs in zip(configs, rounds):
+        median = sorted(runs, key=lambda r: r["s_per_trial"])[(len(runs) - 1) // 2]
+        results.append({"storage": storage, "tracking": tracking, "workers": workers, **median,
+                        "s_per_trial_rounds": [r["s_per_trial"] for r in runs]})
 
     baseline = results[0]["s_per_trial"]
     for result in results:
@@ -175,10 +185,11 @@ def main() -> int:
         print(json.dumps({"results": results, "summary": summary}, indent=2))
         return 0
     print(f"{'Optuna storage':15s} {'MLflow store':17s} {'workers':>7s} {'trials':>6s} {'s/trial':>8s} "
-          f"{'trials/min':>10s} {'vs baseline':>12s}")
+          f"{'rounds':>13s} {'trials/min':>10s} {'vs baseline':>12s}")
     for result in results:
+        spread = f"{min(result['s_per_trial_rounds']):.2f}-{max(result['s_per_trial_rounds']):.2f}"
         print(f"{result['storage']:15s} {result['tracking']:17s} {result['workers']:7d} {result['trials']:6d} "
-              f"{result['s_per_trial']:8.2f} {result['trials_per_min']:10.1f} "
+              f"{result['s_per_trial']:8.2f} {spread:>13s} {result['trials_per_min']:10.1f} "
               f"{result['ratio_to_baseline']:11.2f}x")
     print(f"PostgreSQL adds {summary['postgres_overhead_s_per_trial']:+.2f} s per trial "
           f"({results[1]['ratio_to_baseline']:.2f}x the baseline), the MLflow server "

@@ -228,10 +228,15 @@ def test_a_killed_workers_trial_is_failed_by_the_heartbeat_and_retried_by_the_ot
             for trial in trials:
                 run_dir = Path(trial.user_attrs.get("run_dir", "/nonexistent"))
                 if trial.state == optuna.trial.TrialState.RUNNING and (run_dir / "state.json").is_file():
-                    pid = trial.user_attrs["worker"]["pid"]
-                    victim = next(w for w in workers if w.pid == pid)
-                    os.killpg(victim.pid, signal.SIGKILL)  # mid-trial: it has saved a training step
-                    killed_trial = trial.number
+                    # Mid-trial (it has saved a training step): freeze the worker, make sure the trial is
+                    # still running (it may have ended since we looked), then kill it.
+                    victim = next(w for w in workers if w.pid == trial.user_attrs["worker"]["pid"])
+                    os.killpg(victim.pid, signal.SIGSTOP)
+                    if study_trials(storage, study)[trial.number].state == optuna.trial.TrialState.RUNNING:
+                        os.killpg(victim.pid, signal.SIGKILL)
+                        killed_trial = trial.number
+                    else:
+                        os.killpg(victim.pid, signal.SIGCONT)
                     break
         assert killed_trial is not None, "no worker was caught mid-trial"
         survivor = next(w for w in workers if w is not victim)
