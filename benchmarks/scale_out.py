@@ -121,10 +121,13 @@ def run_study(template: Path, folder: Path, base: Path, *, storage: str | None, 
     started = time.perf_counter()
     processes = [subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
                  for _ in range(workers)]
-    for process in processes:
+    failures = []
+    for process in processes:  # every worker is waited for, so none outlives the servers
         out, err = process.communicate()
         if process.returncode != 0:
-            raise SystemExit(f"finetune failed ({process.returncode}): {err[-3000:]}")
+            failures.append(f"finetune failed ({process.returncode}): {err[-3000:]}")
+    if failures:
+        raise SystemExit("\n".join(failures))
     wall = time.perf_counter() - started
     study = optuna.load_study(study_name=f"finetune-{DEVICE}", storage=open_storage(storage))
     done = [t for t in study.get_trials(deepcopy=False) if t.state in FINISHED]

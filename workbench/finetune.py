@@ -506,10 +506,12 @@ def finetune_device(workspace: Workspace, device_id: str, *, speed: float | None
         if created:
             tracking.log_recipe(plan.recipe)
             tracking.log_system_info(plan.accelerator)
-        lineage = tracking.log_lineage(
-            plan.workspace, {"training": plan.noise["train"], "validation": plan.noise["validation"], "test": plan.noise["test"]},
-            {"training": plan.clean["train"], "validation": plan.clean["validation"], "test": plan.clean["test"]},
-            extra={"base_model": plan.base, "validation_mixtures": {"key": validation.key, "path": str(validation.path)}})
+        # Workers share the study's run: two logging the same datasets at once collide in MLflow's store.
+        with study_lock(plan.storage_url, plan.study_name):
+            lineage = tracking.log_lineage(
+                plan.workspace, {"training": plan.noise["train"], "validation": plan.noise["validation"], "test": plan.noise["test"]},
+                {"training": plan.clean["train"], "validation": plan.clean["validation"], "test": plan.clean["test"]},
+                extra={"base_model": plan.base, "validation_mixtures": {"key": validation.key, "path": str(validation.path)}})
 
         tune(plan, study, validation, progress)
         best, info = study.best_trial, study_summary(study)
