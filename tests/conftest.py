@@ -172,3 +172,20 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+# --- real services for the scale-out tests (tests/services.py): PostgreSQL, an MLflow tracking server ---
+
+@pytest.fixture(scope="session")
+def postgres():
+    """A PostgreSQL server for the session on a free loopback port, stopped at the end (also on failure).
+    Skips with the reason only where PostgreSQL is not installed; `.ci/run` installs it."""
+    from services import port_is_bound, postgres_absent, postgres_server
+
+    reason = postgres_absent()
+    if reason:
+        pytest.skip(reason)
+    with postgres_server() as server:
+        yield server
+    assert not port_is_bound(server.port), f"PostgreSQL still holds port {server.port}"
+    assert not server.folder.exists(), f"{server.folder} was left behind"

@@ -332,11 +332,14 @@ def _objective(plan: Plan, study, base_model, validation, progress: Progress):
 
 def _close_abandoned_runs(study, client) -> None:
     """The MLflow runs of trials whose process died stay RUNNING forever: mark them KILLED."""
-    from workbench.train.tuning import INTERRUPTED_ATTR
+    import optuna
 
-    for trial in study.get_trials(deepcopy=False):
+    from workbench.train.tuning import INTERRUPTED_ATTR, heartbeat_failed_trials
+
+    silent = heartbeat_failed_trials(study)
+    for trial in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.FAIL,)):
         run_id = trial.user_attrs.get(STUDY_RUN_ATTR)
-        if run_id and INTERRUPTED_ATTR in trial.user_attrs:
+        if run_id and (INTERRUPTED_ATTR in trial.user_attrs or trial.number in silent):
             try:
                 if client.get_run(run_id).info.status == "RUNNING":
                     client.set_terminated(run_id, "KILLED")
@@ -344,18 +347,31 @@ def _close_abandoned_runs(study, client) -> None:
                 pass
 
 
-def _study_run_id(plan: Plan, study) -> str | None:
-    """The MLflow run that holds the study's trials: the one recorded in the study, if it still exists."""
-    from workbench import tracking
+def _study_run(plan: Plan, study) -> tuple[str, bool]:
+    """The MLflow run that holds the study's trials, and whether this call created it: the one recorded
+    in the study if it still exists, else a new one. Under the study's lock, so that workers started
+    together share one run."""
+    from mlflow.exceptions import MlflowException
 
-    run_id = study.user_attrs.get(STUDY_RUN_ATTR)
-    if not run_id:
-        return None
-    try:
-        tracking.client(plan.workspace).get_run(run_id)
-        return run_id
-    except Exception:  # the tracking store changed or the run was deleted: start a new parent run
-        return None
+    from workbench import tracking
+    from workbench.train.tuning import describe_storage, study_lock
+
+    registry = tracking.client(plan.workspace)
+    with study_lock(plan.storage_url, plan.study_name):
+        run_id = study._storage.get_study_user_attrs(study._study_id).get(STUDY_RUN_ATTR)  # not a cached copy
+        if run_id:
+            try:
+                registry.get_run(run_id)
+                return run_id, False
+            except MlflowException as error:  # deleted, or recorded in another tracking store: start a new one
+                if error.get_http_status_code() != 404:
+                    raise
+        run = registry.create_run(
+            tracking.experiment_id(plan.experiment, plan.workspace), run_name=plan.study_name,
+            tags={"workbench.kind": "finetune-study", "optuna.study": plan.study_name,
+                  "optuna.storage": describe_storage(plan.storage_url), "device": plan.device.id})
+        study.set_user_attr(STUDY_RUN_ATTR, run.info.run_id)
+        return run.info.run_id, True
 
 
 # ------------------------------------------------------------------------------------------ evaluation
@@ -476,7 +492,7 @@ def finetune_device(workspace: Workspace, device_id: str, *, speed: float | None
 
     from workbench import tracking
     from workbench.evaluate.report import study_summary
-    from workbench.train.tuning import describe_storage
+    from workbench.train.tuning import describe_storage, study_lock
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     plan = make_plan(workspace, device_id, speed=speed, base=base, recipe=recipe, trials=trials, timeout=timeout,
@@ -485,44 +501,46 @@ def finetune_device(workspace: Workspace, device_id: str, *, speed: float | None
     progress("validation mixtures", 0, 1)
     validation = _validation_mixtures(plan)
     progress("validation mixtures", 1, 1)
-    parent_id = _study_run_id(plan, study)
-    with tracking.start_run(plan.experiment, run_name=plan.study_name, run_id=parent_id, workspace=plan.workspace,
-                            tags={"workbench.kind": "finetune-study", "optuna.study": plan.study_name,
-                                  "optuna.storage": describe_storage(plan.storage_url), "device": plan.device.id}) as parent:
-        if parent_id is None:
-            study.set_user_attr(STUDY_RUN_ATTR, parent.info.run_id)
+    parent_id, created = _study_run(plan, study)
+    with tracking.start_run(plan.experiment, run_id=parent_id, workspace=plan.workspace):
+        if created:
             tracking.log_recipe(plan.recipe)
             tracking.log_system_info(plan.accelerator)
-        lineage = tracking.log_lineage(
-            plan.workspace, {"training": plan.noise["train"], "validation": plan.noise["validation"], "test": plan.noise["test"]},
-            {"training": plan.clean["train"], "validation": plan.clean["validation"], "test": plan.clean["test"]},
-            extra={"base_model": plan.base, "validation_mixtures": {"key": validation.key, "path": str(validation.path)}})
+        # Workers share the study's run: two logging the same datasets at once collide in MLflow's store.
+        with study_lock(plan.storage_url, plan.study_name):
+            lineage = tracking.log_lineage(
+                plan.workspace, {"training": plan.noise["train"], "validation": plan.noise["validation"], "test": plan.noise["test"]},
+                {"training": plan.clean["train"], "validation": plan.clean["validation"], "test": plan.clean["test"]},
+                extra={"base_model": plan.base, "validation_mixtures": {"key": validation.key, "path": str(validation.path)}})
 
         tune(plan, study, validation, progress)
         best, info = study.best_trial, study_summary(study)
-        # A worker that shares the study may have registered this very trial already: don't do it twice.
-        existing = _registered_for(tracking.client(plan.workspace), plan, best.number)
-        if existing is not None:
-            return _result_from_version(plan, existing, info)
-        model = best_model(plan, best, validation, progress)
-        champion = tracking.get_alias_version(tracking.device_model_name(plan.device.id), "champion", plan.workspace)
-        result = evaluate_models(plan, _scored_models(plan, model, champion), progress)
-        promoted, reason = promotion_decision(result, list(plan.evaluation.snrs_db), champion)
-        return _register(plan, study, info, best, model, result, lineage, champion, promoted, reason)
+        # Every worker of the study ends here having seen the same trials; one at a time, so the first
+        # registers the best trial and the others find its version.
+        with study_lock(plan.storage_url, plan.study_name):
+            existing = _registered_for(tracking.client(plan.workspace), plan, best.number)
+            if existing is not None:
+                return _result_from_version(plan, existing, info)
+            model = best_model(plan, best, validation, progress)
+            champion = tracking.get_alias_version(tracking.device_model_name(plan.device.id), "champion", plan.workspace)
+            result = evaluate_models(plan, _scored_models(plan, model, champion), progress)
+            promoted, reason = promotion_decision(result, list(plan.evaluation.snrs_db), champion)
+            return _register(plan, study, info, best, model, result, lineage, champion, promoted, reason)
 
 
 def _open_study(plan: Plan):
     """Create or join the plan's study; its key (a study attribute) names the trials' training folders."""
     import uuid
 
-    from workbench.train.tuning import make_pruner, open_study
+    from workbench.train.tuning import make_pruner, open_study, study_lock
 
     study = open_study(plan.study_name, plan.storage_url, seed=plan.settings.seed, pruner=make_pruner(plan.settings.pruner))
-    if STUDY_KEY_ATTR not in study.user_attrs:
-        study.set_user_attr(STUDY_KEY_ATTR, uuid.uuid4().hex[:12])
-        study.set_user_attr("device", plan.device.id)
-        study.set_user_attr("speeds", [float(s) for s in plan.speeds])
-    plan.study_key = study.user_attrs[STUDY_KEY_ATTR]  # read back: a worker that raced us may have set it first
+    with study_lock(plan.storage_url, plan.study_name):  # workers started together: the first one sets the key
+        if STUDY_KEY_ATTR not in study.user_attrs:
+            study.set_user_attr(STUDY_KEY_ATTR, uuid.uuid4().hex[:12])
+            study.set_user_attr("device", plan.device.id)
+            study.set_user_attr("speeds", [float(s) for s in plan.speeds])
+        plan.study_key = study.user_attrs[STUDY_KEY_ATTR]
     return study
 
 
@@ -549,6 +567,7 @@ def tune(plan: Plan, study, validation, progress: Progress = no_progress) -> Non
     study_progress()
     run_study(study, _objective(plan, study, plan.base_model, validation, progress), trials=plan.trials,
               timeout_s=plan.timeout_s, callbacks=[study_progress])
+    _close_abandoned_runs(study, tracking.client(plan.workspace))  # those of peers the heartbeat found dead
     if not study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)):
         counts = {s.name.lower(): n for s in FINISHED if (n := len(study.get_trials(deepcopy=False, states=(s,))))}
         raise WorkbenchError(f"study {plan.study_name}: no trial completed ({counts or 'none ran'}); widen "
@@ -665,11 +684,9 @@ def _registered_for(registry, plan: Plan, trial: int) -> Any | None:
     from workbench import tracking
 
     name = tracking.device_model_name(plan.device.id)
-    try:
-        versions = registry.search_model_versions(f"name = '{name}'", max_results=1000)
-    except Exception:  # no such model yet
-        return None
-    for version in versions:
+    # Any error here (a store that fails, a server away) must stop the worker, never read as "none yet":
+    # that would register the trial a second time.
+    for version in registry.search_model_versions(f"name = '{name}'", max_results=1000):
         tags = version.tags or {}
         if tags.get("study_key") == plan.study_key and tags.get("best_trial") == str(trial):
             return version

@@ -56,6 +56,9 @@ def configure(workspace: Workspace | None = None):
     """
     import mlflow
 
+    # MLflow writes "View run ... at: URL" to stdout whenever a run on a server ends: that would break
+    # `--json` output, and the library never prints.
+    os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
     workspace = workspace or find_workspace()
     uri = workspace.tracking_uri()
     mlflow.set_tracking_uri(uri)
@@ -125,20 +128,46 @@ def start_run(experiment: str, *, run_name: str | None = None, run_id: str | Non
     mlflow = configure(workspace)
     kwargs = {"run_id": run_id} if run_id else {"experiment_id": experiment_id(experiment, workspace), "run_name": run_name}
     run = mlflow.start_run(nested=nested, tags=tags, **kwargs)
-    status = "FINISHED"
+    status, server_gone = "FINISHED", False
     try:
         yield run
     except KeyboardInterrupt:
         status = "KILLED"
         raise
-    except BaseException:
-        status = "FAILED"
+    except BaseException as error:
+        status, server_gone = "FAILED", unreachable_server(error) is not None
         raise
     finally:
-        try:
-            _pending_metrics.write()
-        finally:
-            mlflow.end_run(status)
+        if server_gone:  # the held metrics cannot be written; ending the run is tried once, quietly
+            _pending_metrics.metrics.clear()
+            with contextlib.suppress(Exception):
+                mlflow.end_run(status)
+        else:
+            try:
+                _pending_metrics.write()
+            finally:
+                mlflow.end_run(status)
+
+
+def unreachable_server(error: BaseException) -> str | None:
+    """The tracking server's URI when `error`, or an error that led to it, is a failed connection to that
+    server (MLflow wraps those in an MlflowException); else None."""
+    import sys
+
+    mlflow = sys.modules.get("mlflow")
+    if mlflow is None:
+        return None
+    import requests
+
+    uri = mlflow.get_tracking_uri()
+    seen: BaseException | None = error
+    for _ in range(20):  # the chain of causes is short; a cycle must not loop forever
+        if seen is None:
+            return None
+        if isinstance(seen, (requests.exceptions.ConnectionError, requests.exceptions.Timeout)):
+            return uri if _is_server(uri) else None
+        seen = seen.__cause__ or seen.__context__
+    return None
 
 
 def log_recipe(recipe: dict) -> None:

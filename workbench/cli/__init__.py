@@ -35,7 +35,31 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         err_console.print("interrupted")
         return 130
+    except Exception as error:
+        from workbench.tracking import unreachable_server
+
+        uri = unreachable_server(error)
+        if uri is None:
+            raise
+        # A tracking server that went away (or never answered) is the user's to fix: one line, exit 2.
+        err_console.print(f"[bold red]error:[/] MLflow tracking server {uri} is unreachable "
+                          f"({_reason(error)}); start it again and rerun the command (a study resumes where it "
+                          "stopped)", highlight=False, soft_wrap=True)
+        return 2
     return 0
+
+
+def _reason(error: BaseException) -> str:
+    """The innermost cause of a failed connection, in a few words."""
+    for _ in range(20):  # a short chain; never loop on a cycle
+        if not (error.__cause__ or error.__context__):
+            break
+        error = error.__cause__ or error.__context__
+    text = str(error)
+    for known in ("Connection refused", "timed out", "Name or service not known", "Connection reset"):
+        if known in text:
+            return known.lower()
+    return type(error).__name__
 
 
 def entry_point() -> None:

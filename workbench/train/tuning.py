@@ -20,6 +20,11 @@ an interruption runs only what is missing. A trial whose process died leaves it 
 start, such trials of dead processes on this host (and, for database storages, any whose heartbeat
 stopped) are marked failed and their parameters enqueued again; the retry continues from the trial's
 saved training state.
+
+Several workers (processes, GPUs, hosts) share a study in PostgreSQL: each starts trials only while the
+study is short of its target, waits for its peers' last trials (the heartbeat, every 30 s with a 120 s
+grace unless WORKBENCH_HEARTBEAT_S / WORKBENCH_HEARTBEAT_GRACE_S say otherwise, fails those of a dead
+worker and a live one retries them), and what must happen once per study is done under `study_lock`.
 """
 
 from __future__ import annotations
@@ -46,8 +51,13 @@ FINETUNE_KEYS = ("freeze", "l2sp_alpha")  # [finetune] keys a trial may set; the
 FREEZE_NONE = "none"
 PRUNERS = ("median", "hyperband", "none")
 # Database storages beat every HEARTBEAT_S seconds; a RUNNING trial silent for GRACE_S is taken as dead.
+# The environment variables change both for a deployment (a longer grace on hosts that stall; the tests
+# use seconds).
 HEARTBEAT_S = 30
 GRACE_S = 120
+HEARTBEAT_ENV = "WORKBENCH_HEARTBEAT_S"
+GRACE_ENV = "WORKBENCH_HEARTBEAT_GRACE_S"
+PEER_POLL_S = 1.0  # how often a worker that ran out of trials to start looks at its peers' running trials
 WORKER_ATTR = "worker"
 RETRY_OF_ATTR = "retry_of"
 INTERRUPTED_ATTR = "interrupted"
@@ -284,6 +294,69 @@ def describe_storage(url: str) -> str:
     return re.sub(r"(://[^:/@]+):[^@]*@", r"\1:***@", url)
 
 
+def heartbeat_settings() -> tuple[int, int]:
+    """(interval, grace) in seconds: the defaults, or the environment's WORKBENCH_HEARTBEAT_S and
+    WORKBENCH_HEARTBEAT_GRACE_S."""
+    values = {}
+    for name, default in ((HEARTBEAT_ENV, HEARTBEAT_S), (GRACE_ENV, GRACE_S)):
+        text = os.environ.get(name, "").strip()
+        if not text:
+            values[name] = default
+            continue
+        if not text.isdigit() or int(text) < 1:
+            raise WorkbenchError(f"{name}={text!r}: must be a whole number of seconds >= 1")
+        values[name] = int(text)
+    interval, grace = values[HEARTBEAT_ENV], values[GRACE_ENV]
+    if grace <= interval:
+        raise WorkbenchError(f"{GRACE_ENV}={grace} must be longer than {HEARTBEAT_ENV}={interval} "
+                             "(a trial is taken as dead when it missed beats for the whole grace period)")
+    return interval, grace
+
+
+def has_heartbeat(study: optuna.Study) -> bool:
+    """Whether the study's storage fails the trials of silent workers (database storages do)."""
+    getter = getattr(study._storage, "get_heartbeat_interval", None)
+    return getter is not None and getter() is not None
+
+
+@contextlib.contextmanager
+def study_lock(url: str, study_name: str):
+    """Mutual exclusion among all the workers of one study, wherever they run: a PostgreSQL advisory
+    lock (released by the server if the holder dies), a file lock beside a SQLite database or a journal.
+
+    For what must happen once per study although every worker may try: creating its MLflow run,
+    registering its model. Other database storages get no lock (nothing is shared there yet).
+    """
+    import hashlib
+
+    if url.startswith("postgresql"):
+        import sqlalchemy
+
+        key = int.from_bytes(hashlib.sha256(f"workbench-study:{study_name}".encode()).digest()[:8], "big", signed=True)
+        engine = sqlalchemy.create_engine(url, poolclass=sqlalchemy.pool.NullPool)
+        try:
+            with engine.connect() as connection:
+                connection.execute(sqlalchemy.text("SELECT pg_advisory_lock(:key)"), {"key": key})
+                try:
+                    yield
+                finally:
+                    connection.execute(sqlalchemy.text("SELECT pg_advisory_unlock(:key)"), {"key": key})
+        finally:
+            engine.dispose()
+        return
+    path = None
+    if url.startswith("sqlite:///"):
+        path = Path(url[len("sqlite:///"):]).expanduser()
+    elif url.startswith("journal:"):
+        path = Path(url[len("journal:"):]).expanduser()
+    if path is None:
+        yield
+        return
+    name = hashlib.sha256(study_name.encode()).hexdigest()[:12]
+    with _file_lock(path.with_name(f"{path.name}.{name}.lock")):
+        yield
+
+
 def open_storage(url: str) -> optuna.storages.BaseStorage:
     """An Optuna storage from a URL: sqlite:///, postgresql://, mysql://... (SQLAlchemy) or journal:PATH.
 
@@ -311,17 +384,18 @@ def open_storage(url: str) -> optuna.storages.BaseStorage:
         # Several processes creating a fresh SQLite store at once collide in its schema migration: the
         # first creates it under an exclusive lock, the others wait and find the tables there.
         lock = _file_lock(database.with_name(database.name + ".lock"))
+    interval, grace = heartbeat_settings()
     try:
         with lock, warnings.catch_warnings():  # heartbeats are "experimental" in Optuna 5; they are what we need
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
             return optuna.storages.RDBStorage(
-                url, heartbeat_interval=HEARTBEAT_S, grace_period=GRACE_S,
+                url, heartbeat_interval=interval, grace_period=grace,
                 heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=2),
                 engine_kwargs={"pool_pre_ping": True} if not url.startswith("sqlite") else None)
     except ImportError:
         scheme = url.split("://", 1)[0]
         raise WorkbenchError(f"{shown}: cannot open Optuna storage (no database driver for {scheme} is installed; "
-                             f"install its SQLAlchemy driver, e.g. psycopg2-binary for postgresql)") from None
+                             f"install its SQLAlchemy driver, e.g. psycopg[binary] for postgresql)") from None
     except Exception as error:  # SQLAlchemy's errors (unreachable host, refused login, bad URL) vary by driver
         reason = str(getattr(error, "orig", None) or error).strip().splitlines()[0]
         raise WorkbenchError(f"{shown}: cannot open Optuna storage ({type(error).__name__}: {reason})") from None
@@ -365,6 +439,16 @@ def _heartbeat_retry_of(trial: optuna.trial.FrozenTrial) -> int | None:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         return optuna.storages.RetryHeartbeatStaleTrialCallback.retried_trial_number(trial)
+
+
+def heartbeat_failed_trials(study: optuna.Study) -> set[int]:
+    """The trials the heartbeat failed (their worker went silent) and enqueued again."""
+    failed = set()
+    for trial in study.get_trials(deepcopy=False):
+        retried = _heartbeat_retry_of(trial)
+        if retried is not None:
+            failed |= {int(n) for n in trial.system_attrs.get("retry_history", [retried])}
+    return failed
 
 
 def root_trial_number(trial: optuna.trial.FrozenTrial) -> int:
@@ -420,11 +504,19 @@ def run_study(study: optuna.Study, objective: Callable[[optuna.Trial], float], *
               timeout_s: float | None = None, callbacks: list | None = None) -> None:
     """Run trials until the study holds `trials` finished ones (all workers together) or time runs out.
 
+    With heartbeats (database storages) a worker starts a trial only while the finished and running
+    trials of all workers fall short of the target, so several workers reach it without overshooting;
+    one with nothing left to start waits for its peers' running trials. When a peer dies, the heartbeat
+    fails its trial and enqueues a retry, which a waiting worker then runs. So every worker returns when
+    the study is complete (or its time is up), and all of them have seen the same trials.
     `callbacks` are Optuna's (called with the study and each finished trial)."""
+    import time
+
     recover_abandoned_trials(study)
-    missing = trials - finished_trials(study)
-    if missing <= 0:
-        return
+    deadline = None if timeout_s is None else time.monotonic() + timeout_s
+    heartbeat = has_heartbeat(study)
+    # Without heartbeats a dead peer's RUNNING trial would be waited for forever: count finished ones only.
+    counted = (*FINISHED, TrialState.RUNNING) if heartbeat else FINISHED
 
     def tracked(trial: optuna.Trial) -> float:
         trial.set_user_attr(WORKER_ATTR, worker_identity())
@@ -433,6 +525,31 @@ def run_study(study: optuna.Study, objective: Callable[[optuna.Trial], float], *
         except KeyboardInterrupt:
             trial.set_user_attr(INTERRUPTED_ATTR, "Ctrl-C")
             raise
+        except Exception as error:
+            from workbench.tracking import unreachable_server
 
-    study.optimize(tracked, n_trials=None, timeout=timeout_s, gc_after_trial=True,
-                   callbacks=[optuna.study.MaxTrialsCallback(trials, states=FINISHED), *(callbacks or [])])
+            if unreachable_server(error) is not None:  # not the trial's fault: the next run retries it
+                trial.set_user_attr(INTERRUPTED_ATTR, "tracking server unreachable")
+            raise
+
+    while finished_trials(study) < trials:
+        remaining = None if deadline is None else deadline - time.monotonic()
+        if remaining is not None and remaining <= 0:
+            return
+        if len(study.get_trials(deepcopy=False, states=counted)) < trials:
+            # A trial's exception reaches our caller, which reports it in one line; Optuna would log its
+            # traceback first.
+            verbosity = optuna.logging.get_verbosity()
+            optuna.logging.set_verbosity(optuna.logging.ERROR)
+            try:
+                study.optimize(tracked, n_trials=None, timeout=remaining, gc_after_trial=True,
+                               callbacks=[optuna.study.MaxTrialsCallback(trials, states=counted), *(callbacks or [])])
+            finally:
+                optuna.logging.set_verbosity(verbosity)
+            continue
+        if not heartbeat:
+            return
+        time.sleep(PEER_POLL_S)  # the peers' trials still run: wait for them, failing those gone silent
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            optuna.storages.fail_stale_trials(study)
