@@ -48,6 +48,7 @@ from workbench.audio.io import (
     atomic_audio_writer,
     atomic_write_json,
     audio_info,
+    check_finite,
     format_for,
     iter_blocks,
     same_file,
@@ -300,6 +301,9 @@ def denoise_stream(process: Process, input_path: Path, output_path: Path, *, str
         assert original.shape[1] >= count, "a noise estimate never runs ahead of the input it came from"
         out = original[:, :count] - np.float32(strength) * noise if strength else original[:, :count].copy()
         waiting, waiting_frames = [original[:, count:]], waiting_frames - count
+        # The input was checked as it was read, so a NaN or inf here came from the model: refuse the file
+        # (the partial output is removed) rather than hand an archive a silently broken restoration.
+        check_finite(out, input_path, rate, written, what="the model (a damaged checkpoint?) outputs NaN or inf")
         if limits is not None:
             outside = (out < limits[0]) | (out > limits[1])
             clipped += int(np.count_nonzero(outside))

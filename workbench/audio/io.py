@@ -113,11 +113,56 @@ def read_ahead(items: Iterator, depth: int = 2) -> Iterator:
         worker.join()
 
 
-def iter_blocks(path: Path, block_frames: int) -> Iterator[np.ndarray]:
+def format_time(seconds: float) -> str:
+    """A position in a recording as h:mm:ss.sss (what an audio editor shows), e.g. 0:01:02.250."""
+    assert seconds >= 0, seconds
+    millis = round(seconds * 1000)
+    hours, millis = divmod(millis, 3_600_000)
+    minutes, millis = divmod(millis, 60_000)
+    return f"{hours}:{minutes:02d}:{millis // 1000:02d}.{millis % 1000:03d}"
+
+
+def first_non_finite(samples: np.ndarray) -> tuple[int, int] | None:
+    """(frame, channel) of the earliest NaN or ±inf in (channels, frames) samples, or None when all are finite."""
+    samples = np.atleast_2d(samples)
+    finite = np.isfinite(samples)
+    if finite.all():
+        return None
+    frame = int(np.argmax(~finite.all(axis=0)))  # earliest in time, whichever channel
+    return frame, int(np.argmax(~finite[:, frame]))
+
+
+def check_finite(samples: np.ndarray, where: str | Path, sample_rate: int, offset_frames: int = 0,
+                 what: str = "NaN or inf samples") -> None:
+    """Refuse (one line naming `where` and the time of the first bad sample) samples that hold NaN or ±inf.
+
+    Every reader calls this, so a non-finite value never reaches a metric, a loss or a file.
+    `offset_frames` places a block within its recording.
+    """
+    found = first_non_finite(samples)
+    if found is None:
+        return
+    frame, channel = found
+    seconds = (offset_frames + frame) / sample_rate
+    raise WorkbenchError(f"{where}: {what} (first at {format_time(seconds)} = {seconds:.3f} s, channel {channel + 1})")
+
+
+FLOAT_SUBTYPES = {"FLOAT", "DOUBLE"}  # the only stored samples that can be NaN or inf (integers cannot)
+
+
+def check_file_finite(path: Path, block_frames: int = 1 << 18) -> None:
+    """Refuse a float file holding NaN or ±inf anywhere (one line, with the time); integer files pass unread."""
+    if audio_info(path).subtype in FLOAT_SUBTYPES:
+        for _ in iter_blocks(path, block_frames):
+            pass
+
+
+def iter_blocks(path: Path, block_frames: int, finite: bool = True) -> Iterator[np.ndarray]:
     """Yield float32 blocks of shape (channels, frames) until the end of the file.
 
     A file whose body is shorter than its header says (truncated) or that libsndfile cannot decode
-    part-way raises a WorkbenchError naming the file.
+    part-way raises a WorkbenchError naming the file; so does a NaN or ±inf sample (unless not
+    `finite`: a reader that reports them itself).
     """
     info = audio_info(path)
     read = 0
@@ -127,8 +172,11 @@ def iter_blocks(path: Path, block_frames: int) -> Iterator[np.ndarray]:
                 block = handle.read(block_frames, dtype="float32", always_2d=True)
                 if block.shape[0] == 0:
                     break
-                read += block.shape[0]
-                yield np.ascontiguousarray(block.T)
+                block = np.ascontiguousarray(block.T)
+                if finite:
+                    check_finite(block, path, info.sample_rate, read)
+                read += block.shape[1]
+                yield block
     except (sf.LibsndfileError, RuntimeError) as error:
         raise WorkbenchError(f"{path}: unreadable at {read / info.sample_rate:.2f} s ({_reason(error)})") from None
     if read < info.frames:
