@@ -30,7 +30,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from workbench.errors import WorkbenchError
+from workbench.errors import WorkbenchError, database_locked
 from workbench.workspace import Workspace, find_workspace
 
 GENERAL_MODEL = "tape-denoiser-general"
@@ -85,6 +85,9 @@ def _touch_store(mlflow, uri: str) -> None:
         client.search_experiments(max_results=1)
         client.search_registered_models(max_results=1)
     except Exception as error:  # a broken or unreachable store: name it in one line
+        if database_locked(error):
+            raise WorkbenchError(f"MLflow store {uri}: locked by another process past the wait; let it finish "
+                                 "and run this again") from None
         raise WorkbenchError(f"MLflow store {uri}: unusable ({type(error).__name__}: {str(error).splitlines()[0][:200]})") from None
     finally:
         for logger, level in zip(quiet, levels):
@@ -304,13 +307,14 @@ def register_checkpoint(checkpoint_path: str | Path, name: str, *, tags: dict[st
         if mlflow.active_run() is None:
             stack.enter_context(start_run(experiment, run_name=f"register {weights.name}", workspace=workspace))
         info = mlflow.pyfunc.log_model(name=MODEL_ARTIFACT, python_model=str(PYFUNC_CODE), artifacts=model_artifacts,
-                                       pip_requirements=_pip_requirements(), registered_model_name=name)
-        version = int(info.registered_model_version)
+                                       pip_requirements=_pip_requirements())
+        # The version and its tags are created in one transaction, so a process killed here leaves either
+        # no version or one whose tags say where it came from (a rerun recognises it, never registers twice).
+        version = int(mlflow.register_model(info.model_uri, name,
+                                            tags={key: str(value) for key, value in (tags or {}).items()}).version)
     registry = mlflow.MlflowClient()
     if description:
         registry.update_model_version(name, str(version), description=description)
-    for key, value in (tags or {}).items():
-        registry.set_model_version_tag(name, str(version), key, str(value))
     if not registry.get_registered_model(name).description:
         registry.update_registered_model(name, description=_model_description(name))
     return version

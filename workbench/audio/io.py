@@ -8,6 +8,7 @@ leaves either the old file or nothing, never half a file. Source recordings are 
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
@@ -198,6 +199,11 @@ def sha256_file(path: Path, chunk_bytes: int = 1 << 20) -> str:
     return digest.hexdigest()
 
 
+# A full disk, a file-size limit (`ulimit -f`: Python ignores SIGXFSZ, so the write fails with EFBIG), a
+# quota, a read-only filesystem: the user's to fix, reported in one line rather than as a traceback.
+WRITE_FAILURES = {errno.ENOSPC, errno.EFBIG, errno.EDQUOT, errno.EROFS}
+
+
 @contextlib.contextmanager
 def atomic_path(path: Path) -> Iterator[Path]:
     """Yield a temporary path beside `path`; rename it onto `path` only if the block completes.
@@ -210,6 +216,10 @@ def atomic_path(path: Path) -> Iterator[Path]:
     try:
         yield temporary
         os.replace(temporary, path)
+    except OSError as error:
+        if error.errno not in WRITE_FAILURES:
+            raise
+        raise WorkbenchError(f"{path}: cannot be written ({error.strerror}); nothing was written") from None
     finally:
         temporary.unlink(missing_ok=True)
 
@@ -258,9 +268,13 @@ def atomic_audio_writer(path: Path, sample_rate: int, channels: int, subtype: st
     """
     format = format or format_for(path)
     with atomic_path(path) as temporary:
-        with sf.SoundFile(str(temporary), "w", samplerate=int(sample_rate), channels=int(channels),
-                          subtype=subtype, format=format) as handle:
-            yield handle
+        try:
+            with sf.SoundFile(str(temporary), "w", samplerate=int(sample_rate), channels=int(channels),
+                              subtype=subtype, format=format) as handle:
+                yield handle
+        except sf.LibsndfileError as error:  # reading errors arrive as WorkbenchErrors: this one is the write's
+            raise WorkbenchError(f"{path}: writing failed ({_reason(error).rstrip('.')}: is the disk full, or a file-size "
+                                 "limit reached?); nothing was written") from None
 
 
 def write_audio(path: Path, samples: np.ndarray, sample_rate: int, subtype: str | None = None,

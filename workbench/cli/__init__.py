@@ -18,7 +18,7 @@ from workbench.cli import train as _train  # noqa: F401  (corpus, pretrain)
 from workbench.cli import registry as _registry  # noqa: F401  (finetune, models, ui)
 from workbench.cli import demo as _demo  # noqa: F401  (demo)
 from workbench.cli._render import err_console
-from workbench.errors import WorkbenchError
+from workbench.errors import WorkbenchError, database_locked
 
 __all__ = ["app", "main"]
 
@@ -35,6 +35,14 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         err_console.print("interrupted")
         return 130
+    except Exception as error:
+        if not database_locked(error):
+            raise
+        err_console.print("[bold red]error:[/] a SQLite store of this workspace (registry/mlflow.db or registry/"
+                          "optuna.db) stayed locked by another process past the wait; let that process finish and run "
+                          "this again (many writers at once: use a tracking server and PostgreSQL)",
+                          highlight=False, soft_wrap=True)
+        return 2
     return 0
 
 
