@@ -49,6 +49,7 @@ from workbench.audio.io import (
     atomic_write_json,
     audio_info,
     check_finite,
+    exact_dtype,
     format_for,
     iter_blocks,
     same_file,
@@ -313,7 +314,9 @@ def denoise_stream(process: Process, input_path: Path, output_path: Path, *, str
 
     block_frames = max(1, round(block_seconds * rate))
     with atomic_audio_writer(output_path, rate, channels, subtype=subtype, format=format) as handle:
-        for block in iter_blocks(input_path, block_frames):
+        # The original samples are kept exactly (float64 for PCM_32 and DOUBLE), so strength 0 returns them
+        # bit for bit; the model and the resamplers work in float32 on a copy.
+        for block in iter_blocks(input_path, block_frames, dtype=exact_dtype(info.subtype)):
             waiting.append(block)
             waiting_frames += block.shape[1]
             write(handle, to_input.push(chunker.push(to_model.push(block))))

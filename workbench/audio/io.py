@@ -11,6 +11,7 @@ import contextlib
 import errno
 import hashlib
 import json
+import math
 import os
 import re
 import secrets
@@ -56,7 +57,24 @@ def audio_info(path: Path) -> AudioInfo:
     # libsndfile quietly shortens a truncated WAV/AIFF to what is there; its header dump says so.
     if re.search(r"^(data|SSND)\s*:.*should be", info.extra_info or "", re.MULTILINE):
         raise WorkbenchError(f"{path}: truncated (the header promises more audio than the file holds)")
+    check_resamplable(path, int(info.samplerate))
     return AudioInfo(path, int(info.samplerate), int(info.channels), int(info.frames), info.format, info.subtype)
+
+
+MODEL_RATE = 44_100  # = workbench.audio.dsp.MODEL_SAMPLE_RATE (dsp imports torch; this module must not)
+# Every command resamples to 44.1 kHz and back with a sinc resampler whose work per sample grows with the
+# reduced ratio's terms: 48 kHz is 160:147, 384 kHz 1280:147, but 44.056 kHz is 11014:11025 (measured:
+# 25 s and 2.5 GB per second of audio) and a prime rate such as 37813 Hz would need tens of GB.
+MAX_RATIO_TERM = 2048
+
+
+def check_resamplable(path: Path, sample_rate: int) -> None:
+    """Refuse, in one line, a sample rate whose exact ratio to 44.1 kHz is too costly to resample."""
+    common = math.gcd(int(sample_rate), MODEL_RATE)
+    terms = (sample_rate // common, MODEL_RATE // common)
+    if max(terms) > MAX_RATIO_TERM:
+        raise WorkbenchError(f"{path}: sample rate {sample_rate} Hz is {terms[0]}:{terms[1]} to 44.1 kHz, too costly to "
+                             "resample exactly; convert it to a standard rate (e.g. 48000 or 96000 Hz) first")
 
 
 def _reason(error: Exception) -> str:
@@ -149,6 +167,12 @@ def check_finite(samples: np.ndarray, where: str | Path, sample_rate: int, offse
 
 
 FLOAT_SUBTYPES = {"FLOAT", "DOUBLE"}  # the only stored samples that can be NaN or inf (integers cannot)
+WIDE_SUBTYPES = {"PCM_32", "DOUBLE"}  # samples float32 cannot hold exactly: read them as float64 to keep them
+
+
+def exact_dtype(subtype: str) -> str:
+    """The float type that holds every sample of `subtype` exactly (float32 has a 24-bit mantissa)."""
+    return "float64" if subtype.upper() in WIDE_SUBTYPES else "float32"
 
 
 def check_file_finite(path: Path, block_frames: int = 1 << 18) -> None:
@@ -158,8 +182,8 @@ def check_file_finite(path: Path, block_frames: int = 1 << 18) -> None:
             pass
 
 
-def iter_blocks(path: Path, block_frames: int, finite: bool = True) -> Iterator[np.ndarray]:
-    """Yield float32 blocks of shape (channels, frames) until the end of the file.
+def iter_blocks(path: Path, block_frames: int, finite: bool = True, dtype: str = "float32") -> Iterator[np.ndarray]:
+    """Yield float32 (or `dtype`) blocks of shape (channels, frames) until the end of the file.
 
     A file whose body is shorter than its header says (truncated) or that libsndfile cannot decode
     part-way raises a WorkbenchError naming the file; so does a NaN or ±inf sample (unless not
@@ -170,7 +194,7 @@ def iter_blocks(path: Path, block_frames: int, finite: bool = True) -> Iterator[
     try:
         with sf.SoundFile(str(path)) as handle:
             while True:
-                block = handle.read(block_frames, dtype="float32", always_2d=True)
+                block = handle.read(block_frames, dtype=dtype, always_2d=True)
                 if block.shape[0] == 0:
                     break
                 block = np.ascontiguousarray(block.T)
