@@ -525,31 +525,44 @@ def finetune_device(workspace: Workspace, device_id: str, *, speed: float | None
 
         tune(plan, study, validation, progress)
         best, info = study.best_trial, study_summary(study)
-        # A worker that shares the study may have registered this very trial already: don't do it twice.
-        _close_killed_registrations(plan)
-        existing = _registered_for(tracking.client(plan.workspace), plan, best.number)
-        if existing is not None:
-            _finish_registration(plan, existing, best.number)
-            return _result_from_version(plan, existing, info)
-        model = best_model(plan, best, validation, progress)
-        champion = tracking.get_alias_version(tracking.device_model_name(plan.device.id), "champion", plan.workspace)
-        result = evaluate_models(plan, _scored_models(plan, model, champion), progress)
-        promoted, reason = promotion_decision(result, list(plan.evaluation.snrs_db), champion)
-        return _register(plan, study, info, best, model, result, lineage, champion, promoted, reason)
+        # Workers of this study on this machine register one at a time, so a trial is registered once.
+        with _registration_turn(plan):
+            # A worker that shares the study may have registered this very trial already: don't do it twice.
+            _close_killed_registrations(plan)
+            existing = _registered_for(tracking.client(plan.workspace), plan, best.number)
+            if existing is not None:
+                _finish_registration(plan, existing, best.number)
+                return _result_from_version(plan, existing, info)
+            model = best_model(plan, best, validation, progress)
+            champion = tracking.get_alias_version(tracking.device_model_name(plan.device.id), "champion", plan.workspace)
+            result = evaluate_models(plan, _scored_models(plan, model, champion), progress)
+            promoted, reason = promotion_decision(result, list(plan.evaluation.snrs_db), champion)
+            return _register(plan, study, info, best, model, result, lineage, champion, promoted, reason)
+
+
+def _registration_turn(plan: Plan):
+    """An exclusive lock per study in the workspace (released by the kernel if the process dies)."""
+    from workbench.train.tuning import _file_lock
+
+    plan.study_dir.mkdir(parents=True, exist_ok=True)
+    return _file_lock(plan.study_dir / "register.lock")
 
 
 def _open_study(plan: Plan):
     """Create or join the plan's study; its key (a study attribute) names the trials' training folders."""
     import uuid
 
-    from workbench.train.tuning import check_identity, make_pruner, open_study
+    from workbench.train.tuning import _file_lock, check_identity, make_pruner, open_study
 
     study = open_study(plan.study_name, plan.storage_url, seed=plan.settings.seed, pruner=make_pruner(plan.settings.pruner))
-    check_identity(study, plan.identity, plan.storage_url)
-    if STUDY_KEY_ATTR not in study.user_attrs:
-        study.set_user_attr(STUDY_KEY_ATTR, uuid.uuid4().hex[:12])
-        study.set_user_attr("device", plan.device.id)
-        study.set_user_attr("speeds", [float(s) for s in plan.speeds])
+    folder = plan.workspace.runs_dir / "finetune"
+    folder.mkdir(parents=True, exist_ok=True)
+    with _file_lock(folder / f"{plan.study_name}.lock"):  # two workers starting at once on this machine
+        check_identity(study, plan.identity, plan.storage_url)
+        if STUDY_KEY_ATTR not in study.user_attrs:
+            study.set_user_attr(STUDY_KEY_ATTR, uuid.uuid4().hex[:12])
+            study.set_user_attr("device", plan.device.id)
+            study.set_user_attr("speeds", [float(s) for s in plan.speeds])
     plan.study_key = study.user_attrs[STUDY_KEY_ATTR]  # read back: a worker that raced us may have set it first
     return study
 
