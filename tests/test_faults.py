@@ -280,3 +280,140 @@ def test_a_locked_mlflow_store_is_waited_for_then_refused_in_one_line(workspace,
     assert code == 2, stderr[-3000:]
     line = error_line(stderr)
     assert "mlflow.db" in line and "locked by another process" in line, line
+
+
+# --- finetune: two workers at once, a kill during registration, a study per question --------------------------
+
+FT_DEVICE = "uher-4000-l"
+FT_MODEL = f"tape-denoiser-{FT_DEVICE}"
+
+
+@pytest.fixture(scope="module")
+def ft_archive(tiny_archive_template, tmp_path_factory):
+    """A private tiny archive with a random tiny network as the general model @base and two recipes that
+    differ only in their seed (two questions, so two studies)."""
+    import shutil
+
+    from conftest import tiny_finetune_recipe
+    from workbench import tracking
+    from workbench.model.checkpoint import save_checkpoint
+    from workbench.model.unet import TwoStageUNet, get_config
+    from workbench.workspace import Workspace
+
+    root = tmp_path_factory.mktemp("faults-finetune") / "archive"
+    shutil.copytree(tiny_archive_template, root)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("WORKBENCH_HOME", str(root))
+        patch.delenv("MLFLOW_TRACKING_URI", raising=False)
+        ws = Workspace(root)
+        torch.manual_seed(0)
+        base = root / "base.safetensors"
+        save_checkpoint(base, TwoStageUNet(get_config("tiny")), {"kind": "test base: random weights"})
+        tracking.set_alias(tracking.GENERAL_MODEL, "base", tracking.register_checkpoint(base, tracking.GENERAL_MODEL,
+                                                                                           workspace=ws), ws)
+        ws.recipes_dir.mkdir(exist_ok=True)
+        for name, seed in (("ft-a", 7), ("ft-b", 8)):
+            text = tiny_finetune_recipe(name, trials=2, steps=2, validate_every=1, segment_seconds=0.25)
+            (ws.recipes_dir / f"{name}.toml").write_text(text.replace("seed = 7", f"seed = {seed}", 1))
+        yield ws
+
+
+def registry_state(ws) -> dict:
+    """Versions of the device model (with their study and trial) and the status of every MLflow run."""
+    with sqlite3.connect(f"file:{ws.mlflow_db}?mode=ro", uri=True) as db:
+        versions = db.execute("SELECT v.version, s.value, t.value FROM model_versions v "
+                              "JOIN model_version_tags s ON s.name = v.name AND s.version = v.version AND s.key = 'study' "
+                              "JOIN model_version_tags t ON t.name = v.name AND t.version = v.version AND t.key = 'best_trial' "
+                              "WHERE v.name = ? ORDER BY v.version", (FT_MODEL,)).fetchall()
+        runs = db.execute("SELECT status, COUNT(*) FROM runs GROUP BY status").fetchall()
+    return {"versions": versions, "runs": dict(runs)}
+
+
+def registering(ws) -> bool:
+    """True while a `finetune` process is inside its registration run (the MLflow run that registers a version)."""
+    try:
+        with sqlite3.connect(f"file:{ws.mlflow_db}?mode=ro", uri=True, timeout=0.1) as db:
+            return bool(db.execute("SELECT COUNT(*) FROM runs r JOIN tags t ON t.run_uuid = r.run_uuid "
+                                   "WHERE r.status = 'RUNNING' AND t.key = 'workbench.kind' "
+                                   "AND t.value = 'finetune-model'").fetchone()[0])
+    except sqlite3.OperationalError:  # busy for a moment: look again
+        return False
+
+
+def finetune(ws, recipe: str, **popen) -> subprocess.Popen:
+    return workbench_process("finetune", "--device", FT_DEVICE, "--recipe", recipe, "--json", workspace=ws.root, **popen)
+
+
+def test_two_finetune_workers_at_once_share_the_study_and_register_once(ft_archive):
+    import json
+
+    first, second = finetune(ft_archive, "ft-a"), finetune(ft_archive, "ft-a")
+    results = [finished(first, 900), finished(second, 900)]
+    for code, _, stderr in results:
+        assert code == 0 and "database is locked" not in stderr and "Traceback" not in stderr, stderr[-3000:]
+    answers = [json.loads(stdout) for _, stdout, _ in results]
+    assert answers[0]["study"] == answers[1]["study"] and answers[0]["version"] == answers[1]["version"] == 1
+    assert sorted(a["registered_now"] for a in answers) == [False, True]  # one registered, the other found it
+    state = registry_state(ft_archive)
+    assert len(state["versions"]) == 1 and state["runs"].get("RUNNING", 0) == 0, state
+
+    # The same question again resumes the study: nothing trained, the same version back.
+    code, stdout, stderr = finished(finetune(ft_archive, "ft-a"), 900)
+    assert code == 0, stderr[-3000:]
+    again = json.loads(stdout)
+    assert (again["study"], again["version"], again["registered_now"]) == (answers[0]["study"], 1, False)
+    assert registry_state(ft_archive) == state
+
+
+def test_a_kill_during_registration_is_completed_by_a_rerun_once(ft_archive):
+    """Another recipe is another question: its own study (not the ft-a version back). Its first run is killed
+    while it registers; the rerun closes the dead run, trains nothing and registers exactly one version."""
+    import json
+
+    import optuna
+
+    from workbench.finetune import make_plan
+    from workbench.train.tuning import open_storage
+
+    before = registry_state(ft_archive)
+    plan = make_plan(ft_archive, FT_DEVICE, recipe="ft-b")
+    assert plan.study_name not in {study for _, study, _ in before["versions"]}
+    worker = finetune(ft_archive, "ft-b", stdout=subprocess.DEVNULL)
+    kill_when(worker, lambda: registering(ft_archive), "it began registering", timeout=900)
+    killed = registry_state(ft_archive)
+    assert killed["versions"] == before["versions"] and killed["runs"].get("RUNNING", 0) >= 2  # study + registration
+    study = optuna.load_study(study_name=plan.study_name, storage=open_storage(ft_archive.optuna_storage()))
+    trials = [(t.number, t.state, t.datetime_complete) for t in study.get_trials(deepcopy=False)]
+
+    code, stdout, stderr = finished(finetune(ft_archive, "ft-b"), 900)
+    assert code == 0, stderr[-3000:]
+    result = json.loads(stdout)
+    assert result["study"] == plan.study_name and result["version"] == 2 and result["registered_now"]
+    after = registry_state(ft_archive)
+    assert after["versions"] == before["versions"] + [(2, plan.study_name, str(result["best_trial"]["number"]))]
+    assert after["runs"].get("RUNNING", 0) == 0 and after["runs"].get("KILLED", 0) >= 1, after
+    study = optuna.load_study(study_name=plan.study_name, storage=open_storage(ft_archive.optuna_storage()))
+    assert [(t.number, t.state, t.datetime_complete) for t in study.get_trials(deepcopy=False)] == trials
+
+
+def test_a_study_refuses_a_run_that_asks_another_question(tmp_path):
+    """Names carry the identity, so this takes a study made by hand under a run's name with another identity."""
+    from workbench.train.tuning import check_identity, open_study, study_identity
+
+    storage = f"journal:{tmp_path / 'studies.journal'}"
+    study = open_study("finetune-x-0123456789", storage, seed=0, pruner=optuna_pruner())
+    mine = study_identity(base="tape-denoiser-general v1, sha256 aa", recipe="r1", noise="n1", corpus="c1")
+    check_identity(study, mine, storage)  # a new study takes the run's identity
+    check_identity(study, mine, storage)  # and the same inputs join it again
+    other = dict(mine, base="tape-denoiser-general v2, sha256 bb", recipe="r2")
+    with pytest.raises(WorkbenchError) as refused:
+        check_identity(study, other, storage)
+    line = str(refused.value)
+    assert "\n" not in line and "finetune-x-0123456789" in line and "base model (tape-denoiser-general v1" in line
+    assert "recipe (r1 there, r2 here)" in line and "noise library" not in line and "another --storage" in line
+
+
+def optuna_pruner():
+    import optuna
+
+    return optuna.pruners.NopPruner()

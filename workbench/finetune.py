@@ -524,6 +524,7 @@ def finetune_device(workspace: Workspace, device_id: str, *, speed: float | None
             extra={"base_model": plan.base, "validation_mixtures": {"key": validation.key, "path": str(validation.path)}})
 
         tune(plan, study, validation, progress)
+        _wait_for_other_workers(plan, study, progress)
         best, info = study.best_trial, study_summary(study)
         # Workers of this study on this machine register one at a time, so a trial is registered once.
         with _registration_turn(plan):
@@ -538,6 +539,29 @@ def finetune_device(workspace: Workspace, device_id: str, *, speed: float | None
             result = evaluate_models(plan, _scored_models(plan, model, champion), progress)
             promoted, reason = promotion_decision(result, list(plan.evaluation.snrs_db), champion)
             return _register(plan, study, info, best, model, result, lineage, champion, promoted, reason)
+
+
+def _wait_for_other_workers(plan: Plan, study, progress: Progress, poll_seconds: float = 1.0) -> None:
+    """Workers share a study: one that runs out of trials first waits for the trials the others are still
+    running, so every worker ends with the study's final best trial and it is registered once."""
+    import time
+    import warnings
+
+    import optuna
+    from optuna.trial import TrialState
+
+    from workbench.train.tuning import WORKER_ATTR, _is_alive
+
+    while True:
+        with warnings.catch_warnings():  # heartbeats are "experimental" in Optuna 5; they are what we need
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            optuna.storages.fail_stale_trials(study)  # another host's worker that died: its heartbeat stopped
+        running = [t for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+                   if _is_alive(t.user_attrs.get(WORKER_ATTR, {}))]  # a dead worker's trial waits for a rerun
+        if not running:
+            return
+        progress(f"study {plan.study_name}: waiting for other workers' trials", 0, len(running))
+        time.sleep(poll_seconds)
 
 
 def _registration_turn(plan: Plan):
