@@ -4,9 +4,11 @@
 
 1. Check everything cheap first (device, speed, recipe, the machine's train/validation/test noise, the
    base model, the Optuna storage), so bad input costs one line and no work.
-2. Optuna study `finetune-<device>[@<speed>]` (see `workbench.train.tuning`): each trial trains the base
-   with the shared loop (`workbench.train.loop.train`) on the machine's TRAIN noise and reports validation
-   ΔSNR on its VALIDATION noise to the pruner; each trial is a nested MLflow run under the study's run.
+2. Optuna study `finetune-<device>[@<speed>]-<identity>` (the identity digests the base model's weights, the
+   recipe, the noise and the music: one study per question, `tuning.study_identity`; see
+   `workbench.train.tuning`): each trial trains the base with the shared loop (`workbench.train.loop.train`)
+   on the machine's TRAIN noise and reports validation ΔSNR on its VALIDATION noise to the pruner; each
+   trial is a nested MLflow run under the study's run.
 3. The best trial's weights are evaluated on the machine's TEST noise with the research protocol (fixed
    10 s fragments at 10 and 16 dB) next to the noisy input, the base model, the current champion and
    spectral gating; the report (HTML + JSON) is written.
