@@ -3,12 +3,31 @@
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass
 
 import pytest
 import torch
 
 from workbench.workspace import Workspace, init_workspace
+
+# Property-based tests (hypothesis): `ci` is the default and what `make test` runs; HYPOTHESIS_PROFILE=dev
+# is a quick pass while editing. No example database: nothing is written into the repository, and every
+# run draws afresh from the fixed seed (derandomize), so a failure reproduces on any machine.
+HYPOTHESIS_EXAMPLES = {"ci": 60, "dev": 10}
+
+
+def _register_hypothesis_profiles() -> None:
+    from hypothesis import HealthCheck, settings
+
+    for name, examples in HYPOTHESIS_EXAMPLES.items():
+        settings.register_profile(name, max_examples=examples, deadline=None, database=None, derandomize=True,
+                                  print_blob=True, suppress_health_check=[HealthCheck.too_slow,
+                                                                          HealthCheck.function_scoped_fixture])
+    settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+
+
+_register_hypothesis_profiles()
 
 
 def pytest_sessionstart(session):

@@ -8,6 +8,7 @@ promoted over a random base), a study built to prune, and a do-nothing schedule 
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
@@ -72,9 +73,20 @@ def archive(tiny_archive_template, tmp_path_factory):
         yield ws
 
 
-def optuna_trials(ws: Workspace, study: str = STUDY, storage: str | None = None) -> list:
+@functools.lru_cache
+def study_of(ws: Workspace, recipe_name: str = "ft-test", storage: str | None = None) -> str:
+    """The study a `finetune --device DEVICE --recipe recipe_name` run uses: STUDY plus its identity digest."""
+    from workbench.finetune import make_plan
+
+    name = make_plan(ws, DEVICE, recipe=recipe_name, storage=storage).study_name
+    assert name.startswith(STUDY + "-"), name
+    return name
+
+
+def optuna_trials(ws: Workspace, study: str | None = None, storage: str | None = None) -> list:
     from workbench.train.tuning import open_storage  # safe beside a worker creating the store
 
+    study = study or study_of(ws)
     loaded = optuna.load_study(study_name=study, storage=open_storage(storage or ws.optuna_storage()))
     return loaded.get_trials(deepcopy=False)
 
@@ -172,7 +184,7 @@ def test_each_trial_is_a_nested_mlflow_run_under_the_study_run(archive, resumed)
     from workbench import tracking
 
     client = tracking.client(archive)
-    study = optuna.load_study(study_name=STUDY, storage=archive.optuna_storage())
+    study = optuna.load_study(study_name=study_of(archive), storage=archive.optuna_storage())
     parent = study.user_attrs["mlflow_run_id"]
     experiment = client.get_experiment_by_name(f"finetune-{DEVICE}")
     children = client.search_runs([experiment.experiment_id], f"tags.mlflow.parentRunId = '{parent}'")
@@ -200,7 +212,7 @@ def test_finetune_registers_a_promoted_version_with_tags_description_and_report(
     for key in ("device", "speeds", "base_model", "base_version", "study", "delta_snr_10db", "delta_snr_16db",
                 "noise_minutes", "promoted", "gate"):
         assert key in tags, key
-    assert tags["device"] == DEVICE and tags["speeds"] == "3.75" and tags["study"] == STUDY
+    assert tags["device"] == DEVICE and tags["speeds"] == "3.75" and tags["study"] == study_of(archive)
     assert tags["base_model"] == "tape-denoiser-general" and tags["base_version"] == "1"
     assert float(tags["delta_snr_10db"]) == pytest.approx(data["summary"]["fine-tuned"]["10"]["mean"], abs=1e-3)
     assert float(tags["noise_minutes"]) > 0 and tags["promoted"] == "true"
@@ -266,13 +278,14 @@ def test_a_wild_schedule_is_pruned_and_a_do_nothing_model_is_registered_but_not_
         '"schedule.learning_rate" = { type = "float", low = 1e-12, high = 1.0, log = true }\n'
         '"schedule.steps" = { type = "int", low = 1, high = 3 }'), trials=2)
     journal = f"journal:{tmp_path / 'study.journal'}"
-    study = optuna.create_study(study_name=STUDY, storage=open_storage(journal), direction="maximize")
+    study = optuna.create_study(study_name=study_of(archive, name, journal), storage=open_storage(journal),
+                                direction="maximize")
     study.enqueue_trial({"schedule.learning_rate": 1e-12, "schedule.steps": 2})
     study.enqueue_trial({"schedule.learning_rate": 0.5, "schedule.steps": 3})
     result = cli_module("finetune", "--device", DEVICE, "--recipe", name, "--storage", journal)
     assert result.code == 0, result.stderr
 
-    trials = optuna_trials(archive, STUDY, journal)
+    trials = optuna_trials(archive, study_of(archive, name, journal), journal)
     assert [t.state for t in trials] == [optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED]
     assert max(trials[1].intermediate_values) < 3  # stopped before its last step
 

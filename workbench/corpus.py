@@ -24,7 +24,7 @@ import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from workbench.audio.io import AUDIO_SUFFIXES, atomic_write_json, audio_info, sha256_file
+from workbench.audio.io import AUDIO_SUFFIXES, atomic_write_json, audio_info, check_file_finite, sha256_file
 from workbench.errors import WorkbenchError
 from workbench.progress import Progress, no_progress
 from workbench.workspace import Workspace
@@ -129,6 +129,7 @@ def _scan(folder: Path, name: str, progress: Progress) -> tuple[str, list[dict]]
     for done, relative in enumerate(sorted(split_of)):
         progress(f"corpus {name}", done, len(split_of))
         info = audio_info(folder / relative)
+        check_file_finite(folder / relative)  # a NaN in the music would reach every loss it is mixed into
         entries.append({"path": relative, "sha256": sha256_file(folder / relative), "frames": info.frames,
                         "sample_rate": info.sample_rate, "channels": info.channels, "split": split_of[relative]})
     progress(f"corpus {name}", len(split_of), len(split_of))

@@ -31,8 +31,10 @@ from __future__ import annotations
 
 import contextlib
 import datetime as _dt
+import json
 import math
 import platform
+import re
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
@@ -48,6 +50,8 @@ from workbench.audio.io import (
     atomic_audio_writer,
     atomic_write_json,
     audio_info,
+    check_finite,
+    exact_dtype,
     format_for,
     iter_blocks,
     same_file,
@@ -300,6 +304,9 @@ def denoise_stream(process: Process, input_path: Path, output_path: Path, *, str
         assert original.shape[1] >= count, "a noise estimate never runs ahead of the input it came from"
         out = original[:, :count] - np.float32(strength) * noise if strength else original[:, :count].copy()
         waiting, waiting_frames = [original[:, count:]], waiting_frames - count
+        # The input was checked as it was read, so a NaN or inf here came from the model: refuse the file
+        # (the partial output is removed) rather than hand an archive a silently broken restoration.
+        check_finite(out, input_path, rate, written, what="the model (a damaged checkpoint?) outputs NaN or inf")
         if limits is not None:
             outside = (out < limits[0]) | (out > limits[1])
             clipped += int(np.count_nonzero(outside))
@@ -309,7 +316,9 @@ def denoise_stream(process: Process, input_path: Path, output_path: Path, *, str
 
     block_frames = max(1, round(block_seconds * rate))
     with atomic_audio_writer(output_path, rate, channels, subtype=subtype, format=format) as handle:
-        for block in iter_blocks(input_path, block_frames):
+        # The original samples are kept exactly (float64 for PCM_32 and DOUBLE), so strength 0 returns them
+        # bit for bit; the model and the resamplers work in float32 on a copy.
+        for block in iter_blocks(input_path, block_frames, dtype=exact_dtype(info.subtype)):
             waiting.append(block)
             waiting_frames += block.shape[1]
             write(handle, to_input.push(chunker.push(to_model.push(block))))
@@ -487,6 +496,7 @@ class Job:
     format: str
     subtype: str
     info: object  # AudioInfo of the input
+    done_before: bool = False  # output and sidecar exist (an earlier run, perhaps killed later): skip if the same
 
     @property
     def sidecar(self) -> Path:
@@ -565,14 +575,34 @@ def plan_jobs(inputs: Iterable[Path], *, out_dir: Path = Path("denoised"), outpu
         for earlier in jobs:
             if same_file(earlier.output, target):
                 raise WorkbenchError(f"{target}: both {earlier.input} and {input_path} would be written there")
-        if not overwrite and (target.exists() or sidecar_path(target).exists()):
+        done_before = not overwrite and target.is_file() and sidecar_path(target).is_file()
+        if not overwrite and not done_before and (target.exists() or sidecar_path(target).exists()):
             raise WorkbenchError(f"{target}: already exists (pass --overwrite to replace it)")
         size = info.frames * info.channels * _BYTES_PER_SAMPLE.get(job_subtype, 4)
         if job_format in ("WAV", "AIFF") and size > WAV_LIMIT_BYTES:
             raise WorkbenchError(f"{target}: {size / 1024**3:.1f} GiB is past {job_format}'s 4 GiB limit "
                                  "(use --format RF64, W64 or FLAC)")
-        jobs.append(Job(input_path, target, job_format, job_subtype, info))
+        jobs.append(Job(input_path, target, job_format, job_subtype, info, done_before))
     return jobs
+
+
+def _earlier_restoration(job: Job, model_record: dict, settings: dict) -> dict | None:
+    """The sidecar record of an output an earlier run finished from this very input with this model and
+    these settings (a rerun after a kill skips it), or None when there is none; any other existing output
+    is refused unless --overwrite."""
+    from workbench.audio.io import read_json_object
+
+    if not job.done_before:
+        return None
+    record = read_json_object(job.sidecar, "provenance record")
+    same = (record.get("input", {}).get("sha256") == sha256_file(job.input)
+            and record.get("output", {}).get("sha256") == sha256_file(job.output)
+            and record.get("model", {}).get("checkpoint_sha256") == model_record["checkpoint_sha256"]
+            and record.get("settings") == json.loads(json.dumps(settings)))
+    if not same:
+        raise WorkbenchError(f"{job.output}: already exists, restored from another input, model or settings "
+                             "(pass --overwrite to replace it)")
+    return record
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -623,10 +653,14 @@ def denoise_files(inputs: Iterable[Path], *, model_ref: str | Path | None = None
                            else resolve_device_model(device_id, device))
     plan = ChunkPlan.from_seconds(chunk_seconds, grid_frames=model_grid_frames(model))
     process = model_process(model, device)
+    earlier = {job.output: _earlier_restoration(job, model_record, settings_record(strength, plan)) for job in jobs}
     created = _missing_folders(job.output.parent for job in jobs)
     records = []
     try:
         for number, job in enumerate(jobs, start=1):
+            if earlier[job.output] is not None:
+                records.append(earlier[job.output])
+                continue
             stage = f"{number}/{len(jobs)} {job.input.name}" if len(jobs) > 1 else job.input.name
             records.append(_restore(job, process, strength, plan, model_record, device, progress, stage))
     except BaseException:
@@ -652,6 +686,11 @@ def _restore(job: Job, process: Process, strength: float, plan: ChunkPlan, model
              device: torch.device, progress: Progress, stage: str) -> dict:
     """One input to its output and sidecar; returns the provenance record."""
     started_at = _utc_now()
+    for stale in (job.output, job.sidecar):  # what a killed run left half-written for this very output
+        left = re.compile(rf"\.{re.escape(stale.stem)}\.[0-9a-f]{{8}}\.partial{re.escape(stale.suffix)}")
+        for partial in (stale.parent.iterdir() if stale.parent.is_dir() else ()):
+            if left.fullmatch(partial.name):
+                partial.unlink(missing_ok=True)
     input_sha256 = sha256_file(job.input)
     result = denoise_stream(process, job.input, job.output, strength=strength, plan=plan,
                             subtype=job.subtype, format=job.format, progress=progress, stage=stage)

@@ -4,9 +4,11 @@
 
 1. Check everything cheap first (device, speed, recipe, the machine's train/validation/test noise, the
    base model, the Optuna storage), so bad input costs one line and no work.
-2. Optuna study `finetune-<device>[@<speed>]` (see `workbench.train.tuning`): each trial trains the base
-   with the shared loop (`workbench.train.loop.train`) on the machine's TRAIN noise and reports validation
-   ΔSNR on its VALIDATION noise to the pruner; each trial is a nested MLflow run under the study's run.
+2. Optuna study `finetune-<device>[@<speed>]-<identity>` (the identity digests the base model's weights, the
+   recipe, the noise and the music: one study per question, `tuning.study_identity`; see
+   `workbench.train.tuning`): each trial trains the base with the shared loop (`workbench.train.loop.train`)
+   on the machine's TRAIN noise and reports validation ΔSNR on its VALIDATION noise to the pruner; each
+   trial is a nested MLflow run under the study's run.
 3. The best trial's weights are evaluated on the machine's TEST noise with the research protocol (fixed
    10 s fragments at 10 and 16 dB) next to the noisy input, the base model, the current champion and
    spectral gating; the report (HTML + JSON) is written.
@@ -41,6 +43,7 @@ SPECTRAL_GATING = "spectral gating"  # = workbench.evaluate.baselines.SPECTRAL_G
 GATING_NOISE_SECONDS = 10.0
 STUDY_RUN_ATTR = "mlflow_run_id"
 STUDY_KEY_ATTR = "workbench_key"
+WORKER_TAG = "workbench.worker"  # the process registering a version (host, pid, start), to tell a dead one
 
 
 @dataclass
@@ -106,6 +109,7 @@ class Plan:
     trials: int
     timeout_s: float | None
     study_key: str = ""  # the study's own id (a study user attr): names its training folders
+    identity: dict = field(default_factory=dict)  # what the study's trials are measured on (tuning.study_identity)
 
     @property
     def experiment(self) -> str:
@@ -176,8 +180,29 @@ def _download_checkpoint(workspace: Workspace, uri: str) -> tuple[Path, dict]:
     return found[0], {"ref": uri, "name": uri, "version": None, "uri": uri, "run_id": None}
 
 
-def study_name(device_id: str, speed: float | None) -> str:
-    return f"finetune-{device_id}" + (f"@{format_speed(speed)}" if speed is not None else "")
+def study_name(device_id: str, speed: float | None, identity: dict[str, str]) -> str:
+    """`finetune-<device>[@<speed>]-<identity digest>`: a study answers one question, so a run with another
+    base model, recipe, noise or music starts its own study, and a rerun with the same ones resumes it."""
+    from workbench.train.tuning import identity_digest
+
+    return f"finetune-{device_id}" + (f"@{format_speed(speed)}" if speed is not None else "") + \
+        f"-{identity_digest(identity)}"
+
+
+def _plan_identity(base_path: Path, base: dict, recipe: dict, noise: dict[str, list], clean: dict[str, list]) -> dict:
+    from workbench.audio.io import sha256_file
+    from workbench.corpus import corpus_digest
+    from workbench.model.checkpoint import config_path_for
+    from workbench.noise.library import NoiseLibrary
+    from workbench.recipes import recipe_digest
+    from workbench.train.tuning import study_identity
+
+    config = json.loads(config_path_for(base_path).read_text()) if config_path_for(base_path).is_file() else {}
+    weights = config.get("weights_sha256") or sha256_file(base_path)  # load_checkpoint has checked it against the file
+    version = f"{base['name']} v{base['version']}, " if base.get("version") is not None else ""
+    return study_identity(base=f"{version}sha256 {weights[:16]}", recipe=recipe_digest(recipe),
+                          noise=NoiseLibrary.digest([s for split in noise.values() for s in split])[:16],
+                          corpus=corpus_digest([f for split in clean.values() for f in split]))
 
 
 def make_plan(workspace: Workspace, device_id: str, *, speed: float | None = None, base: str | None = None,
@@ -233,10 +258,12 @@ def make_plan(workspace: Workspace, device_id: str, *, speed: float | None = Non
     if accelerator.startswith("cuda") and not torch.cuda.is_available():
         raise WorkbenchError(f"--accelerator {accelerator}: no CUDA GPU is available here (use cpu)")
     timeout_s = parse_duration(timeout) if timeout is not None else settings.timeout_s
-    name = study_name(device.id, speed)
+    identity = _plan_identity(base_path, base_facts, loaded, noise, clean)
+    name = study_name(device.id, speed, identity)
+    label = device.id + (f"@{format_speed(speed)}" if speed is not None else "")
     return Plan(workspace, device, speeds, loaded, settings, evaluation, noise, clean, base_path, base_facts,
-                base_model, storage_url, name, name.removeprefix("finetune-"), accelerator, trials or settings.trials,
-                timeout_s)
+                base_model, storage_url, name, label, accelerator, trials or settings.trials, timeout_s,
+                identity=identity)
 
 
 # ------------------------------------------------------------------------------------------ the study
@@ -518,8 +545,10 @@ def finetune_device(workspace: Workspace, device_id: str, *, speed: float | None
         # Every worker of the study ends here having seen the same trials; one at a time, so the first
         # registers the best trial and the others find its version.
         with study_lock(plan.storage_url, plan.study_name):
+            _close_killed_registrations(plan)
             existing = _registered_for(tracking.client(plan.workspace), plan, best.number)
             if existing is not None:
+                _finish_registration(plan, existing, best.number)
                 return _result_from_version(plan, existing, info)
             model = best_model(plan, best, validation, progress)
             champion = tracking.get_alias_version(tracking.device_model_name(plan.device.id), "champion", plan.workspace)
@@ -532,10 +561,11 @@ def _open_study(plan: Plan):
     """Create or join the plan's study; its key (a study attribute) names the trials' training folders."""
     import uuid
 
-    from workbench.train.tuning import make_pruner, open_study, study_lock
+    from workbench.train.tuning import check_identity, make_pruner, open_study, study_lock
 
     study = open_study(plan.study_name, plan.storage_url, seed=plan.settings.seed, pruner=make_pruner(plan.settings.pruner))
     with study_lock(plan.storage_url, plan.study_name):  # workers started together: the first one sets the key
+        check_identity(study, plan.identity, plan.storage_url)
         if STUDY_KEY_ATTR not in study.user_attrs:
             study.set_user_attr(STUDY_KEY_ATTR, uuid.uuid4().hex[:12])
             study.set_user_attr("device", plan.device.id)
@@ -614,7 +644,7 @@ def _register(plan: Plan, study, info: dict, best, model, result, lineage: dict,
     from workbench.model.checkpoint import save_checkpoint
     from workbench.model_registry import CHAMPION, TAG_GATE, TAG_PROMOTED, TAG_REPORT, delta_snr_tag
     from workbench.recipes import recipe_digest
-    from workbench.train.tuning import describe_storage
+    from workbench.train.tuning import describe_storage, worker_identity
 
     model_name = tracking.device_model_name(plan.device.id)
     snrs = list(plan.evaluation.snrs_db)
@@ -629,6 +659,7 @@ def _register(plan: Plan, study, info: dict, best, model, result, lineage: dict,
     splits = (("train", "training"), ("validation", "validation"), ("test", "test"))
     with tracking.start_run(plan.experiment, run_name=f"evaluate and register trial {best.number}", nested=True,
                             workspace=plan.workspace, tags={"workbench.kind": "finetune-model",
+                                                            WORKER_TAG: json.dumps(worker_identity()),
                                                             "optuna.study": plan.study_name,
                                                             "optuna.trial": str(best.number)}) as run:
         for snr in snrs:
@@ -691,6 +722,46 @@ def _registered_for(registry, plan: Plan, trial: int) -> Any | None:
         if tags.get("study_key") == plan.study_key and tags.get("best_trial") == str(trial):
             return version
     return None
+
+
+def _close_killed_registrations(plan: Plan) -> None:
+    """Registration runs of this study whose process died (SIGKILL, power cut) stay RUNNING: close them,
+    FINISHED when their version made it into the registry, else KILLED (the rerun registers it anew)."""
+    from workbench import tracking
+    from workbench.train.tuning import _is_alive
+
+    registry = tracking.client(plan.workspace)
+    experiment = registry.get_experiment_by_name(plan.experiment)
+    if experiment is None:
+        return
+    runs = registry.search_runs([experiment.experiment_id], f"tags.`optuna.study` = '{plan.study_name}' and "
+                                "tags.`workbench.kind` = 'finetune-model' and attributes.status = 'RUNNING'")
+    for run in runs:
+        if _is_alive(json.loads(run.data.tags.get(WORKER_TAG, "{}"))):
+            continue  # a worker sharing the study is registering right now
+        registered = registry.search_model_versions(f"run_id = '{run.info.run_id}'")
+        registry.set_terminated(run.info.run_id, "FINISHED" if registered else "KILLED")
+
+
+def _finish_registration(plan: Plan, version, trial: int) -> None:
+    """The steps after a version's creation, done again where a killed run left them undone: the report's
+    copy in the workspace and its tag, and @champion for a version its gate promoted (unless a later
+    version has been promoted since)."""
+    from workbench import tracking
+    from workbench.model_registry import CHAMPION, TAG_PROMOTED, TAG_REPORT
+
+    registry, tags = tracking.client(plan.workspace), version.tags or {}
+    local = plan.workspace.reports_dir / plan.device.id / f"v{version.version}"
+    written = plan.study_dir / f"report-trial-{trial:04d}"
+    if not (local / "report.html").is_file() and (written / "report.html").is_file():
+        local.mkdir(parents=True, exist_ok=True)
+        for name in ("report.html", "report.json"):
+            shutil.copy2(written / name, local / name)
+    if TAG_REPORT not in tags and (local / "report.html").is_file():
+        registry.set_model_version_tag(version.name, str(version.version), TAG_REPORT, str(local / "report.html"))
+    champion = tracking.get_alias_version(version.name, CHAMPION, plan.workspace)
+    if tags.get(TAG_PROMOTED) == "true" and (champion is None or champion < int(version.version)):
+        tracking.set_alias(version.name, CHAMPION, int(version.version), plan.workspace)
 
 
 def _result_from_version(plan: Plan, version, info: dict) -> FinetuneResult:

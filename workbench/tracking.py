@@ -30,7 +30,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from workbench.errors import WorkbenchError
+from workbench.errors import WorkbenchError, database_locked
 from workbench.workspace import Workspace, find_workspace
 
 GENERAL_MODEL = "tape-denoiser-general"
@@ -88,6 +88,9 @@ def _touch_store(mlflow, uri: str) -> None:
         client.search_experiments(max_results=1)
         client.search_registered_models(max_results=1)
     except Exception as error:  # a broken or unreachable store: name it in one line
+        if database_locked(error):
+            raise WorkbenchError(f"MLflow store {uri}: locked by another process past the wait; let it finish "
+                                 "and run this again") from None
         raise WorkbenchError(f"MLflow store {uri}: unusable ({type(error).__name__}: {str(error).splitlines()[0][:200]})") from None
     finally:
         for logger, level in zip(quiet, levels):
@@ -335,7 +338,9 @@ def register_checkpoint(checkpoint_path: str | Path, name: str, *, tags: dict[st
         info = mlflow.pyfunc.log_model(name=MODEL_ARTIFACT, python_model=str(PYFUNC_CODE), artifacts=model_artifacts,
                                        pip_requirements=_pip_requirements())
     # Registered through the client, not log_model(registered_model_name=...): the fluent path prints
-    # "Successfully registered model ..." lines to stderr between our progress bars.
+    # "Successfully registered model ..." lines to stderr between our progress bars. The version and its
+    # tags are created in one transaction, so a process killed here leaves either no version or one whose
+    # tags say where it came from (a rerun recognises it, never registers twice).
     registry = mlflow.MlflowClient()
     _ensure_registered_model(registry, name)
     version = int(registry.create_model_version(name, source=info.model_uri, run_id=info.run_id, model_id=info.model_id,

@@ -8,8 +8,10 @@ leaves either the old file or nothing, never half a file. Source recordings are 
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
+import math
 import os
 import re
 import secrets
@@ -55,7 +57,24 @@ def audio_info(path: Path) -> AudioInfo:
     # libsndfile quietly shortens a truncated WAV/AIFF to what is there; its header dump says so.
     if re.search(r"^(data|SSND)\s*:.*should be", info.extra_info or "", re.MULTILINE):
         raise WorkbenchError(f"{path}: truncated (the header promises more audio than the file holds)")
+    check_resamplable(path, int(info.samplerate))
     return AudioInfo(path, int(info.samplerate), int(info.channels), int(info.frames), info.format, info.subtype)
+
+
+MODEL_RATE = 44_100  # = workbench.audio.dsp.MODEL_SAMPLE_RATE (dsp imports torch; this module must not)
+# Every command resamples to 44.1 kHz and back with a sinc resampler whose work per sample grows with the
+# reduced ratio's terms: 48 kHz is 160:147, 384 kHz 1280:147, but 44.056 kHz is 11014:11025 (measured:
+# 25 s and 2.5 GB per second of audio) and a prime rate such as 37813 Hz would need tens of GB.
+MAX_RATIO_TERM = 2048
+
+
+def check_resamplable(path: Path, sample_rate: int) -> None:
+    """Refuse, in one line, a sample rate whose exact ratio to 44.1 kHz is too costly to resample."""
+    common = math.gcd(int(sample_rate), MODEL_RATE)
+    terms = (sample_rate // common, MODEL_RATE // common)
+    if max(terms) > MAX_RATIO_TERM:
+        raise WorkbenchError(f"{path}: sample rate {sample_rate} Hz is {terms[0]}:{terms[1]} to 44.1 kHz, too costly to "
+                             "resample exactly; convert it to a standard rate (e.g. 48000 or 96000 Hz) first")
 
 
 def _reason(error: Exception) -> str:
@@ -113,22 +132,76 @@ def read_ahead(items: Iterator, depth: int = 2) -> Iterator:
         worker.join()
 
 
-def iter_blocks(path: Path, block_frames: int) -> Iterator[np.ndarray]:
-    """Yield float32 blocks of shape (channels, frames) until the end of the file.
+def format_time(seconds: float) -> str:
+    """A position in a recording as h:mm:ss.sss (what an audio editor shows), e.g. 0:01:02.250."""
+    assert seconds >= 0, seconds
+    millis = round(seconds * 1000)
+    hours, millis = divmod(millis, 3_600_000)
+    minutes, millis = divmod(millis, 60_000)
+    return f"{hours}:{minutes:02d}:{millis // 1000:02d}.{millis % 1000:03d}"
+
+
+def first_non_finite(samples: np.ndarray) -> tuple[int, int] | None:
+    """(frame, channel) of the earliest NaN or ±inf in (channels, frames) samples, or None when all are finite."""
+    samples = np.atleast_2d(samples)
+    finite = np.isfinite(samples)
+    if finite.all():
+        return None
+    frame = int(np.argmax(~finite.all(axis=0)))  # earliest in time, whichever channel
+    return frame, int(np.argmax(~finite[:, frame]))
+
+
+def check_finite(samples: np.ndarray, where: str | Path, sample_rate: int, offset_frames: int = 0,
+                 what: str = "NaN or inf samples") -> None:
+    """Refuse (one line naming `where` and the time of the first bad sample) samples that hold NaN or ±inf.
+
+    Every reader calls this, so a non-finite value never reaches a metric, a loss or a file.
+    `offset_frames` places a block within its recording.
+    """
+    found = first_non_finite(samples)
+    if found is None:
+        return
+    frame, channel = found
+    seconds = (offset_frames + frame) / sample_rate
+    raise WorkbenchError(f"{where}: {what} (first at {format_time(seconds)} = {seconds:.3f} s, channel {channel + 1})")
+
+
+FLOAT_SUBTYPES = {"FLOAT", "DOUBLE"}  # the only stored samples that can be NaN or inf (integers cannot)
+WIDE_SUBTYPES = {"PCM_32", "DOUBLE"}  # samples float32 cannot hold exactly: read them as float64 to keep them
+
+
+def exact_dtype(subtype: str) -> str:
+    """The float type that holds every sample of `subtype` exactly (float32 has a 24-bit mantissa)."""
+    return "float64" if subtype.upper() in WIDE_SUBTYPES else "float32"
+
+
+def check_file_finite(path: Path, block_frames: int = 1 << 18) -> None:
+    """Refuse a float file holding NaN or ±inf anywhere (one line, with the time); integer files pass unread."""
+    if audio_info(path).subtype in FLOAT_SUBTYPES:
+        for _ in iter_blocks(path, block_frames):
+            pass
+
+
+def iter_blocks(path: Path, block_frames: int, finite: bool = True, dtype: str = "float32") -> Iterator[np.ndarray]:
+    """Yield float32 (or `dtype`) blocks of shape (channels, frames) until the end of the file.
 
     A file whose body is shorter than its header says (truncated) or that libsndfile cannot decode
-    part-way raises a WorkbenchError naming the file.
+    part-way raises a WorkbenchError naming the file; so does a NaN or ±inf sample (unless not
+    `finite`: a reader that reports them itself).
     """
     info = audio_info(path)
     read = 0
     try:
         with sf.SoundFile(str(path)) as handle:
             while True:
-                block = handle.read(block_frames, dtype="float32", always_2d=True)
+                block = handle.read(block_frames, dtype=dtype, always_2d=True)
                 if block.shape[0] == 0:
                     break
-                read += block.shape[0]
-                yield np.ascontiguousarray(block.T)
+                block = np.ascontiguousarray(block.T)
+                if finite:
+                    check_finite(block, path, info.sample_rate, read)
+                read += block.shape[1]
+                yield block
     except (sf.LibsndfileError, RuntimeError) as error:
         raise WorkbenchError(f"{path}: unreadable at {read / info.sample_rate:.2f} s ({_reason(error)})") from None
     if read < info.frames:
@@ -150,6 +223,11 @@ def sha256_file(path: Path, chunk_bytes: int = 1 << 20) -> str:
     return digest.hexdigest()
 
 
+# A full disk, a file-size limit (`ulimit -f`: Python ignores SIGXFSZ, so the write fails with EFBIG), a
+# quota, a read-only filesystem: the user's to fix, reported in one line rather than as a traceback.
+WRITE_FAILURES = {errno.ENOSPC, errno.EFBIG, errno.EDQUOT, errno.EROFS}
+
+
 @contextlib.contextmanager
 def atomic_path(path: Path) -> Iterator[Path]:
     """Yield a temporary path beside `path`; rename it onto `path` only if the block completes.
@@ -162,6 +240,10 @@ def atomic_path(path: Path) -> Iterator[Path]:
     try:
         yield temporary
         os.replace(temporary, path)
+    except OSError as error:
+        if error.errno not in WRITE_FAILURES:
+            raise
+        raise WorkbenchError(f"{path}: cannot be written ({error.strerror}); nothing was written") from None
     finally:
         temporary.unlink(missing_ok=True)
 
@@ -210,9 +292,13 @@ def atomic_audio_writer(path: Path, sample_rate: int, channels: int, subtype: st
     """
     format = format or format_for(path)
     with atomic_path(path) as temporary:
-        with sf.SoundFile(str(temporary), "w", samplerate=int(sample_rate), channels=int(channels),
-                          subtype=subtype, format=format) as handle:
-            yield handle
+        try:
+            with sf.SoundFile(str(temporary), "w", samplerate=int(sample_rate), channels=int(channels),
+                              subtype=subtype, format=format) as handle:
+                yield handle
+        except sf.LibsndfileError as error:  # reading errors arrive as WorkbenchErrors: this one is the write's
+            raise WorkbenchError(f"{path}: writing failed ({_reason(error).rstrip('.')}: is the disk full, or a file-size "
+                                 "limit reached?); nothing was written") from None
 
 
 def write_audio(path: Path, samples: np.ndarray, sample_rate: int, subtype: str | None = None,

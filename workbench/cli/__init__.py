@@ -18,7 +18,7 @@ from workbench.cli import train as _train  # noqa: F401  (corpus, pretrain)
 from workbench.cli import registry as _registry  # noqa: F401  (finetune, models, ui)
 from workbench.cli import demo as _demo  # noqa: F401  (demo)
 from workbench.cli._render import err_console
-from workbench.errors import WorkbenchError
+from workbench.errors import WorkbenchError, database_locked
 
 __all__ = ["app", "main"]
 
@@ -39,12 +39,18 @@ def main(argv: list[str] | None = None) -> int:
         from workbench.tracking import unreachable_server
 
         uri = unreachable_server(error)
-        if uri is None:
+        if uri is not None:
+            # A tracking server that went away (or never answered) is the user's to fix: one line, exit 2.
+            err_console.print(f"[bold red]error:[/] MLflow tracking server {uri} is unreachable "
+                              f"({_reason(error)}); start it again and rerun the command (a study resumes where it "
+                              "stopped)", highlight=False, soft_wrap=True)
+        elif database_locked(error):
+            err_console.print("[bold red]error:[/] a SQLite store of this workspace (registry/mlflow.db or registry/"
+                              "optuna.db) stayed locked by another process past the wait; let that process finish and "
+                              "run this again (many writers at once: use a tracking server and PostgreSQL)",
+                              highlight=False, soft_wrap=True)
+        else:
             raise
-        # A tracking server that went away (or never answered) is the user's to fix: one line, exit 2.
-        err_console.print(f"[bold red]error:[/] MLflow tracking server {uri} is unreachable "
-                          f"({_reason(error)}); start it again and rerun the command (a study resumes where it "
-                          "stopped)", highlight=False, soft_wrap=True)
         return 2
     return 0
 

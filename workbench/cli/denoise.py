@@ -61,7 +61,10 @@ def denoise(
     the removed noise in, as archivists often prefer.
 
     Source recordings are never written to: an output that would replace an input is refused, and so
-    is an existing output unless --overwrite. Each output appears only when complete, with a provenance
+    is an existing output unless --overwrite, or unless an earlier run finished it from the same input,
+    model and settings (then it is kept: an interrupted folder is finished by running the command
+    again). NaN or infinite samples, in the input or the model's output, refuse the file. Each output
+    appears only when complete, with a provenance
     record beside it (OUTPUT.json: model name, version, URI and checkpoint sha256, settings, input and
     output sha256, software versions, time, compute device, real-time factor). Every input is checked
     and the model loaded before anything is written.

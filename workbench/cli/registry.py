@@ -54,7 +54,9 @@ def finetune(
     the new version beats the base model and the previous champion at every input SNR.
 
     Run it again to continue an interrupted study (finished trials are kept, a trial cut off is retried
-    from its saved steps); run it on several machines with one `--storage` to share the trials.
+    from its saved steps); run it on several machines with one `--storage` to share the trials. A study
+    answers one question: its name ends in a digest of the base model, recipe, noise and music, so a run
+    with any of them changed starts a new study.
 
     Examples:
 

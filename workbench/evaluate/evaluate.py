@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from workbench.audio.io import check_finite
 from workbench.evaluate.fragments import FragmentSet
 from workbench.evaluate.metrics import Summary, mean_ci, si_sdr_db, snr_db
 from workbench.noise.profile import PSD_SEGMENT_SECONDS
@@ -125,6 +126,15 @@ def _run_method(method: Callable[..., np.ndarray], noisy: np.ndarray, batch_size
     return np.concatenate(estimates)
 
 
+def _check_finite_estimate(estimate: np.ndarray, method: str, label: str, snr: float, sample_rate: int) -> None:
+    """A method (a damaged checkpoint, a diverged model) that outputs NaN or inf is refused in one line
+    naming the fragment and the time: a non-finite value never reaches a metric."""
+    bad = np.flatnonzero(~np.isfinite(estimate).all(axis=1))
+    if bad.size:
+        check_finite(estimate[bad[0]], f"evaluation of {method!r} on {label} fragment {int(bad[0])} at {snr:g} dB",
+                     sample_rate, what="the model (a damaged or diverged one?) outputs NaN or inf")
+
+
 def evaluate_methods(fragments: FragmentSet | Sequence[FragmentSet],
                      methods: Mapping[str, Callable[[np.ndarray], np.ndarray] | PerSet], *, batch_size: int = 4,
                      example_index: int = 0, progress: Progress = no_progress) -> EvaluationResult:
@@ -157,8 +167,7 @@ def evaluate_methods(fragments: FragmentSet | Sequence[FragmentSet],
                     gains = fragment_set.noise_gains(snr) if method.noise_gains else None
                     method = method.build(fragment_set)
                 estimate = _run_method(method, noisy, batch_size, gains)
-                if not np.all(np.isfinite(estimate)):
-                    raise ValueError(f"method {name!r} returned non-finite samples")
+                _check_finite_estimate(estimate, name, label, snr, sample_rate)
                 out_snr = snr_db(clean, estimate)
                 out_si_sdr = si_sdr_db(clean, estimate)
                 scores[(name, label, snr)] = {

@@ -39,7 +39,7 @@ import numpy as np
 from scipy.signal import lfilter
 
 from workbench.audio.dsp import MODEL_SAMPLE_RATE, resampled_length
-from workbench.errors import WorkbenchError
+from workbench.audio.io import check_finite
 
 WINDOW_FRAMES = MODEL_SAMPLE_RATE // 20  # 50 ms at 44.1 kHz: the unit of every decision
 WINDOWS_PER_SECOND = MODEL_SAMPLE_RATE // WINDOW_FRAMES
@@ -234,10 +234,8 @@ class Screener:
     # --- source-rate checks -------------------------------------------------------------------------
     def push_source(self, block: np.ndarray) -> None:
         assert block.ndim == 2 and block.shape[0] == self.channels
-        if self.check_finite and not np.isfinite(block).all():
-            channel, frame = (int(v[0]) for v in np.nonzero(~np.isfinite(block)))
-            seconds = (self.source_pos + frame) / self.source_rate
-            raise WorkbenchError(f"{self.name}: NaN or inf samples (first at {seconds:.3f} s, channel {channel + 1})")
+        if self.check_finite:
+            check_finite(block, self.name, self.source_rate, self.source_pos)
         self._find_silence(block)
         if block.max() >= CLIP_LEVEL or block.min() <= -CLIP_LEVEL:  # rare: look closer only then
             for channel in range(self.channels):

@@ -31,7 +31,7 @@ import soundfile as sf
 import torch
 
 from workbench.audio.dsp import MODEL_SAMPLE_RATE, resample
-from workbench.audio.io import atomic_path, atomic_write_json
+from workbench.audio.io import atomic_path, atomic_write_json, check_finite
 from workbench.errors import WorkbenchError
 from workbench.train.mixing import mix_at_snr, sample_gain_db, sample_snr_db
 
@@ -85,6 +85,7 @@ def read_crop(source: AudioSource, start: int, frames: int) -> np.ndarray:
         block = sf.read(str(source.path), frames=count, start=first, dtype="float32", always_2d=True)[0]
     except (sf.LibsndfileError, RuntimeError) as error:
         raise WorkbenchError(f"{source.path}: unreadable while cropping ({error})") from None
+    check_finite(block.T, source.path, rate, first)  # a NaN in a crop would reach the loss or a metric
     mono = block.mean(axis=1, dtype=np.float32) if block.shape[1] > 1 else block[:, 0]
     if rate != MODEL_SAMPLE_RATE:
         mono = np.pad(mono, (0, count - mono.shape[0]))  # the margin may run past the end of the file

@@ -58,6 +58,9 @@ GRACE_S = 120
 HEARTBEAT_ENV = "WORKBENCH_HEARTBEAT_S"
 GRACE_ENV = "WORKBENCH_HEARTBEAT_GRACE_S"
 PEER_POLL_S = 1.0  # how often a worker that ran out of trials to start looks at its peers' running trials
+# SQLite waits this long for another process's write (two `finetune` workers on one machine share the
+# file); the driver's default of 5 s is too short beside a busy trainer on a loaded machine.
+SQLITE_ENGINE = {"connect_args": {"timeout": 60}}
 WORKER_ATTR = "worker"
 RETRY_OF_ATTR = "retry_of"
 INTERRUPTED_ATTR = "interrupted"
@@ -391,7 +394,7 @@ def open_storage(url: str) -> optuna.storages.BaseStorage:
             return optuna.storages.RDBStorage(
                 url, heartbeat_interval=interval, grace_period=grace,
                 heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=2),
-                engine_kwargs={"pool_pre_ping": True} if not url.startswith("sqlite") else None)
+                engine_kwargs={"pool_pre_ping": True} if not url.startswith("sqlite") else SQLITE_ENGINE)
     except ImportError:
         scheme = url.split("://", 1)[0]
         raise WorkbenchError(f"{shown}: cannot open Optuna storage (no database driver for {scheme} is installed; "
@@ -482,6 +485,44 @@ def recover_abandoned_trials(study: optuna.Study) -> list[int]:
             study.enqueue_trial(trial.params, user_attrs={RETRY_OF_ATTR: root}, skip_if_exists=False)
             again.append(trial.number)
     return again
+
+
+# ------------------------------------------------------------------------------------------ identity
+
+IDENTITY_ATTR = "identity"
+IDENTITY_PARTS = {"base": "base model", "recipe": "recipe", "noise": "noise library selection",
+                  "corpus": "clean corpus selection"}
+
+
+def study_identity(*, base: str, recipe: str, noise: str, corpus: str) -> dict[str, str]:
+    """What one study's trials are measured on: the base model (its weights' sha256, with its version when
+    registered), the recipe's digest, and the digests of the noise and clean music they train and
+    validate on. Trials of studies that differ in any of these are not comparable."""
+    identity = {"base": base, "recipe": recipe, "noise": noise, "corpus": corpus}
+    assert set(identity) == set(IDENTITY_PARTS) and all(identity.values()), identity
+    return identity
+
+
+def identity_digest(identity: dict[str, str]) -> str:
+    """A short name for an identity (part of the study's name): the same inputs always give the same one."""
+    import hashlib
+    import json
+
+    return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:10]
+
+
+def check_identity(study: optuna.Study, identity: dict[str, str], storage_url: str) -> None:
+    """Record `identity` on a study that has none; refuse (one line) to join a study that answers another question."""
+    recorded = study.user_attrs.get(IDENTITY_ATTR)
+    if recorded is None:  # a new study (or one made by hand under this name): it answers this run's question
+        study.set_user_attr(IDENTITY_ATTR, identity)
+        return
+    differs = [f"{IDENTITY_PARTS[key]} ({recorded.get(key)} there, {identity[key]} here)"
+               for key in IDENTITY_PARTS if recorded.get(key) != identity[key]]
+    if differs:
+        raise WorkbenchError(f"{describe_storage(storage_url)}: study {study.study_name} was started with another "
+                             f"{'; another '.join(differs)}: its trials do not answer this run's question; delete "
+                             "that study or give another --storage to start a new one")
 
 
 def open_study(name: str, storage_url: str, *, seed: int, pruner: optuna.pruners.BasePruner) -> optuna.Study:
