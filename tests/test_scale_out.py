@@ -101,10 +101,17 @@ def finetune_command(device: str, storage: str) -> list[str]:
             "--accelerator", "cpu", "--json"]
 
 
-def study_trials(storage: str, study: str) -> list[optuna.trial.FrozenTrial]:
+def study_trials(storage: str, device: str) -> list[optuna.trial.FrozenTrial]:
+    """The trials of the one study of `device` in `storage` (its name ends in the digest of what it answers);
+    KeyError while there is none yet."""
     from workbench.train.tuning import open_storage
 
-    return optuna.load_study(study_name=study, storage=open_storage(storage)).get_trials(deepcopy=False)
+    opened = open_storage(storage)
+    names = [name for name in optuna.get_all_study_names(opened) if name.startswith(f"finetune-{device}-")]
+    if not names:
+        raise KeyError(f"no study of {device} yet")
+    assert len(names) == 1, names
+    return optuna.load_study(study_name=names[0], storage=opened).get_trials(deepcopy=False)
 
 
 def mlflow_client(uri: str):
@@ -146,7 +153,7 @@ def two_workers(archive, server, postgres, general_model):
 def test_two_workers_share_one_study_each_trial_once_one_version(two_workers, server):
     for code, _, err in two_workers["results"]:
         assert code == 0, err[-3000:]
-    trials = study_trials(two_workers["storage"], "finetune-technics-tr575-a")
+    trials = study_trials(two_workers["storage"], "technics-tr575-a")
     numbers = [t.number for t in trials]
     assert numbers == list(range(len(trials)))  # no number twice, none missing
     assert all(t.state in FINISHED for t in trials), [(t.number, t.state) for t in trials]  # none lost
@@ -214,7 +221,7 @@ def test_a_killed_workers_trial_is_failed_by_the_heartbeat_and_retried_by_the_ot
                                                                                    general_model):
     env = environment(archive, server.uri)
     storage = postgres.database("optuna_kill")
-    study = "finetune-uher-4000-l"
+    study = "uher-4000-l"  # the device whose study the trials are read from
     workers = [workbench(env, *finetune_command("uher-4000-l", storage)) for _ in range(2)]
     killed_trial = victim = None
     deadline = time.monotonic() + WORKER_TIMEOUT_S
@@ -268,7 +275,7 @@ def test_a_killed_workers_trial_is_failed_by_the_heartbeat_and_retried_by_the_ot
 def test_the_server_going_away_is_one_line_naming_it_and_a_rerun_finishes(archive, server, postgres, general_model):
     env = environment(archive, server.uri)
     storage = postgres.database("optuna_away")
-    study = "finetune-revox-a77"
+    study = "revox-a77"
     worker = workbench(env, *finetune_command("revox-a77", storage))
     deadline = time.monotonic() + WORKER_TIMEOUT_S
     try:
