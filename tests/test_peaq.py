@@ -3,6 +3,8 @@ implementation on synthesised items, and what counts as bad input."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -136,3 +138,72 @@ def test_bad_input_is_one_clear_error(reference, test, message):
     with pytest.raises(WorkbenchError, match=message) as caught:
         peaq(reference, test, SR)
     assert "\n" not in str(caught.value)
+
+
+# --- `workbench evaluate` ---------------------------------------------------------------------------------
+
+def _write(path, samples, sr=44_100, subtype="PCM_24"):
+    import soundfile as sf
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sf.write(path, np.asarray(samples, dtype=np.float32).T, sr, subtype=subtype)
+    return path
+
+
+def test_evaluate_scores_a_file_pair_as_json(cli, tmp_path):
+    x = _tone(2.0, 44_100)
+    ref = _write(tmp_path / "clean.wav", x)
+    test = _write(tmp_path / "noisy.wav", _with_noise(x, 20.0))
+    result = cli("evaluate", ref, test, "--json")
+    assert result.code == 0, result.stderr
+    [row] = result.json()
+    assert row["snr_db"] == pytest.approx(20.0, abs=0.3) and row["si_sdr_db"] == pytest.approx(20.0, abs=0.3)
+    assert -3.98 <= row["peaq_odg"] < -2.0 and set(row["peaq_movs"]) == set(MOV_NAMES)
+    assert row["sample_rate"] == 44_100 and row["channels"] == 1 and row["seconds"] == pytest.approx(2.0)
+
+
+def test_evaluate_pairs_folders_by_relative_path_and_denoise_names(cli, tmp_path):
+    x = _tone(1.5, 44_100)
+    stereo = np.stack([x, 0.5 * x])
+    _write(tmp_path / "clean" / "a.wav", x)
+    _write(tmp_path / "clean" / "sub" / "b.flac", stereo, subtype="PCM_16")
+    _write(tmp_path / "out" / "a.denoised.wav", x)  # identical: the best grade
+    _write(tmp_path / "out" / "sub" / "b.wav", _with_noise(stereo, 30.0))
+    result = cli("evaluate", tmp_path / "clean", tmp_path / "out", "--json")
+    assert result.code == 0, result.stderr
+    rows = {Path(r["test"]).name: r for r in result.json()}
+    assert set(rows) == {"a.denoised.wav", "b.wav"}
+    assert rows["a.denoised.wav"]["peaq_odg"] > 0.1 and rows["b.wav"]["peaq_odg"] < rows["a.denoised.wav"]["peaq_odg"]
+    assert rows["b.wav"]["channels"] == 2
+    table = cli("evaluate", tmp_path / "clean", tmp_path / "out", "--no-peaq")
+    assert table.code == 0 and "b.wav" in table.stdout and "PEAQ" not in table.stdout
+
+
+@pytest.mark.parametrize("case", ["length", "rate", "channels", "silent reference", "silent test", "unreadable",
+                                  "missing counterpart"])
+def test_evaluate_bad_input_is_one_line_exit_2(cli, tmp_path, case):
+    x = _tone(1.0, 44_100)
+    ref = _write(tmp_path / "ref" / "take.wav", x)
+    test_path = tmp_path / "test" / "take.wav"
+    if case == "length":
+        _write(test_path, x[:-10])
+    elif case == "rate":
+        _write(test_path, _tone(1.0, 48_000), sr=48_000)
+    elif case == "channels":
+        _write(test_path, np.stack([x, x]))
+    elif case == "silent reference":
+        _write(ref, np.zeros_like(x))
+        _write(test_path, x)
+    elif case == "silent test":
+        _write(test_path, np.zeros_like(x))
+    elif case == "unreadable":
+        test_path.parent.mkdir(parents=True)
+        test_path.write_bytes(b"RIFF not really a wave file")
+    elif case == "missing counterpart":
+        _write(tmp_path / "test" / "other.wav", x)
+    result = cli("evaluate", tmp_path / "ref", tmp_path / "test")
+    assert result.code == 2, (case, result.stdout, result.stderr)
+    lines = [line for line in result.stderr.strip().splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error:"), result.stderr
+    assert "take" in lines[0], lines[0]
+    assert result.stdout == ""
