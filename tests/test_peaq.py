@@ -207,3 +207,85 @@ def test_evaluate_bad_input_is_one_line_exit_2(cli, tmp_path, case):
     assert len(lines) == 1 and lines[0].startswith("error:"), result.stderr
     assert "take" in lines[0], lines[0]
     assert result.stdout == ""
+
+
+# --- ΔPEAQ in the evaluation, its report, the recipe switch and the registry view ---------------------------
+
+def _fragment_set(speed: float, seed: int):
+    from workbench.evaluate.fragments import FragmentSet
+
+    rng = np.random.default_rng(seed)
+    t = np.arange(44_100) / 44_100
+    clean = np.stack([0.2 * sum(np.sin(2 * np.pi * f * k * t) / k for k in range(1, 5))
+                      for f in (220.0, 277.0, 330.0)]).astype(np.float32)
+    noise = rng.standard_normal(clean.shape).astype(np.float32)
+    return FragmentSet("revox-a77", speed, (10.0, 16.0), clean, noise, {"digest": f"{seed:064x}", "sample_rate": 44_100})
+
+
+@pytest.fixture(scope="module")
+def peaq_evaluation():
+    from workbench.evaluate.baselines import NOISY_INPUT, noisy_input
+    from workbench.evaluate.evaluate import PerSet, evaluate_methods
+
+    sets = [_fragment_set(7.5, 1), _fragment_set(3.75, 2)]
+    oracle = PerSet(lambda fragment_set: (lambda noisy: fragment_set.clean.copy()))  # gives back the clean music
+    methods = {NOISY_INPUT: noisy_input, "half the noise": PerSet(
+        lambda fs: (lambda noisy: fs.clean + 0.5 * (noisy - fs.clean))), "oracle": oracle}
+    return evaluate_methods(sets, methods, batch_size=3, peaq=True), sets
+
+
+def test_evaluation_scores_delta_peaq_per_fragment(peaq_evaluation):
+    from workbench.evaluate.baselines import NOISY_INPUT
+    from workbench.evaluate.peaq import peaq_odg_rows
+
+    result, sets = peaq_evaluation
+    assert result.metrics[-2:] == ("peaq_odg", "delta_peaq")
+    for snr in (10.0, 16.0):
+        noisy_delta = result.values(NOISY_INPUT, snr, "delta_peaq")
+        assert noisy_delta.shape == (6,) and np.all(noisy_delta == 0.0)
+        expected_input = peaq_odg_rows(sets[0].clean, sets[0].noisy(snr), 44_100)
+        assert np.allclose(result.values(NOISY_INPUT, snr, "peaq_odg", sets[0].label), expected_input)
+        oracle = result.values("oracle", snr, "peaq_odg")
+        assert np.all((oracle > 0.1) & (oracle <= 0.22))
+        assert result.summary("oracle", snr, "delta_peaq").mean > result.summary("half the noise", snr, "delta_peaq").mean > 0
+        summary = result.summary("oracle", snr, "delta_peaq")
+        assert summary.n == 6 and summary.ci_low <= summary.mean <= summary.ci_high
+    rows = result.to_dict()
+    assert all("delta_peaq" in row and "peaq_odg" in row for row in rows["summary"])
+    assert all(len(row["delta_peaq"]) == 3 for row in rows["per_fragment"])
+
+
+def test_report_shows_delta_peaq_and_registry_reads_it(peaq_evaluation, tmp_path):
+    import json
+
+    from workbench.evaluate.report import write_report
+    from workbench.model_registry import _delta_tags, _report_summary, delta_peaq_tag, delta_snr_tag
+
+    result, _ = peaq_evaluation
+    files = write_report(tmp_path, result, title="t", lineage={})
+    page = files.html.read_text()
+    assert "ΔPEAQ (ODG)" in page and 'alt="mean ΔPEAQ per method"' in page
+    report = json.loads(files.json.read_text())
+    table = _report_summary(report)["table"]
+    oracle = [row for row in table if row["method"] == "oracle"]
+    assert len(oracle) == 2 and all(row["delta_peaq"] > 0 and len(row["delta_peaq_ci"]) == 2 for row in oracle)
+    tags = {delta_snr_tag(10.0): "1.5", delta_peaq_tag(10.0): "0.8", delta_peaq_tag(16.0): "1.1"}
+    assert delta_peaq_tag(10.0) == "delta_peaq_10db"
+    assert _delta_tags(tags) == {"10": 1.5} and _delta_tags(tags, "delta_peaq_") == {"10": 0.8, "16": 1.1}
+
+
+def test_recipe_switch_turns_peaq_off_and_is_validated():
+    from workbench.evaluate.fragments import evaluation_settings
+
+    assert evaluation_settings({"evaluation": {}}).peaq is True
+    assert evaluation_settings({"evaluation": {"peaq": False}}).peaq is False
+    with pytest.raises(WorkbenchError, match="peaq must be true or false"):
+        evaluation_settings({"source": "r.toml", "evaluation": {"peaq": "yes"}})
+
+
+def test_evaluation_without_peaq_has_no_peaq_metrics():
+    from workbench.evaluate.baselines import NOISY_INPUT, noisy_input
+    from workbench.evaluate.evaluate import METRICS, evaluate_methods
+
+    result = evaluate_methods(_fragment_set(7.5, 3), {NOISY_INPUT: noisy_input})
+    assert result.metrics == METRICS and "delta_peaq" not in result.to_dict()["summary"][0]

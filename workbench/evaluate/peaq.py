@@ -34,6 +34,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from functools import lru_cache
+from typing import Any
 
 import numpy as np
 
@@ -91,7 +92,7 @@ class PeaqResult:
 class _Tables:
     window: np.ndarray  # (FRAME,) scaled Hann window
     ear_weight: np.ndarray  # (FRAME/2+1,) outer/middle ear power weighting
-    grouping: np.ndarray  # (FRAME/2+1, bands) share of each FFT bin in each band
+    grouping: Any  # (FRAME/2+1, bands) share of each FFT bin in each band, a scipy CSR matrix
     centre_hz: np.ndarray  # (bands,)
     internal_noise: np.ndarray  # (bands,)
     spread_norm: np.ndarray  # (bands,) Bs: the spreading of a unit excitation
@@ -137,7 +138,10 @@ def _tables(level_db: float = PLAYBACK_LEVEL_DB_SPL) -> _Tables:
     # each FFT bin k stands for [k − ½, k + ½]·df; a band gets the overlapping share of it
     df = SAMPLE_RATE / FRAME
     overlap = (np.minimum(upper_hz[None, :], (f[:, None] + df / 2)) - np.maximum(lower_hz[None, :], f[:, None] - df / 2))
-    grouping = np.clip(overlap / df, 0.0, 1.0)
+    from scipy.sparse import csr_matrix
+
+    # sparse (about two bands per bin): a dense product would hand a tiny job to a multi-threaded BLAS
+    grouping = csr_matrix(np.clip(overlap / df, 0.0, 1.0))
 
     khz_c = centre_hz / 1000.0
     internal_noise = 10.0 ** (0.1456 * khz_c ** -0.8)
@@ -181,7 +185,7 @@ def _spread(energy: np.ndarray, tables: _Tables, chunk: int = 128) -> np.ndarray
         near_one = np.abs(1.0 - upper) < 1e-12
         upper_sum = np.where(near_one, terms, (1.0 - upper ** terms) / np.where(near_one, 0.5, 1.0 - upper))
         normalised = (e / (lower_sum + upper_sum - 1.0)) ** 0.4
-        total = normalised @ lower_matrix
+        total = np.einsum("fm,mi->fi", normalised, lower_matrix)  # einsum: single-threaded, no BLAS hand-off
         # upper skirt: source m reaches target i > m with upper[m]^(0.4·(i−m))
         log_upper = 0.4 * np.log(upper)[:, :, None] * np.maximum(distance, 0)[None]
         skirt = np.where(distance[None] > 0, np.exp(log_upper), 0.0)
@@ -210,13 +214,19 @@ class _Patterns:
     excitation: np.ndarray  # Ehs (2, F, bands)
 
 
+def _group(power: np.ndarray, grouping) -> np.ndarray:
+    """(..., FRAME/2+1) bin powers -> (..., bands) band energies."""
+    flat = power.reshape(-1, power.shape[-1])
+    return np.asarray((grouping.T @ flat.T).T).reshape(power.shape[:-1] + (grouping.shape[1],))
+
+
 def _ear_model(reference: np.ndarray, test: np.ndarray, count: int, tables: _Tables) -> _Patterns:
     power = np.stack([np.abs(np.fft.rfft(_frames(x, count) * tables.window, axis=-1)) ** 2
                       for x in (reference, test)])
     weighted = power * tables.ear_weight
     error = (np.sqrt(weighted[0]) - np.sqrt(weighted[1])) ** 2
-    grouped = np.maximum(weighted @ tables.grouping, E_MIN)
-    noise = np.maximum(error @ tables.grouping, E_MIN)
+    grouped = np.maximum(_group(weighted, tables.grouping), E_MIN)
+    noise = np.maximum(_group(error, tables.grouping), E_MIN)
     pitch = grouped + tables.internal_noise
     unsmeared = _spread(pitch.reshape(-1, pitch.shape[-1]), tables).reshape(pitch.shape)
     smoothed = _smooth(unsmeared, tables.a_time_spread, 1.0 - tables.a_time_spread)
@@ -471,10 +481,11 @@ def peaq(reference, test, sample_rate: int = SAMPLE_RATE, *,
     if int(sample_rate) <= 0:
         raise WorkbenchError(f"invalid sample rate {sample_rate}")
     if int(sample_rate) != SAMPLE_RATE:
-        from workbench.audio.dsp import resample
+        from workbench.audio.dsp import resample, torch_threads
 
-        ref = resample(ref.astype(np.float32), int(sample_rate), SAMPLE_RATE).astype(np.float64)
-        tst = resample(tst.astype(np.float32), int(sample_rate), SAMPLE_RATE).astype(np.float64)
+        with torch_threads(1):  # one short signal: more threads only add hand-offs
+            ref = resample(ref.astype(np.float32), int(sample_rate), SAMPLE_RATE).astype(np.float64)
+            tst = resample(tst.astype(np.float32), int(sample_rate), SAMPLE_RATE).astype(np.float64)
     boundary = _data_boundary(ref)
     if boundary is None:
         raise WorkbenchError("the reference is silent (no 5 samples sum above −44 dBFS), PEAQ has nothing to grade")
