@@ -18,12 +18,14 @@ Pipeline per channel, frames of 2048 samples at 48 kHz advancing by 1024:
 Stereo: every MOV is computed per channel and the two are averaged, except ADB and MFPD, whose per-band
 detection probabilities take the larger of the two channels (binaural), as the recommendation says.
 
-Interpretation choices (each is Kabal's reading unless said otherwise): band edges from the Bark formula
-z = 7·asinh(f/650) rather than the printed table (they agree to < 0.1 %); the mask offset uses the band index
-times 0.25 Bark; the pattern-correction smoothers start at 0; MFPD is the plain maximum of the filtered detection
-probability (forgetting factor c1 = 1, as both PQevalAudio and gstpeaq use); EHS correlates over lags 0..255 with a half Hann window, drops the
-zero-frequency bin and takes the largest rising power after the spectrum first falls (Kabal's 2009 reading); the data boundary is the first/last 5-sample window
-of the reference whose absolute sum exceeds 200/32768 in any channel.
+Interpretation choices (Kabal's readings, as his PQevalAudio v9r0 implements them, unless said otherwise):
+band edges from the Bark formula z = 7·asinh(f/650) rather than the printed table (ours); the mask offset
+uses the band index times 0.25 Bark; the pattern-correction smoothers start at 0; MFPD is the plain maximum
+of the filtered detection probability (forgetting factor c1 = 1, as gstpeaq too); the scaled MOVs are not
+clipped before the network; EHS correlates over lags 0..255 with a half Hann window, drops the
+zero-frequency bin and takes the largest rising power after the spectrum first falls; the data boundary is
+the first/last 5-sample window of the reference whose absolute sum exceeds 200/32768 in any channel (ours:
+PQevalAudio takes the later of the channels' first windows).
 
 Input other than 48 kHz is resampled to 48 kHz with the project's resampler (workbench.audio.dsp.resample)
 before analysis; the recommendation is calibrated for 48 kHz only.
@@ -121,6 +123,7 @@ def _peak_factor(frequency: float) -> float:
 
 @lru_cache(maxsize=4)
 def _tables(level_db: float = PLAYBACK_LEVEL_DB_SPL) -> _Tables:
+    """Every fixed table of the ear model for a listening level (dB SPL of a full-scale sine)."""
     hann = 0.5 - 0.5 * np.cos(2.0 * np.pi * np.arange(FRAME) / (FRAME - 1))
     gain = 10.0 ** (level_db / 20.0) / (_peak_factor(1019.5) * 0.25 * (FRAME - 1))
     f = np.arange(FRAME // 2 + 1) * SAMPLE_RATE / FRAME
@@ -131,13 +134,14 @@ def _tables(level_db: float = PLAYBACK_LEVEL_DB_SPL) -> _Tables:
 
     z_low, z_high = 7.0 * np.arcsinh(BANDS_LOW_HZ / 650.0), 7.0 * np.arcsinh(BANDS_HIGH_HZ / 650.0)
     bands = int(math.ceil((z_high - z_low) / BAND_BARK))
+    assert bands == 109, bands  # the Basic version's band count
     z_lower = z_low + BAND_BARK * np.arange(bands)
     z_upper = np.minimum(z_lower + BAND_BARK, z_high)
     lower_hz, upper_hz = 650.0 * np.sinh(z_lower / 7.0), 650.0 * np.sinh(z_upper / 7.0)
     centre_hz = 650.0 * np.sinh((z_lower + z_upper) / 14.0)
     # each FFT bin k stands for [k − ½, k + ½]·df; a band gets the overlapping share of it
     df = SAMPLE_RATE / FRAME
-    overlap = (np.minimum(upper_hz[None, :], (f[:, None] + df / 2)) - np.maximum(lower_hz[None, :], f[:, None] - df / 2))
+    overlap = np.minimum(upper_hz[None, :], f[:, None] + df / 2) - np.maximum(lower_hz[None, :], f[:, None] - df / 2)
     from scipy.sparse import csr_matrix
 
     # sparse (about two bands per bin): a dense product would hand a tiny job to a multi-threaded BLAS
