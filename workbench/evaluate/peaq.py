@@ -513,4 +513,10 @@ def peaq_odg_rows(reference: np.ndarray, test: np.ndarray, sample_rate: int) -> 
     """ODG of each row of (N, samples) mono batches: test row i against reference row i."""
     reference, test = np.atleast_2d(reference), np.atleast_2d(test)
     assert reference.shape == test.shape and reference.ndim == 2, (reference.shape, test.shape)
-    return np.array([peaq_odg(r, t, sample_rate) for r, t in zip(reference, test)], dtype=np.float64)
+    odgs = []
+    for row, (r, t) in enumerate(zip(reference, test)):
+        try:
+            odgs.append(peaq_odg(r, t, sample_rate))
+        except WorkbenchError as error:
+            raise WorkbenchError(f"row {row}: {error}") from None
+    return np.array(odgs, dtype=np.float64)
