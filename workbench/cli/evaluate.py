@@ -32,7 +32,8 @@ def evaluate(
     from 0 (difference imperceptible) to −4 (very annoying); a full-scale sine is taken to play at
     92 dB SPL, and audio not at 48 kHz is resampled to 48 kHz first. Each pair must be time-aligned:
     same sample rate, channel count and length, mono or stereo, neither file silent; anything else is
-    refused with one line naming the file, before any scoring starts.
+    refused with one line naming the file (exit 2). Every pair's rate, channels and length are checked
+    before the first is scored; a silent file is found when its pair is read.
     """
     from workbench.evaluate.score import score_files
 

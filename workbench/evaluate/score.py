@@ -2,8 +2,9 @@
 
 `score_files` takes a reference and a test, each a file or a folder. Folders pair up by relative path:
 the test of `clean/a/b.wav` is `test/a/b.<any audio suffix>` or, as `workbench denoise` names its outputs,
-`test/a/b.denoised.<suffix>`. Every pair is checked (readable, same sample rate, channel count and length,
-mono or stereo, neither silent) before any is scored, so bad input costs one line and no work.
+`test/a/b.denoised.<suffix>`. Every pair's headers are checked (readable, same sample rate, channel count and
+length, mono or stereo) before any is scored, so such bad input costs one line and no work; a silent file
+is refused when its pair is read.
 """
 
 from __future__ import annotations
