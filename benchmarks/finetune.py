@@ -11,7 +11,9 @@ side on that machine's test noise (the research protocol: fixed fragments at 10 
     fine-tuned        ...
     spectral gating   ...
 
-plus the margins the issue sets as targets: fine-tuned − base at 10 dB (target ≥ 1 dB) and fine-tuned −
+the same for ΔPEAQ (PEAQ ODG gain over the noisy input, issue 16) when the recipe computes PEAQ, and what
+PEAQ costs in that evaluation (one PEAQ pass over the stored fragments, timed here, times the number of
+passes the evaluation makes), plus the margins the issue sets as targets: fine-tuned − base at 10 dB (target ≥ 1 dB) and fine-tuned −
 spectral gating (target > 0), and the time each stage took. Timings are wall-clock on whatever else
 the machine is doing.
 
@@ -54,6 +56,38 @@ def build_up_to_general_model(folder: Path, recipe: str, fresh: bool = False):
     return workspace, manifest, timings
 
 
+def pooled_table(report_json: Path, metric: str) -> dict[str, list[tuple[float, float, float]]]:
+    """method -> [(mean, ci_low, ci_high) per input SNR] of one metric, pooled over speeds, from report.json."""
+    evaluation = json.loads(Path(report_json).read_text())["evaluation"]
+    single = len(evaluation["fragment_sets"]) == 1
+    table: dict[str, list[tuple[float, float, float]]] = {}
+    for row in evaluation["summary"]:
+        if (row["set"] == "all" or single) and metric in row:
+            cell = row[metric]
+            table.setdefault(row["method"], []).append((cell["mean"], cell["ci_low"], cell["ci_high"]))
+    return table
+
+
+def peaq_cost(report_json: Path) -> dict:
+    """Seconds one PEAQ pass over the evaluation's stored fragments takes (clean vs noisy, every set and SNR),
+    and the number of such passes the evaluation made (one per method; the noisy input's is reused)."""
+    from workbench.evaluate.fragments import load_fragments
+    from workbench.evaluate.peaq import peaq_odg_rows
+
+    evaluation = json.loads(Path(report_json).read_text())["evaluation"]
+    snrs = evaluation["input_snrs_db"]
+    started = time.perf_counter()
+    fragments = 0
+    for described in evaluation["fragment_sets"]:
+        fragment_set = load_fragments(Path(described["path"]), snrs)
+        for snr in snrs:
+            peaq_odg_rows(fragment_set.clean, fragment_set.noisy(snr), fragment_set.sample_rate)
+            fragments += fragment_set.count
+    one_pass = time.perf_counter() - started
+    return {"one_pass_s": one_pass, "fragments_per_pass": fragments, "passes": len(evaluation["methods"]),
+            "estimated_s": one_pass * len(evaluation["methods"])}
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--folder", type=Path, default=Path(tempfile.gettempdir()) / "workbench-bench-finetune",
@@ -81,8 +115,11 @@ def main() -> int:
     low = min(snrs)
     base_gain = table[FINE_TUNED][snrs.index(low)][0] - table[BASE_MODEL][snrs.index(low)][0]
     gating_gain = table[FINE_TUNED][snrs.index(low)][0] - table[SPECTRAL_GATING][snrs.index(low)][0]
+    peaq_table = pooled_table(result.report_json, "delta_peaq")
+    cost = peaq_cost(result.report_json) if peaq_table else None
     if args.json:
         print(json.dumps({"device": device, "recipe": args.recipe, "delta_snr_db": table, "snrs_db": snrs,
+                          "delta_peaq": peaq_table, "peaq_cost": cost,
                           "fine_tuned_minus_base_db": base_gain, "fine_tuned_minus_gating_db": gating_gain,
                           "trials": result.trials, "version": result.version, "promoted": result.promoted,
                           "timings_s": timings, "report": str(result.report_html)}, indent=2))
@@ -92,6 +129,16 @@ def main() -> int:
     for method in (BASE_MODEL, FINE_TUNED, SPECTRAL_GATING):
         cells = "".join(f"{m:+8.2f} [{lo:+6.2f}, {hi:+6.2f}]".rjust(30) for m, lo, hi in table[method])
         print(f"{method:18s}{cells}")
+    if peaq_table:
+        print(f"\n{'method':18s}" + "".join(f"{'ΔPEAQ @' + format(s, 'g') + ' dB (95% CI)':>30s}" for s in snrs))
+        for method in (BASE_MODEL, FINE_TUNED, SPECTRAL_GATING):
+            cells = "".join(f"{m:+8.2f} [{lo:+6.2f}, {hi:+6.2f}]".rjust(30) for m, lo, hi in peaq_table[method])
+            print(f"{method:18s}{cells}")
+        print(f"PEAQ's cost in this evaluation: {cost['passes']} passes x {cost['one_pass_s']:.1f} s "
+              f"({cost['fragments_per_pass']} fragments each, timed here) = {cost['estimated_s']:.0f} s of the "
+              f"finetune stage's {timings['finetune']:.0f} s ({100 * cost['estimated_s'] / timings['finetune']:.1f} %)")
+    else:
+        print("(PEAQ off in this recipe's [evaluation])")
     print(f"\nfine-tuned − base at {low:g} dB:            {base_gain:+.2f} dB  (target ≥ +1 dB: "
           f"{'met' if base_gain >= 1.0 else 'MISSED'})")
     print(f"fine-tuned − spectral gating at {low:g} dB: {gating_gain:+.2f} dB  (target > 0: "

@@ -225,6 +225,10 @@ def test_finetune_registers_a_promoted_version_with_tags_description_and_report(
     report = json.loads(Path(client.download_artifacts(version.run_id, "report/report.json", str(archive.root / "dl"))).read_text())
     methods = {row["method"] for row in report["evaluation"]["summary"]}
     assert methods == {"noisy input", "base model", "fine-tuned", "spectral gating"}  # no champion yet
+    # ΔPEAQ (issue 16) beside ΔSNR: in the report's rows, the version's tags and its description
+    peaq_rows = {r["input_snr_db"]: r["delta_peaq"]["mean"] for r in report["evaluation"]["summary"] if r["method"] == "fine-tuned"}
+    assert float(tags["delta_peaq_10db"]) == pytest.approx(peaq_rows[10.0], abs=1e-3) and "delta_peaq_16db" in tags
+    assert "ΔPEAQ" in version.description
     assert report["lineage"]["noise_snippets"]["test"]["sha256"]
     assert report["lineage"]["base_model"]["uri"] == "models:/tape-denoiser-general/1"
     assert Path(data["report_html"]).is_file() and Path(data["report_html"]).read_text() == page
@@ -258,8 +262,10 @@ def test_models_list_and_show(archive, resumed, cli_module):
     data = shown.json()
     assert data["champion"] == 1 and Path(data["report_path"]).is_file()
     assert {row["method"] for row in data["report"]["table"]} >= {"fine-tuned", "base model", "spectral gating"}
+    assert all("delta_peaq" in row for row in data["report"]["table"])
+    assert set(data["versions"][0]["delta_peaq"]) == {"10", "16"}
     table = cli_module("models", "show", DEVICE)
-    assert "full report:" in table.stdout and "fine-tuned" in table.stdout
+    assert "full report:" in table.stdout and "fine-tuned" in table.stdout and "ΔPEAQ" in table.stdout
 
 
 # ------------------------------------------------------------------------------------- pruning and the gate

@@ -451,7 +451,7 @@ def evaluate_models(plan: Plan, models: dict[str, Any], progress: Progress = no_
     methods |= {name: _model_method(model) for name, model in models.items()}
     methods[SPECTRAL_GATING] = PerSet(lambda fragment_set: spectral_gating(_gating_noise(plan, fragment_set.speed)),
                                       noise_gains=True)
-    return evaluate_methods(sets, methods, batch_size=settings.batch_size, progress=progress)
+    return evaluate_methods(sets, methods, batch_size=settings.batch_size, progress=progress, peaq=settings.peaq)
 
 
 def promotion_decision(result, snrs: list[float], champion_version: int | None) -> tuple[bool, str]:
@@ -498,6 +498,10 @@ def _description(plan: Plan, result, study_info: dict, promoted: bool, reason: s
         parts = [f"{name} {result.summary(name, snr).mean:+.2f}" for name in result.methods if name != NOISY_INPUT]
         lines.append(f"Test noise at {snr:g} dB input ({result.summary(FINE_TUNED, snr).n} fragments of "
                      f"{settings.seconds:g} s), ΔSNR in dB: " + ", ".join(parts) + ".")
+        if "delta_peaq" in result.metrics:
+            lines[-1] += " ΔPEAQ (ODG): " + ", ".join(
+                f"{name} {result.summary(name, snr, 'delta_peaq').mean:+.2f}" for name in result.methods
+                if name != NOISY_INPUT) + "."
     best = study_info["best"]
     counts = ", ".join(f"{n} {s.lower()}" for s, n in sorted(study_info["counts"].items()))
     lines.append(f"Optuna study {plan.study_name} ({counts}); best trial #{best['number']} "
@@ -642,7 +646,7 @@ def _register(plan: Plan, study, info: dict, best, model, result, lineage: dict,
     from workbench import tracking
     from workbench.evaluate.report import write_report
     from workbench.model.checkpoint import save_checkpoint
-    from workbench.model_registry import CHAMPION, TAG_GATE, TAG_PROMOTED, TAG_REPORT, delta_snr_tag
+    from workbench.model_registry import CHAMPION, TAG_GATE, TAG_PROMOTED, TAG_REPORT, delta_peaq_tag, delta_snr_tag
     from workbench.recipes import recipe_digest
     from workbench.train.tuning import describe_storage, worker_identity
 
@@ -667,6 +671,8 @@ def _register(plan: Plan, study, info: dict, best, model, result, lineage: dict,
                 key = method.replace(" ", "_").replace("-", "_")
                 mlflow.log_metric(f"test_delta_snr_{snr:g}db_{key}", result.summary(method, snr).mean)
                 mlflow.log_metric(f"test_delta_si_sdr_{snr:g}db_{key}", result.summary(method, snr, "delta_si_sdr").mean)
+                if "delta_peaq" in result.metrics:
+                    mlflow.log_metric(f"test_delta_peaq_{snr:g}db_{key}", result.summary(method, snr, "delta_peaq").mean)
         report_lineage = {
             "noise_snippets": {split: {k: lineage["noise"][ctx][k] for k in ("digest", "minutes", "sha256")}
                                for split, ctx in splits},
@@ -694,7 +700,9 @@ def _register(plan: Plan, study, info: dict, best, model, result, lineage: dict,
                 "best_trial": best.number, "recipe": plan.recipe["name"], "noise_minutes": plan.noise_minutes("train"),
                 "noise_minutes_test": plan.noise_minutes("test"), TAG_PROMOTED: str(promoted).lower(),
                 TAG_GATE: _verdict(promoted, reason)[:4900],
-                **{delta_snr_tag(snr): f"{result.summary(FINE_TUNED, snr).mean:.3f}" for snr in snrs}}
+                **{delta_snr_tag(snr): f"{result.summary(FINE_TUNED, snr).mean:.3f}" for snr in snrs},
+                **{delta_peaq_tag(snr): f"{result.summary(FINE_TUNED, snr, 'delta_peaq').mean:.3f}"
+                   for snr in snrs if "delta_peaq" in result.metrics}}
         version = tracking.register_checkpoint(checkpoint, model_name, tags=tags, description=description,
                                                artifacts={"report.html": files.html, "report.json": files.json},
                                                workspace=plan.workspace)

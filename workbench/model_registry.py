@@ -20,7 +20,8 @@ MODEL_PREFIX = "tape-denoiser-"
 CHAMPION = "champion"
 BASE_ALIAS = "base"
 REPORT_ARTIFACT_DIR = "report"
-# Version tags written by `workbench finetune` (the ΔSNR ones are "delta_snr_<snr>db", one per input SNR).
+# Version tags written by `workbench finetune` (the ΔSNR ones are "delta_snr_<snr>db", one per input SNR;
+# the ΔPEAQ ones "delta_peaq_<snr>db" beside them when the evaluation computed PEAQ).
 TAG_DEVICE = "device"
 TAG_SPEEDS = "speeds"
 TAG_PROMOTED = "promoted"
@@ -32,18 +33,22 @@ def delta_snr_tag(snr_db: float) -> str:
     return f"delta_snr_{snr_db:g}db"
 
 
+def delta_peaq_tag(snr_db: float) -> str:
+    return f"delta_peaq_{snr_db:g}db"
+
+
 def _date(timestamp_ms: int | None) -> str:
     if not timestamp_ms:
         return ""
     return datetime.fromtimestamp(timestamp_ms / 1000, tz=timezone.utc).isoformat(timespec="seconds")
 
 
-def _delta_tags(tags: dict) -> dict[str, float]:
+def _delta_tags(tags: dict, prefix: str = "delta_snr_") -> dict[str, float]:
     out = {}
     for key, value in tags.items():
-        if key.startswith("delta_snr_") and key.endswith("db"):
+        if key.startswith(prefix) and key.endswith("db"):
             try:
-                out[key.removeprefix("delta_snr_").removesuffix("db")] = float(value)
+                out[key.removeprefix(prefix).removesuffix("db")] = float(value)
             except ValueError:
                 pass
     return dict(sorted(out.items(), key=lambda item: float(item[0])))
@@ -60,7 +65,8 @@ def _versions(registry, name: str) -> list[dict]:
         number = int(version.version)
         versions.append({
             "version": number, "aliases": sorted(aliases_of.get(number, [])), "created": _date(version.creation_timestamp),
-            "delta_snr_db": _delta_tags(tags), "promoted": tags.get(TAG_PROMOTED), "gate": tags.get(TAG_GATE, ""),
+            "delta_snr_db": _delta_tags(tags), "delta_peaq": _delta_tags(tags, "delta_peaq_"),
+            "promoted": tags.get(TAG_PROMOTED), "gate": tags.get(TAG_GATE, ""),
             "run_id": version.run_id, "description": version.description or "", "tags": tags,
         })
     return sorted(versions, key=lambda v: v["version"])
@@ -97,7 +103,9 @@ def _report_summary(report: dict) -> dict:
             if r["set"] == "all" or len(report["evaluation"].get("fragment_sets", [])) == 1]
     table = [{"input_snr_db": r["input_snr_db"], "method": r["method"],
               "delta_snr_db": r["delta_snr"]["mean"], "delta_snr_ci": [r["delta_snr"]["ci_low"], r["delta_snr"]["ci_high"]],
-              "delta_si_sdr_db": r["delta_si_sdr"]["mean"], "fragments": r["delta_snr"]["n"]} for r in rows]
+              "delta_si_sdr_db": r["delta_si_sdr"]["mean"], "fragments": r["delta_snr"]["n"],
+              **({"delta_peaq": r["delta_peaq"]["mean"], "delta_peaq_ci": [r["delta_peaq"]["ci_low"], r["delta_peaq"]["ci_high"]]}
+                 if "delta_peaq" in r else {})} for r in rows]
     study = report.get("study") or {}
     return {"title": report.get("title"), "decision": report.get("decision", {}), "table": table,
             "study": {"name": study.get("name"), "counts": study.get("counts"), "best": study.get("best")} if study else None}

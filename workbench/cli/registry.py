@@ -141,21 +141,27 @@ def models_show(
         print_json(shown)
         return
     table = Table(title=f"{shown['name']} versions")
-    for column in ("version", "aliases", "ΔSNR (dB) per input SNR", "promoted", "created (UTC)"):
+    with_peaq = any(v.get("delta_peaq") for v in shown["versions"])
+    for column in ("version", "aliases", "ΔSNR (dB) per input SNR", *(["ΔPEAQ per input SNR"] if with_peaq else []),
+                   "promoted", "created (UTC)"):
         table.add_column(column)
     for v in shown["versions"]:
         deltas = ", ".join(f"{snr} dB: {value:+.2f}" for snr, value in v["delta_snr_db"].items())
-        table.add_row(str(v["version"]), ", ".join(f"@{a}" for a in v["aliases"]) or "—", deltas,
+        peaq = [", ".join(f"{snr} dB: {value:+.2f}" for snr, value in v.get("delta_peaq", {}).items())] if with_peaq else []
+        table.add_row(str(v["version"]), ", ".join(f"@{a}" for a in v["aliases"]) or "—", deltas, *peaq,
                       v["promoted"] or "—", _when(v["created"]))
     console.print(table)
     report = shown["report"]
     if report:
         summary = Table(title=f"report of version {shown['report_version']}: pooled test results (mean [95 % CI])")
-        for column in ("input SNR", "method", "ΔSNR (dB)", "ΔSI-SDR (dB)", "fragments"):
+        report_peaq = any("delta_peaq" in row for row in report["table"])
+        for column in ("input SNR", "method", "ΔSNR (dB)", "ΔSI-SDR (dB)", *(["ΔPEAQ (ODG)"] if report_peaq else []),
+                       "fragments"):
             summary.add_column(column)
         for row in report["table"]:
+            peaq = [_ci(row["delta_peaq"], *row["delta_peaq_ci"]) if "delta_peaq" in row else ""] if report_peaq else []
             summary.add_row(f"{row['input_snr_db']:g} dB", row["method"], _ci(row["delta_snr_db"], *row["delta_snr_ci"]),
-                            f"{row['delta_si_sdr_db']:+.2f}", str(row["fragments"]))
+                            f"{row['delta_si_sdr_db']:+.2f}", *peaq, str(row["fragments"]))
         console.print(summary)
         if report["decision"].get("message"):
             console.print(report["decision"]["message"])

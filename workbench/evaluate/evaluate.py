@@ -1,7 +1,8 @@
 """Score denoising methods side by side on fixed test fragments.
 
 `evaluate_methods` runs every method on every fragment at every input SNR and keeps, per fragment, SNR,
-ΔSNR, SI-SDR and ΔSI-SDR; their means with 95 % confidence intervals per speed and pooled over speeds;
+ΔSNR, SI-SDR and ΔSI-SDR (and, with `peaq=True`, the PEAQ ODG against the clean fragment and ΔPEAQ, its
+gain over the noisy input's ODG); their means with 95 % confidence intervals per speed and pooled over speeds;
 the Welch spectrum of the noise each method leaves behind (estimate − clean) next to the noise that was
 added; and one fragment's audio for the report's spectrograms. Methods are plain callables (see
 `workbench.evaluate.baselines`), so a model, a baseline and a champion are scored the same way.
@@ -17,11 +18,14 @@ import numpy as np
 from workbench.audio.io import check_finite
 from workbench.evaluate.fragments import FragmentSet
 from workbench.evaluate.metrics import Summary, mean_ci, si_sdr_db, snr_db
+from workbench.evaluate.peaq import peaq_odg_rows
 from workbench.noise.profile import PSD_SEGMENT_SECONDS
 from workbench.progress import Progress, no_progress
 
 METRICS = ("snr", "delta_snr", "si_sdr", "delta_si_sdr")
 METRIC_TITLES = {"snr": "SNR (dB)", "delta_snr": "ΔSNR (dB)", "si_sdr": "SI-SDR (dB)", "delta_si_sdr": "ΔSI-SDR (dB)"}
+PEAQ_METRICS = ("peaq_odg", "delta_peaq")  # present when evaluate_methods ran with peaq=True
+METRIC_TITLES |= {"peaq_odg": "PEAQ ODG", "delta_peaq": "ΔPEAQ (ODG)"}
 POOLED = "all"
 NOISE_ADDED = "noise added"
 
@@ -52,6 +56,12 @@ class EvaluationResult:
     sample_rate: int = 44100
 
     @property
+    def metrics(self) -> tuple[str, ...]:
+        """The metrics this result holds: METRICS, and PEAQ_METRICS when PEAQ was computed."""
+        first = next(iter(self.scores.values()), {})
+        return METRICS + tuple(m for m in PEAQ_METRICS if m in first)
+
+    @property
     def labels(self) -> list[str]:
         return [s["label"] for s in self.sets]
 
@@ -71,7 +81,7 @@ class EvaluationResult:
             for snr in self.snrs_db:
                 for method in self.methods:
                     row = {"set": label, "input_snr_db": snr, "method": method}
-                    for metric in METRICS:
+                    for metric in self.metrics:
                         row[metric] = self.summary(method, snr, metric, label).to_dict()
                     rows.append(row)
         return rows
@@ -84,7 +94,7 @@ class EvaluationResult:
             "summary": self.table(),
             "per_fragment": [
                 {"method": method, "set": label, "input_snr_db": snr,
-                 **{metric: [round(float(v), 4) for v in values[metric]] for metric in METRICS}}
+                 **{metric: [round(float(v), 4) for v in values[metric]] for metric in self.metrics}}
                 for (method, label, snr), values in self.scores.items()
             ],
             "residual_spectra": {
@@ -137,8 +147,9 @@ def _check_finite_estimate(estimate: np.ndarray, method: str, label: str, snr: f
 
 def evaluate_methods(fragments: FragmentSet | Sequence[FragmentSet],
                      methods: Mapping[str, Callable[[np.ndarray], np.ndarray] | PerSet], *, batch_size: int = 4,
-                     example_index: int = 0, progress: Progress = no_progress) -> EvaluationResult:
-    """Run every method on every fragment set at each of its input SNRs and score the estimates."""
+                     example_index: int = 0, progress: Progress = no_progress, peaq: bool = False) -> EvaluationResult:
+    """Run every method on every fragment set at each of its input SNRs and score the estimates; with
+    `peaq`, also each fragment's PEAQ ODG (workbench.evaluate.peaq) and ΔPEAQ."""
     sets = [fragments] if isinstance(fragments, FragmentSet) else list(fragments)
     assert sets and methods, "evaluate_methods needs fragments and methods"
     snrs = [float(s) for s in sets[0].snrs_db]
@@ -157,6 +168,7 @@ def evaluate_methods(fragments: FragmentSet | Sequence[FragmentSet],
             noisy = fragment_set.noisy(snr)
             input_snr = snr_db(clean, noisy)
             input_si_sdr = si_sdr_db(clean, noisy)
+            input_odg = peaq_odg_rows(clean, noisy, sample_rate) if peaq else None
             frequencies, added = _welch(noisy - clean, sample_rate)
             spectra[(label, snr)] = {NOISE_ADDED: added}
             if snr == min(snrs):
@@ -174,6 +186,9 @@ def evaluate_methods(fragments: FragmentSet | Sequence[FragmentSet],
                     "snr": out_snr, "delta_snr": out_snr - input_snr,
                     "si_sdr": out_si_sdr, "delta_si_sdr": out_si_sdr - input_si_sdr,
                 }
+                if peaq:  # the noisy input as a method is graded already
+                    odg = input_odg if np.array_equal(estimate, noisy) else peaq_odg_rows(clean, estimate, sample_rate)
+                    scores[(name, label, snr)] |= {"peaq_odg": odg, "delta_peaq": odg - input_odg}
                 spectra[(label, snr)][name] = _welch(estimate - clean, sample_rate)[1]
                 if snr == min(snrs):
                     examples[label][name] = estimate[example_at]

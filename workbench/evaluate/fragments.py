@@ -214,6 +214,7 @@ DEFAULT_EVALUATION = {
     "snrs_db": [10.0, 16.0],  # ... mixed at 10 and at 16 dB SNR
     "seed": 2023,
     "batch_size": 4,  # fragments per model call
+    "peaq": True,  # PEAQ ODG and ΔPEAQ per fragment (the paper's second measure); false for quick runs
 }
 
 
@@ -224,6 +225,7 @@ class EvaluationSettings:
     snrs_db: tuple[float, ...]
     seed: int
     batch_size: int
+    peaq: bool = True
 
 
 def evaluation_settings(recipe: dict) -> EvaluationSettings:
@@ -245,5 +247,7 @@ def evaluation_settings(recipe: dict) -> EvaluationSettings:
     if (not isinstance(snrs, list) or not snrs or len(set(snrs)) != len(snrs)
             or not all(isinstance(s, (int, float)) and not isinstance(s, bool) and math.isfinite(s) for s in snrs)):
         raise WorkbenchError(f"{source}: [evaluation] snrs_db must be a list of distinct numbers like [10.0, 16.0] (got {snrs!r})")
+    if not isinstance(merged["peaq"], bool):
+        raise WorkbenchError(f"{source}: [evaluation] peaq must be true or false (got {merged['peaq']!r})")
     return EvaluationSettings(merged["fragments"], float(seconds), tuple(float(s) for s in snrs), merged["seed"],
-                              merged["batch_size"])
+                              merged["batch_size"], merged["peaq"])

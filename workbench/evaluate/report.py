@@ -22,7 +22,7 @@ import numpy as np
 
 from workbench.audio.io import atomic_write_json, atomic_write_text
 from workbench.evaluate.baselines import NOISY_INPUT
-from workbench.evaluate.evaluate import METRIC_TITLES, METRICS, NOISE_ADDED, POOLED, EvaluationResult
+from workbench.evaluate.evaluate import METRIC_TITLES, NOISE_ADDED, POOLED, EvaluationResult
 
 # A study attribute holding the starting model's validation ΔSNR: drawn as the line trials must clear.
 BASELINE_ATTR = "base_val_delta_snr_db"
@@ -53,8 +53,9 @@ def _png_base64(figure) -> str:
     return base64.b64encode(buffer.getvalue()).decode("ascii")
 
 
-def plot_delta_snr(result: EvaluationResult) -> str:
-    """Bar chart of mean ΔSNR with 95 % CI per method, one group per input SNR (pooled over speeds)."""
+def plot_delta_snr(result: EvaluationResult, metric: str = "delta_snr") -> str:
+    """Bar chart of mean ΔSNR (or another metric, e.g. delta_peaq) with 95 % CI per method, one group per
+    input SNR (pooled over speeds)."""
     figure = _figure(7.5, 3.6)
     axes = figure.add_subplot()
     methods = result.methods
@@ -62,14 +63,14 @@ def plot_delta_snr(result: EvaluationResult) -> str:
     for m, method in enumerate(methods):
         means, errors = [], []
         for snr in result.snrs_db:
-            summary = result.summary(method, snr, "delta_snr", POOLED)
+            summary = result.summary(method, snr, metric, POOLED)
             means.append(summary.mean)
             errors.append(summary.half_width)
         x = np.arange(len(result.snrs_db)) + (m - (len(methods) - 1) / 2) * width
         axes.bar(x, means, width, yerr=errors, capsize=3, label=method)
     axes.axhline(0.0, color="black", linewidth=0.8)
     axes.set_xticks(np.arange(len(result.snrs_db)), [f"input {snr:g} dB" for snr in result.snrs_db])
-    axes.set_ylabel("ΔSNR (dB), mean ± 95 % CI")
+    axes.set_ylabel(f"{METRIC_TITLES[metric]}, mean ± 95 % CI")
     axes.legend(fontsize="small", ncols=min(3, len(methods)))
     axes.grid(axis="y", alpha=0.3)
     return _png_base64(figure)
@@ -243,11 +244,11 @@ def _img(data: str, alt: str) -> str:
 
 def _metrics_table(result: EvaluationResult, label: str, snr: float) -> str:
     best_method = max(result.methods, key=lambda m: result.summary(m, snr, "delta_snr", label).mean)
-    head = "".join(f"<th>{_e(METRIC_TITLES[m])}</th>" for m in METRICS)
+    head = "".join(f"<th>{_e(METRIC_TITLES[m])}</th>" for m in result.metrics)
     rows = []
     for method in result.methods:
         cells = []
-        for metric in METRICS:
+        for metric in result.metrics:
             summary = result.summary(method, snr, metric, label)
             cells.append(f"<td>{summary.mean:.2f} <span class=muted>[{summary.ci_low:.2f}, {summary.ci_high:.2f}]</span></td>")
         css = ' class="best"' if method == best_method else ""
@@ -286,6 +287,11 @@ def render_html(data: dict, result: EvaluationResult, study: dict | None) -> str
                  "(never seen while tuning) at each input SNR (Eq. 1). ΔSNR and ΔSI-SDR are gains over the "
                  "noisy input; higher is better.</p>")
     parts.append(_img(plot_delta_snr(result), "mean ΔSNR per method"))
+    if "delta_peaq" in result.metrics:
+        parts.append("<p>PEAQ ODG: ITU-R BS.1387 Basic version against the clean fragment (0 imperceptible "
+                     "… −4 very annoying; 44.1 kHz resampled to 48 kHz, full scale = 92 dB SPL); ΔPEAQ is "
+                     "its gain over the noisy input's ODG, higher is better.</p>")
+        parts.append(_img(plot_delta_snr(result, "delta_peaq"), "mean ΔPEAQ per method"))
     labels = result.labels + ([POOLED] if len(result.sets) > 1 else [])
     for label in labels:
         for snr in result.snrs_db:
