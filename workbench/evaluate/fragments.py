@@ -214,6 +214,9 @@ DEFAULT_EVALUATION = {
     "snrs_db": [10.0, 16.0],  # ... mixed at 10 and at 16 dB SNR
     "seed": 2023,
     "batch_size": 4,  # fragments per model call
+    # The promotion gate: the paired ΔSNR gain over the base model and over the champion must have its 95 %
+    # interval above this many dB at every input SNR.
+    "min_gain_db": 0.0,
 }
 
 
@@ -224,6 +227,7 @@ class EvaluationSettings:
     snrs_db: tuple[float, ...]
     seed: int
     batch_size: int
+    min_gain_db: float = 0.0
 
 
 def evaluation_settings(recipe: dict) -> EvaluationSettings:
@@ -245,5 +249,8 @@ def evaluation_settings(recipe: dict) -> EvaluationSettings:
     if (not isinstance(snrs, list) or not snrs or len(set(snrs)) != len(snrs)
             or not all(isinstance(s, (int, float)) and not isinstance(s, bool) and math.isfinite(s) for s in snrs)):
         raise WorkbenchError(f"{source}: [evaluation] snrs_db must be a list of distinct numbers like [10.0, 16.0] (got {snrs!r})")
+    min_gain = merged["min_gain_db"]
+    if not isinstance(min_gain, (int, float)) or isinstance(min_gain, bool) or not math.isfinite(min_gain) or min_gain < 0:
+        raise WorkbenchError(f"{source}: [evaluation] min_gain_db must be a number of dB, 0 or more (got {min_gain!r})")
     return EvaluationSettings(merged["fragments"], float(seconds), tuple(float(s) for s in snrs), merged["seed"],
-                              merged["batch_size"])
+                              merged["batch_size"], float(min_gain))
