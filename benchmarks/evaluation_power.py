@@ -49,6 +49,8 @@ def main() -> int:
     parser.add_argument("--fragments", type=int, default=40)
     parser.add_argument("--seconds", default="2,4", help="fragment lengths to try, comma-separated")
     parser.add_argument("--target", type=float, default=0.3, help="half-width to reach, dB")
+    parser.add_argument("--trial-weights", type=Path, default=None,
+                        help="score a study trial's kept weights (its best.safetensors) instead of a registered version")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
 
@@ -67,10 +69,19 @@ def main() -> int:
 
         device = fine_tuned_device(json.loads((workspace.root / "archive" / MANIFEST).read_text()))
     name = tracking.device_model_name(device)
-    version = tracking.get_alias_version(name, "champion", workspace) or tracking.latest_version(name, workspace)
-    assert version is not None, f"{name} has no version: fine-tune {device} first"
-    fine_tuned, _ = load_checkpoint(tracking.fetch_checkpoint(tracking.model_uri(name, version), workspace)[0])
     plan = make_plan(workspace, device, recipe=args.recipe)
+    if args.trial_weights is not None:
+        import copy
+
+        from workbench.train.loop import load_weights
+
+        version = str(args.trial_weights)
+        fine_tuned = copy.deepcopy(plan.base_model)
+        load_weights(fine_tuned, args.trial_weights)
+    else:
+        version = tracking.get_alias_version(name, "champion", workspace) or tracking.latest_version(name, workspace)
+        assert version is not None, f"{name} has no version: fine-tune {device} first"
+        fine_tuned, _ = load_checkpoint(tracking.fetch_checkpoint(tracking.model_uri(name, version), workspace)[0])
     rows = []
     for seconds in (float(s) for s in args.seconds.split(",")):
         plan.evaluation = dataclasses.replace(plan.evaluation, fragments=args.fragments, seconds=seconds)
