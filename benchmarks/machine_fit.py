@@ -12,18 +12,27 @@ the general model never heard, each registered as its own machine in the benchma
     ground-loop-buzz   the same deck transferred with a ground loop (60 Hz hum at -62 dBFS, strong harmonics)
 
 it renders and ingests blank tape (the variants copy every simulator parameter of the deck, with clicks and
-dropouts off), runs a fresh `finetune_device` study, pretrains the specialist, and prints ΔSNR on the
-machine's test fragments (the finetune protocol) side by side:
+dropouts off), runs a fresh `finetune_device` study, pretrains the specialist, and trains the CONTROL: an
+equal-compute rival, the base model trained with the best trial's very settings (steps, learning rate,
+schedule, frozen layers, the machine's validation noise choosing the kept step) on the general model's
+noise mix instead of the machine's. A gain of the fine-tuned model over the control is specialisation,
+not merely more training. All five models and spectral gating are then scored on the machine's test
+fragments (the finetune protocol), and the script prints ΔSNR side by side, the paired gains of the
+fine-tuned model over the base and over the control (mean [95 % t-interval of per-fragment
+differences]), and the mains hum each model leaves (residual power at the hum's fundamental and first
+three harmonics against the input noise's, dB; `workbench.evaluate.metrics.hum_residual`):
 
-    machine    base model    fine-tuned    specialist    spectral gating    fine-tuned − base    specialist − base
+    machine  base  fine-tuned  control  specialist  spectral gating  | fine-tuned − base  fine-tuned − control | hum
 
     .venv/bin/python benchmarks/machine_fit.py [--folder /tmp/workbench-bench-finetune] [--recipe quickstart]
-                                               [--variants as-is,noisy-preamp,ground-loop-buzz] [--json]
+                                               [--variants as-is,noisy-preamp,ground-loop-buzz] [--no-specialist]
+                                               [--json]
 
 It shares its workspace (and so the archive and general model) with benchmarks/finetune.py. Each
 specialist is registered there as a new version of tape-denoiser-general; the @base alias, which
 `finetune` starts from, stays where it was. With the quickstart recipe the three variants took 14 minutes
-on two CPU cores.
+on two CPU cores before the control was added; with `--no-specialist`, on a 2-core machine shared with
+other jobs (load about 12), as-is took 1454 s to fine-tune, 261 s for the control and 216 s to score.
 """
 
 from __future__ import annotations
@@ -48,6 +57,7 @@ VARIANTS = {
     "ground-loop-buzz": {"hum_dbfs": -62.0, "hum_harmonics_db": [-3.0, -2.0, -6.0, -4.0, -8.0, -9.0, -12.0]},
 }
 SPECIALIST = "specialist"
+CONTROL = "control (general noise)"
 
 
 def variant_machine(workspace, target: str, name: str, speed: float) -> str:
@@ -76,29 +86,68 @@ def variant_machine(workspace, target: str, name: str, speed: float) -> str:
     return machine.id
 
 
-def measure(workspace, machine: str, recipe: str) -> dict:
-    """Fine-tune (a fresh study), pretrain the specialist, score both with the base and spectral gating."""
-    from workbench.finetune import BASE_MODEL, FINE_TUNED, SPECTRAL_GATING, evaluate_models, finetune_device, make_plan
+def measure(workspace, machine: str, recipe: str, general_devices: list[str], specialist: bool = True) -> dict:
+    """Fine-tune (a fresh study), train the equal-compute control, pretrain the specialist (unless told
+    not to: it costs a whole pretraining), score them all."""
+    from workbench import tracking
+    from workbench.finetune import (BASE_MODEL, FINE_TUNED, SPECTRAL_GATING, evaluate_models, finetune_device,
+                                    make_plan)
     from workbench.model.checkpoint import load_checkpoint
     from workbench.train.pretrain import pretrain
 
     timings = {}
     started = time.perf_counter()
-    journal = workspace.registry / f"bench-fit-{machine}-{time.strftime('%Y%m%d-%H%M%S')}.journal"
+    stamp = time.strftime('%Y%m%d-%H%M%S')
+    journal = workspace.registry / f"bench-fit-{machine}-{stamp}.journal"
     fitted = finetune_device(workspace, machine, recipe=recipe, storage=f"journal:{journal}")
     timings["finetune"] = time.perf_counter() - started
+    plan = make_plan(workspace, machine, recipe=recipe)
     started = time.perf_counter()
-    specialist = pretrain(workspace, recipe, noise_devices=[machine])
-    timings["specialist"] = time.perf_counter() - started
-    model, _ = load_checkpoint(specialist.checkpoint)
-    scored = evaluate_models(make_plan(workspace, machine, recipe=recipe), {SPECIALIST: model})
+    control = train_control(plan, fitted.best_trial["params"], general_devices,
+                            workspace.runs_dir / "machine-fit" / f"control-{machine}-{stamp}")
+    timings["control"] = time.perf_counter() - started
+    scored_models = {BASE_MODEL: plan.base_model, CONTROL: control}
+    if specialist:
+        started = time.perf_counter()
+        scored_models[SPECIALIST] = load_checkpoint(pretrain(workspace, recipe, noise_devices=[machine]).checkpoint)[0]
+        timings["specialist"] = time.perf_counter() - started
+    fine_tuned, _ = load_checkpoint(tracking.fetch_checkpoint(tracking.model_uri(fitted.model_name, fitted.version),
+                                                              workspace)[0])
+    started = time.perf_counter()
+    scored = evaluate_models(plan, {**scored_models, FINE_TUNED: fine_tuned})
+    timings["evaluate"] = time.perf_counter() - started
     snrs = fitted.snrs_db
-    table = fitted.table()
-    delta = {method: [cell[0] for cell in table[method]] for method in (BASE_MODEL, FINE_TUNED, SPECTRAL_GATING)}
-    delta[SPECIALIST] = [scored.summary(SPECIALIST, snr).mean for snr in snrs]
-    return {"machine": machine, "snrs_db": snrs, "delta_snr_db": delta, "timings_s": timings,
+    models = [m for m in (BASE_MODEL, FINE_TUNED, CONTROL, SPECIALIST) if m in scored.methods]
+    delta = {method: [scored.summary(method, snr).mean for snr in snrs] for method in (*models, SPECTRAL_GATING)}
+    paired = {rival: [scored.paired(FINE_TUNED, rival, snr).to_dict() for snr in snrs]
+              for rival in models if rival != FINE_TUNED}
+    hum = {(h["method"], h["input_snr_db"]): h for h in scored.to_dict()["hum"]}
+    return {"machine": machine, "snrs_db": snrs, "delta_snr_db": delta, "paired_gain_db": paired,
+            "hum_db": {method: [hum[(method, snr)]["total_db"] if (method, snr) in hum else None for snr in snrs]
+                       for method in (*models, SPECTRAL_GATING)},
+            "hum_harmonics_db": {method: hum[(method, min(snrs))]["relative_db"] if (method, min(snrs)) in hum else None
+                                 for method in (*models, SPECTRAL_GATING)},
+            "fine_tuned": {"version": fitted.version, "promoted": fitted.promoted, "reason": fitted.reason,
+                           "best_trial": fitted.best_trial},
+            "timings_s": timings, "fragments": scored.summary(BASE_MODEL, snrs[0]).n,
             "fine_tuned_minus_base_db": [f - b for f, b in zip(delta[FINE_TUNED], delta[BASE_MODEL])],
-            "specialist_minus_base_db": [s - b for s, b in zip(delta[SPECIALIST], delta[BASE_MODEL])]}
+            "fine_tuned_minus_control_db": [f - c for f, c in zip(delta[FINE_TUNED], delta[CONTROL])],
+            "specialist_minus_base_db": [s - b for s, b in zip(delta[SPECIALIST], delta[BASE_MODEL])]
+            if SPECIALIST in delta else None}
+
+
+def train_control(plan, params: dict, general_devices: list[str], run_dir: Path):
+    """The equal-compute rival: the base trained with the fine-tuned model's best trial settings, on the
+    general model's train noise (`general_devices`) instead of the machine's; its best validation step kept."""
+    from workbench.finetune import _validation_mixtures, train_with_params  # the study's own data and loop
+    from workbench.train.loop import BEST_FILE, load_weights
+    from workbench.train.pretrain import select_noise
+
+    general = dataclasses.replace(plan, noise={**plan.noise, "train": select_noise(plan.workspace, general_devices, [], "train")})
+    _, model = train_with_params(general, params, run_dir, base_model=plan.base_model,
+                                 validation=_validation_mixtures(plan), progress=lambda *a, **k: None, stage="control")
+    load_weights(model, run_dir / BEST_FILE)
+    return model.eval()
 
 
 def main() -> int:
@@ -107,6 +156,7 @@ def main() -> int:
                         help="workspace for the benchmark (shared with benchmarks/finetune.py; reused)")
     parser.add_argument("--recipe", default="quickstart")
     parser.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated, of: {', '.join(VARIANTS)}")
+    parser.add_argument("--no-specialist", action="store_true", help="skip the specialist (a whole pretraining)")
     parser.add_argument("--json", action="store_true", help="print the result as JSON")
     args = parser.parse_args()
     names = [n.strip() for n in args.variants.split(",") if n.strip()]
@@ -114,7 +164,7 @@ def main() -> int:
     if unknown:
         parser.error(f"unknown variant(s) {', '.join(unknown)}; known: {', '.join(VARIANTS)}")
 
-    from workbench.demo import fine_tuned_device
+    from workbench.demo import fine_tuned_device, general_model_devices
     from workbench.finetune import BASE_MODEL, FINE_TUNED, SPECTRAL_GATING
 
     workspace, manifest, _ = build_up_to_general_model(args.folder, args.recipe)
@@ -124,21 +174,44 @@ def main() -> int:
     for name in names:
         machine = variant_machine(workspace, target, name, speed)
         print(f"{name}: {machine} ...", file=sys.stderr, flush=True)
-        results.append({"variant": name, **measure(workspace, machine, args.recipe)})
+        results.append({"variant": name, **measure(workspace, machine, args.recipe, general_model_devices(manifest),
+                                                         specialist=not args.no_specialist)})
     if args.json:
         print(json.dumps({"recipe": args.recipe, "results": results}, indent=2))
         return 0
     snrs = results[0]["snrs_db"]
-    columns = (BASE_MODEL, FINE_TUNED, SPECIALIST, SPECTRAL_GATING)
-    print(f"ΔSNR (dB) on each machine's test fragments at {' / '.join(f'{s:g}' for s in snrs)} dB input, "
-          f"recipe {args.recipe}")
-    print(f"{'variant':18s}" + "".join(f"{c:>18s}" for c in columns) + f"{'fine-tuned − base':>20s}"
-          + f"{'specialist − base':>20s}")
+    columns = [c for c in (BASE_MODEL, FINE_TUNED, CONTROL, SPECIALIST, SPECTRAL_GATING) if c in results[0]["delta_snr_db"]]
+    both = " / ".join(f"{s:g}" for s in snrs)
+    print(f"ΔSNR (dB) on each machine's test fragments at {both} dB input, recipe {args.recipe} "
+          f"({results[0]['fragments']} fragments)")
+    print(f"{'variant':18s}" + "".join(f"{c[:18]:>18s}" for c in columns))
     for result in results:
-        cells = "".join(" / ".join(f"{v:+.2f}" for v in result["delta_snr_db"][c]).rjust(18) for c in columns)
-        gains = "".join(" / ".join(f"{v:+.2f}" for v in result[key]).rjust(20)
-                        for key in ("fine_tuned_minus_base_db", "specialist_minus_base_db"))
-        print(f"{result['variant']:18s}{cells}{gains}")
+        print(f"{result['variant']:18s}" + "".join(
+            " / ".join(f"{v:+.2f}" for v in result["delta_snr_db"][c]).rjust(18) for c in columns))
+    print(f"\npaired gain of the fine-tuned model (mean [95 % t-interval of per-fragment differences], dB) "
+          f"at {both} dB input")
+    for result in results:
+        cells = []
+        for rival, cell in result["paired_gain_db"].items():
+            cells.append(f"− {rival}: " + " / ".join(f"{c['mean']:+.2f} [{c['ci_low']:+.2f}, {c['ci_high']:+.2f}]"
+                                                    for c in cell))
+        print(f"{result['variant']:18s}" + ";  ".join(cells))
+    print(f"\nmains hum left behind: residual vs input at the fundamental and first three harmonics, dB "
+          f"(all four together, at {both} dB input; per harmonic at {snrs[0]:g} dB)")
+    for result in results:
+        cells = []
+        for method in columns:
+            total, harmonics = result["hum_db"][method], result["hum_harmonics_db"][method]
+            if harmonics is None:
+                cells.append(f"{method}: no hum found")
+            else:
+                cells.append(f"{method} " + " / ".join(f"{v:+.1f}" for v in total)
+                             + " (" + ", ".join(f"{v:+.1f}" for v in harmonics) + ")")
+        print(f"{result['variant']:18s}" + ";  ".join(cells))
+    for result in results:
+        fitted = result["fine_tuned"]
+        print(f"{result['variant']}: fine-tuned v{fitted['version']} "
+              f"{'promoted' if fitted['promoted'] else 'not promoted'}: {fitted['reason']}")
     print("time: " + "; ".join(f"{r['variant']} " + ", ".join(f"{k} {v:.0f} s" for k, v in r["timings_s"].items())
                                for r in results))
     return 0

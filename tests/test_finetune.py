@@ -2,8 +2,9 @@
 
 Everything is real: the tiny synthetic archive (noise library + corpus), a tiny two-stage U-Net trained
 for a few steps, the workspace's SQLite Optuna and MLflow stores, a killed `workbench` process.
-One module-scoped archive carries the scenarios in order: a study killed mid-trial and resumed (v1,
-promoted over a random base), a study built to prune, and a do-nothing schedule the gate must refuse.
+One module-scoped archive carries the scenarios in order: a study killed mid-trial and resumed (v1, from a
+random base: registered, but the gate refuses it because it makes recordings worse), a study built to
+prune, and a do-nothing schedule the gate must refuse against the base and a champion set by hand.
 """
 
 from __future__ import annotations
@@ -198,30 +199,40 @@ def test_each_trial_is_a_nested_mlflow_run_under_the_study_run(archive, resumed)
 
 # ------------------------------------------------------------------------------------- registration
 
-def test_finetune_registers_a_promoted_version_with_tags_description_and_report(archive, resumed):
+def test_finetune_registers_a_version_with_tags_description_and_report_but_not_a_harmful_one(archive, resumed):
     import mlflow
 
     data = resumed["result"]
     assert data["model_name"] == MODEL and data["version"] == 1 and data["registered_now"]
-    assert data["promoted"], data["reason"]
+    # A few steps from a random network leave a model far worse than the noisy input: the gate says so.
+    own = data["summary"]["fine-tuned"]["16"]
+    assert own["ci_high"] < 0 and not data["promoted"]
+    assert (f"may make recordings worse at 16 dB input: its own ΔSNR {own['mean']:+.2f} dB "
+            f"[{own['ci_low']:+.2f}, {own['ci_high']:+.2f}] does not lie above 0 dB") in data["reason"]
+    gain = data["paired"]["base model"]["10"]
+    assert gain["n"] == 2 and gain["ci_low"] <= gain["mean"] <= gain["ci_high"] and data["min_gain_db"] == 0.0
     client = mlflow.MlflowClient(tracking_uri=archive.tracking_uri(), registry_uri=archive.tracking_uri())
     versions = client.search_model_versions(f"name = '{MODEL}'")
     assert [str(v.version) for v in versions] == ["1"]
     version = client.get_model_version(MODEL, "1")
     tags = version.tags
     for key in ("device", "speeds", "base_model", "base_version", "study", "delta_snr_10db", "delta_snr_16db",
-                "noise_minutes", "promoted", "gate"):
+                "noise_minutes", "promoted", "gate", "gain_vs_base_10db", "gain_vs_base_16db", "ci_delta_snr_16db",
+                "min_gain_db"):
         assert key in tags, key
     assert tags["device"] == DEVICE and tags["speeds"] == "3.75" and tags["study"] == study_of(archive)
     assert tags["base_model"] == "tape-denoiser-general" and tags["base_version"] == "1"
     assert float(tags["delta_snr_10db"]) == pytest.approx(data["summary"]["fine-tuned"]["10"]["mean"], abs=1e-3)
-    assert float(tags["noise_minutes"]) > 0 and tags["promoted"] == "true"
-    assert DEVICE in version.description and "ΔSNR" in version.description
-    assert {k: str(v) for k, v in client.get_registered_model(MODEL).aliases.items()} == {"champion": "1"}
+    assert float(tags["noise_minutes"]) > 0 and tags["promoted"] == "false"
+    assert tags["gain_vs_base_10db"] == f"{gain['mean']:+.3f} [{gain['ci_low']:+.3f}, {gain['ci_high']:+.3f}] n=2"
+    assert tags["gate"].startswith("not promoted: it may make recordings worse")
+    assert DEVICE in version.description and "ΔSNR" in version.description and "paired gain" in version.description
+    assert client.get_registered_model(MODEL).aliases == {}
     # The report is in the version's run, downloadable with the MLflow client, and on disk.
     downloaded = Path(client.download_artifacts(version.run_id, "report/report.html", str(archive.root / "dl")))
     page = downloaded.read_text()
     assert "spectral gating" in page and "base model" in page and "Optuna study" in page
+    assert "Paired gains" in page and page.count("data:audio/flac;base64,") == 2 * 4  # noisy, base, fine-tuned, clean
     report = json.loads(Path(client.download_artifacts(version.run_id, "report/report.json", str(archive.root / "dl"))).read_text())
     methods = {row["method"] for row in report["evaluation"]["summary"]}
     assert methods == {"noisy input", "base model", "fine-tuned", "spectral gating"}  # no champion yet
@@ -231,15 +242,16 @@ def test_finetune_registers_a_promoted_version_with_tags_description_and_report(
     assert "ΔPEAQ" in version.description
     assert report["lineage"]["noise_snippets"]["test"]["sha256"]
     assert report["lineage"]["base_model"]["uri"] == "models:/tape-denoiser-general/1"
+    assert [row["rival"] for row in report["paired"]["rows"]] == ["base model", "base model"]
     assert Path(data["report_html"]).is_file() and Path(data["report_html"]).read_text() == page
 
 
-def test_champion_loads_with_pyfunc_and_holds_safetensors_weights(archive, resumed):
+def test_device_model_loads_with_pyfunc_and_holds_safetensors_weights(archive, resumed):
     import mlflow
 
     mlflow.set_tracking_uri(archive.tracking_uri())
     mlflow.set_registry_uri(archive.tracking_uri())
-    uri = f"models:/{MODEL}@champion"
+    uri = f"models:/{MODEL}/1"
     local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(archive.root / "champion")))
     files = [p.name for p in local.rglob("*") if p.is_file()]
     assert any(name.endswith(".safetensors") for name in files)
@@ -254,18 +266,24 @@ def test_models_list_and_show(archive, resumed, cli_module):
     listed = cli_module("models", "list", "--json")
     assert listed.code == 0, listed.stderr
     by_name = {m["name"]: m for m in listed.json()}
-    assert by_name[MODEL]["aliases"] == {"champion": 1} and by_name[MODEL]["versions"] >= 1
+    assert by_name[MODEL]["aliases"] == {} and by_name[MODEL]["versions"] >= 1
     assert set(by_name[MODEL]["delta_snr_db"]) == {"10", "16"}
     assert "tape-denoiser-general" in by_name
     shown = cli_module("models", "show", DEVICE, "--json")
     assert shown.code == 0, shown.stderr
     data = shown.json()
-    assert data["champion"] == 1 and Path(data["report_path"]).is_file()
+    assert data["champion"] is None and data["report_version"] == 1 and Path(data["report_path"]).is_file()
     assert {row["method"] for row in data["report"]["table"]} >= {"fine-tuned", "base model", "spectral gating"}
     assert all("delta_peaq" in row for row in data["report"]["table"])
     assert set(data["versions"][0]["delta_peaq"]) == {"10", "16"}
+    # The paired gain over the base model: in the report's summary and in the version's tags.
+    gain = data["report"]["paired"]["base model"]["10"]
+    assert gain["n"] == 2 and gain["ci_low"] <= gain["mean"] <= gain["ci_high"]
+    assert data["versions"][0]["paired_gain_db"]["gain_vs_base_10db"].startswith(f"{gain['mean']:+.3f} [")
     table = cli_module("models", "show", DEVICE)
-    assert "full report:" in table.stdout and "fine-tuned" in table.stdout and "ΔPEAQ" in table.stdout
+    said = " ".join(table.stdout.split())
+    assert "full report:" in said and "fine-tuned" in said and "paired gain" in said and "ΔPEAQ" in said
+    assert f"{gain['mean']:+.2f} [{gain['ci_low']:+.2f}, {gain['ci_high']:+.2f}]" in said
 
 
 # ------------------------------------------------------------------------------------- pruning and the gate
@@ -275,10 +293,13 @@ def test_a_wild_schedule_is_pruned_and_a_do_nothing_model_is_registered_but_not_
     """A study in a journal file with two enqueued schedules: one whose learning rate is too small to move
     any weight (it gives the base model back), then one so large that the first step wrecks the network.
     The median pruner stops the second at once; the first is the best trial, registered, but the gate
-    keeps @champion where it is: the champion (trained, promoted over this same base) is better."""
+    refuses it: against the base it gains exactly nothing (an interval of zero width at 0 is no gain), and
+    the champion (version 1, trained from this same base and made champion by hand, as an archivist may
+    in MLflow) is a rival it must beat too."""
     from workbench import tracking
     from workbench.train.tuning import open_storage
 
+    tracking.set_alias(MODEL, "champion", 1, archive)
     champion_before = tracking.get_alias_version(MODEL, "champion", archive)
     name = recipe(archive, "ft-gate", search=(
         '"schedule.learning_rate" = { type = "float", low = 1e-12, high = 1.0, log = true }\n'
@@ -297,6 +318,9 @@ def test_a_wild_schedule_is_pruned_and_a_do_nothing_model_is_registered_but_not_
 
     said = " ".join(result.stdout.split())  # rich wraps lines at the terminal width
     assert "registered, not promoted" in said and f"does not beat champion v{champion_before}" in said
+    # The same network give or take a 1e-12 step: a gain of zero, its interval about zero too.
+    assert re.search(r"does not beat the base model at 10 dB input: paired ΔSNR gain [+-]0\.00 dB "
+                     r"\[[+-]0\.00, [+-]0\.00\]", said), said
     newest = tracking.latest_version(MODEL, archive)
     assert newest > champion_before
     assert tracking.client(archive).get_model_version(MODEL, str(newest)).tags["promoted"] == "false"

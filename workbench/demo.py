@@ -137,7 +137,7 @@ def demo_stages(workspace: Workspace, settings: DemoSettings) -> Iterator[Stage]
         state["device"] = device
         verdict = "promoted to champion" if result.promoted else f"not promoted: {result.reason}"
         return StageResult("finetune", f"{name} version {result.version} registered, {verdict}; report "
-                           f"{result.report_html}", result.to_dict())
+                           f"{result.report_html}", result.to_dict(), reused=not result.registered_now)
 
     def denoise(progress: Progress) -> StageResult:
         from workbench.denoise import denoise_files

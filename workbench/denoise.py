@@ -340,6 +340,10 @@ def denoise_stream(process: Process, input_path: Path, output_path: Path, *, str
 # The model: where it comes from, and how a chunk goes through it
 
 
+# What `--device ID` uses while the machine has no champion: the general model the device models start from.
+GENERAL_BASE_URI = "models:/tape-denoiser-general@base"
+
+
 def champion_uri(device_id: str) -> str:
     """The registry URI of a replay machine's current best model."""
     return f"models:/tape-denoiser-{device_id}@champion"
@@ -384,7 +388,11 @@ def resolve_model(ref: str | Path, device: str | torch.device = "cpu") -> tuple[
 
 
 def resolve_device_model(device_id: str, device: str | torch.device = "cpu") -> tuple[torch.nn.Module, dict]:
-    """A replay machine's champion model from the workspace's registry (`--device ID`)."""
+    """A replay machine's champion model from the workspace's registry (`--device ID`).
+
+    A machine with no champion yet (none fine-tuned, or the gate refused every version) is restored with
+    the general model @base instead, and the provenance says so in `note` (the CLI prints it; the sidecar
+    keeps it), with `fallback_for_device` naming the machine."""
     from workbench.devices import get_device
     from workbench.workspace import find_workspace
 
@@ -393,9 +401,18 @@ def resolve_device_model(device_id: str, device: str | torch.device = "cpu") -> 
     try:
         path, provenance = _registered_checkpoint(uri)
     except WorkbenchError as error:
-        raise WorkbenchError(f"device {device_id} has no champion model yet ({error}); "
-                             f"fine-tune one with `workbench finetune --device {device_id}`") from None
-    return _load(path, provenance, device)
+        champion_error = error
+    else:
+        return _load(path, provenance, device)
+    try:
+        path, provenance = _registered_checkpoint(GENERAL_BASE_URI)
+    except WorkbenchError:
+        raise WorkbenchError(f"device {device_id} has no champion model yet ({champion_error}) and there is no general "
+                             f"model {GENERAL_BASE_URI} to use instead; fine-tune one with "
+                             f"`workbench finetune --device {device_id}`") from None
+    note = (f"device {device_id} has no champion model yet: restored with the general model {provenance['uri']} "
+            f"(@base), not fitted to this machine (`workbench finetune --device {device_id}` fits one)")
+    return _load(path, {**provenance, "note": note, "fallback_for_device": device_id}, device)
 
 
 def _registered_checkpoint(uri: str) -> tuple[Path, dict]:

@@ -13,8 +13,10 @@
    10 s fragments at 10 and 16 dB) next to the noisy input, the base model, the current champion and
    spectral gating; the report (HTML + JSON) is written.
 4. Registered as a new version of `tape-denoiser-<device>` with tags, a description and the report; the
-   alias `champion` moves only if the new version beats the base model and the previous champion at
-   every input SNR (pooled mean ΔSNR over the machine's speeds).
+   alias `champion` moves only if, at every input SNR (fragments pooled over the machine's speeds), the
+   new version's own ΔSNR interval lies above 0 (it does no harm) and the paired interval of its gain
+   over the base model and over the previous champion lies above the recipe's [evaluation] min_gain_db
+   (see `promotion_decision`).
 """
 
 from __future__ import annotations
@@ -66,6 +68,10 @@ class FinetuneResult:
     base: dict = field(default_factory=dict)
     champion_before: int | None = None
     registered_now: bool = True
+    # rival -> str(snr) -> {"mean", "ci_low", "ci_high", "half_width", "n"}: fine-tuned − rival, paired ΔSNR
+    paired: dict[str, dict[str, dict]] = field(default_factory=dict)
+    min_gain_db: float = 0.0
+    hum: list[dict] = field(default_factory=list)  # per method, set and input SNR: the mains hum left behind
 
     @property
     def trials_summary(self) -> str:
@@ -451,31 +457,71 @@ def evaluate_models(plan: Plan, models: dict[str, Any], progress: Progress = no_
     methods |= {name: _model_method(model) for name, model in models.items()}
     methods[SPECTRAL_GATING] = PerSet(lambda fragment_set: spectral_gating(_gating_noise(plan, fragment_set.speed)),
                                       noise_gains=True)
-    return evaluate_methods(sets, methods, batch_size=settings.batch_size, progress=progress, peaq=settings.peaq)
+    return evaluate_methods(sets, methods, batch_size=settings.batch_size, hum_hz=_hum_fundamentals(plan, sets),
+                            progress=progress, peaq=settings.peaq)
 
 
-def promotion_decision(result, snrs: list[float], champion_version: int | None) -> tuple[bool, str]:
-    """Promote only if the fine-tuned model's pooled mean ΔSNR beats the base model's and the champion's at
-    every input SNR. The reason names each rival and input SNR it failed to beat (or the margins)."""
+def _hum_fundamentals(plan: Plan, sets) -> dict[str, float]:
+    """Set label -> the mains hum fundamental of the machine's noise profile at that speed (sets whose
+    noise has no hum that stands out are left out: there is no hum to measure)."""
+    from workbench.noise.library import NoiseLibrary
+
+    library = NoiseLibrary(plan.workspace)
+    found = {}
+    for fragment_set in sets:
+        profile = library.profile(plan.device.id, fragment_set.speed)
+        if profile is not None and profile.hum is not None:
+            found[fragment_set.label] = profile.hum.fundamental_hz
+    return found
+
+
+def _rivals(champion_version: int | None) -> list[tuple[str, str]]:
+    """(method, how the gate names it) of every model the fine-tuned one must beat."""
     rivals = [(BASE_MODEL, "the base model")]
     if champion_version is not None:
         rivals.append((CHAMPION_METHOD, f"champion v{champion_version}"))
-    failures, margins = [], []
-    for method, shown in rivals:
-        lost, won = [], []
+    return rivals
+
+
+def promotion_decision(result, snrs: list[float], champion_version: int | None,
+                       min_gain_db: float = 0.0) -> tuple[bool, str]:
+    """The gate. Promote only when, at every input SNR (fragments pooled over the machine's speeds):
+    the fine-tuned model's own ΔSNR 95 % interval lies above 0 (it does no harm on average), and the
+    95 % t-interval of its paired ΔSNR gain (per fragment, fine-tuned − rival) over the base model and
+    over the current champion lies above `min_gain_db`. A gain whose interval reaches down to the
+    threshold is not resolved and does not count. The reason names each rival, input SNR and interval
+    that failed (or, when promoted, the gains)."""
+    failures, gains = [], []
+    for snr in snrs:
+        own = result.summary(FINE_TUNED, snr)
+        if not own.lies_above(0.0):
+            failures.append(f"may make recordings worse at {snr:g} dB input: its own ΔSNR {own.interval_text()} "
+                            "does not lie above 0 dB")
+    for method, shown in _rivals(champion_version):
         for snr in snrs:
-            ours, theirs = result.summary(FINE_TUNED, snr).mean, result.summary(method, snr).mean
-            if ours > theirs:
-                won.append(f"{ours - theirs:+.2f} dB at {snr:g} dB")
+            gain = result.paired(FINE_TUNED, method, snr)
+            if gain.lies_above(min_gain_db):
+                gains.append(f"{shown} by {gain.interval_text()} at {snr:g} dB input")
             else:
-                lost.append(f"at {snr:g} dB input ({ours:+.2f} vs {theirs:+.2f} dB ΔSNR)")
-        if lost:
-            failures.append(f"does not beat {shown} " + " or ".join(lost))
-        else:
-            margins.append(f"beats {shown} by " + ", ".join(won))
+                worse = " (worse)" if gain.n >= 2 and gain.ci_high < 0 else ""
+                failures.append(f"does not beat {shown} at {snr:g} dB input: paired ΔSNR gain {gain.interval_text()}"
+                                f"{worse} does not lie above {min_gain_db:+g} dB")
     if failures:
         return False, "; ".join(failures)
-    return True, "; ".join(margins)
+    return True, "beats " + ", ".join(gains) + " (paired ΔSNR gain, 95 % interval); its own ΔSNR lies above 0 dB " \
+                 "at every input SNR"
+
+
+def _paired_summary(result, snrs: list[float], champion_version: int | None) -> dict[str, dict[str, dict]]:
+    """rival method -> str(snr) -> the paired ΔSNR gain of the fine-tuned model over it."""
+    return {method: {f"{snr:g}": {k: v for k, v in result.paired(FINE_TUNED, method, snr).to_dict().items()
+                                  if k in ("mean", "ci_low", "ci_high", "half_width", "n")} for snr in snrs}
+            for method, _ in _rivals(champion_version)}
+
+
+def paired_tag(rival: str, snr: float) -> str:
+    """The version tag holding the paired ΔSNR gain over a rival at one input SNR."""
+    return f"gain_vs_{'base' if rival == BASE_MODEL else 'champion'}_{snr:g}db"
 
 
 def _verdict(promoted: bool, reason: str) -> str:
@@ -496,8 +542,11 @@ def _description(plan: Plan, result, study_info: dict, promoted: bool, reason: s
              f"{plan.base['uri']} on {plan.noise_minutes('train'):g} min of its train noise."]
     for snr in settings.snrs_db:
         parts = [f"{name} {result.summary(name, snr).mean:+.2f}" for name in result.methods if name != NOISY_INPUT]
+        paired = [f"over {shown} {result.paired(FINE_TUNED, method, snr).interval_text()}"
+                  for method, shown in _rivals(champion)]
         lines.append(f"Test noise at {snr:g} dB input ({result.summary(FINE_TUNED, snr).n} fragments of "
-                     f"{settings.seconds:g} s), ΔSNR in dB: " + ", ".join(parts) + ".")
+                     f"{settings.seconds:g} s), ΔSNR in dB: " + ", ".join(parts) + "; paired gain of the "
+                     "fine-tuned model (mean [95 % t-interval]) " + ", ".join(paired) + ".")
         if "delta_peaq" in result.metrics:
             lines[-1] += " ΔPEAQ (ODG): " + ", ".join(
                 f"{name} {result.summary(name, snr, 'delta_peaq').mean:+.2f}" for name in result.methods
@@ -557,7 +606,8 @@ def finetune_device(workspace: Workspace, device_id: str, *, speed: float | None
             model = best_model(plan, best, validation, progress)
             champion = tracking.get_alias_version(tracking.device_model_name(plan.device.id), "champion", plan.workspace)
             result = evaluate_models(plan, _scored_models(plan, model, champion), progress)
-            promoted, reason = promotion_decision(result, list(plan.evaluation.snrs_db), champion)
+            promoted, reason = promotion_decision(result, list(plan.evaluation.snrs_db), champion,
+                                                  plan.evaluation.min_gain_db)
             return _register(plan, study, info, best, model, result, lineage, champion, promoted, reason)
 
 
@@ -691,7 +741,10 @@ def _register(plan: Plan, study, info: dict, best, model, result, lineage: dict,
         files = write_report(report_dir, result, title=f"{model_name}: fine-tuned to {plan.device.id}",
                              lineage=report_lineage, study=study, model=model_facts,
                              decision={"promoted": promoted, "message": _verdict(promoted, reason)},
-                             summary_text=description.split("\n\n")[0])
+                             summary_text=description.split("\n\n")[0],
+                             paired=(FINE_TUNED, [method for method, _ in _rivals(champion)]),
+                             min_gain_db=plan.evaluation.min_gain_db,
+                             clip_methods=[m for m in (BASE_MODEL, FINE_TUNED, CHAMPION_METHOD) if m in result.methods])
         mlflow.log_artifacts(str(report_dir), "report")
         tags = {"device": plan.device.id, "speeds": ",".join(format_speed(s) for s in plan.speeds),
                 "base_model": plan.base.get("name") or plan.base["uri"], "base_version": plan.base.get("version") or "",
@@ -699,10 +752,13 @@ def _register(plan: Plan, study, info: dict, best, model, result, lineage: dict,
                 "study_key": plan.study_key,
                 "best_trial": best.number, "recipe": plan.recipe["name"], "noise_minutes": plan.noise_minutes("train"),
                 "noise_minutes_test": plan.noise_minutes("test"), TAG_PROMOTED: str(promoted).lower(),
-                TAG_GATE: _verdict(promoted, reason)[:4900],
+                TAG_GATE: _verdict(promoted, reason)[:4900], "min_gain_db": f"{plan.evaluation.min_gain_db:g}",
                 **{delta_snr_tag(snr): f"{result.summary(FINE_TUNED, snr).mean:.3f}" for snr in snrs},
                 **{delta_peaq_tag(snr): f"{result.summary(FINE_TUNED, snr, 'delta_peaq').mean:.3f}"
-                   for snr in snrs if "delta_peaq" in result.metrics}}
+                   for snr in snrs if "delta_peaq" in result.metrics},
+                **{f"ci_delta_snr_{snr:g}db": _interval_tag(result.summary(FINE_TUNED, snr)) for snr in snrs},
+                **{paired_tag(method, snr): _interval_tag(result.paired(FINE_TUNED, method, snr))
+                   for method, _ in _rivals(champion) for snr in snrs}}
         version = tracking.register_checkpoint(checkpoint, model_name, tags=tags, description=description,
                                                artifacts={"report.html": files.html, "report.json": files.json},
                                                workspace=plan.workspace)
@@ -715,7 +771,14 @@ def _register(plan: Plan, study, info: dict, best, model, result, lineage: dict,
             tracking.set_alias(model_name, CHAMPION, version, plan.workspace)
     return FinetuneResult(plan.device.id, plan.speeds, plan.study_name, storage, info["counts"], info["best"],
                           model_name, version, promoted, reason, snrs, _summary(result, snrs),
-                          local / "report.html", local / "report.json", run.info.run_id, plan.base, champion)
+                          local / "report.html", local / "report.json", run.info.run_id, plan.base, champion,
+                          paired=_paired_summary(result, snrs, champion), min_gain_db=plan.evaluation.min_gain_db,
+                          hum=result.to_dict()["hum"])
+
+
+def _interval_tag(summary) -> str:
+    """A mean and its 95 % interval as one tag value: "+0.490 [+0.120, +0.860] n=40"."""
+    return f"{summary.mean:+.3f} [{summary.ci_low:+.3f}, {summary.ci_high:+.3f}] n={summary.n}"
 
 
 def _registered_for(registry, plan: Plan, trial: int) -> Any | None:
@@ -775,6 +838,7 @@ def _finish_registration(plan: Plan, version, trial: int) -> None:
 def _result_from_version(plan: Plan, version, info: dict) -> FinetuneResult:
     """The result of a version this study already registered (another worker, or an earlier run)."""
     from workbench import tracking
+    from workbench.evaluate.report import pooled_paired
     from workbench.model_registry import CHAMPION, TAG_GATE, TAG_PROMOTED, TAG_REPORT
     from workbench.train.tuning import describe_storage
 
@@ -795,4 +859,6 @@ def _result_from_version(plan: Plan, version, info: dict) -> FinetuneResult:
                           version.name, int(version.version), promoted,
                           tags.get(TAG_GATE, "").split(": it ", 1)[-1] + " (registered earlier for this study's best trial)",
                           snrs, summary,
-                          html, html.with_name("report.json"), version.run_id, plan.base, None, registered_now=False)
+                          html, html.with_name("report.json"), version.run_id, plan.base, None, registered_now=False,
+                          paired=pooled_paired(report), min_gain_db=float((report.get("paired") or {}).get("min_gain_db") or 0.0),
+                          hum=report.get("evaluation", {}).get("hum", []))

@@ -54,6 +54,11 @@ def _delta_tags(tags: dict, prefix: str = "delta_snr_") -> dict[str, float]:
     return dict(sorted(out.items(), key=lambda item: float(item[0])))
 
 
+def _paired_tags(tags: dict) -> dict[str, str]:
+    """The paired-gain tags of `workbench finetune` ("gain_vs_base_10db": "+0.490 [+0.120, +0.860] n=40")."""
+    return {key: value for key, value in sorted(tags.items()) if key.startswith("gain_vs_")}
+
+
 def _versions(registry, name: str) -> list[dict]:
     model = registry.get_registered_model(name)
     aliases_of: dict[int, list[str]] = {}
@@ -66,6 +71,7 @@ def _versions(registry, name: str) -> list[dict]:
         versions.append({
             "version": number, "aliases": sorted(aliases_of.get(number, [])), "created": _date(version.creation_timestamp),
             "delta_snr_db": _delta_tags(tags), "delta_peaq": _delta_tags(tags, "delta_peaq_"),
+            "paired_gain_db": _paired_tags(tags),
             "promoted": tags.get(TAG_PROMOTED), "gate": tags.get(TAG_GATE, ""),
             "run_id": version.run_id, "description": version.description or "", "tags": tags,
         })
@@ -98,7 +104,9 @@ def list_models(workspace: Workspace) -> list[dict]:
 
 
 def _report_summary(report: dict) -> dict:
-    """The pooled metrics table and the decision from a report.json."""
+    """The pooled metrics table, the paired gains and the decision from a report.json."""
+    from workbench.evaluate.report import pooled_paired
+
     rows = [r for r in report.get("evaluation", {}).get("summary", [])
             if r["set"] == "all" or len(report["evaluation"].get("fragment_sets", [])) == 1]
     table = [{"input_snr_db": r["input_snr_db"], "method": r["method"],
@@ -108,6 +116,7 @@ def _report_summary(report: dict) -> dict:
                  if "delta_peaq" in r else {})} for r in rows]
     study = report.get("study") or {}
     return {"title": report.get("title"), "decision": report.get("decision", {}), "table": table,
+            "paired": pooled_paired(report),
             "study": {"name": study.get("name"), "counts": study.get("counts"), "best": study.get("best")} if study else None}
 
 

@@ -8,7 +8,7 @@ import typer
 from rich.table import Table
 
 from workbench.cli._app import app
-from workbench.cli._render import console, print_json, progress_bars
+from workbench.cli._render import console, err_console, print_json, progress_bars
 from workbench.errors import WorkbenchError
 
 
@@ -22,7 +22,8 @@ def denoise(
                                      help="A checkpoint (X.safetensors with X.json beside it) or an MLflow model "
                                           "URI: models:/NAME@ALIAS or models:/NAME/VERSION."),
     device: str | None = typer.Option(None, "--device", metavar="ID",
-                                      help="Use this replay machine's champion: models:/tape-denoiser-ID@champion."),
+                                      help="Use this replay machine's champion: models:/tape-denoiser-ID@champion "
+                                           "(while it has none, the general model @base, said on stderr)."),
     out: Path = typer.Option(Path("denoised"), "--out", metavar="DIR", show_default=False,
                              help="Folder for the restored copies, named STEM.denoised.SUFFIX "
                                   "(default: ./denoised in the current folder, created if missing)."),
@@ -82,6 +83,9 @@ def denoise(
                                 strength=1.0 if strength is None else strength, chunk_seconds=chunk_seconds,
                                 format=format, subtype=subtype, compute=compute, overwrite=overwrite,
                                 progress=progress)
+    note = records[0]["model"].get("note") if records else None
+    if note:  # on stderr, so that --json's stdout stays clean; the sidecars keep it too
+        err_console.print(note, soft_wrap=True, markup=False, highlight=False)
     if as_json:
         print_json(records)
         return

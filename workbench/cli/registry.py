@@ -50,8 +50,9 @@ def finetune(
     An Optuna study (TPE, pruned on validation ΔSNR of the machine's validation noise) searches the
     recipe's schedule space; the best trial is evaluated on the machine's `test` noise with the research
     protocol (10 s fragments at 10 and 16 dB) next to the noisy input, the base model, the current champion
-    and spectral gating; the report is written and the model registered. The alias @champion moves only if
-    the new version beats the base model and the previous champion at every input SNR.
+    and spectral gating; the report is written and the model registered. The alias @champion moves only if,
+    at every input SNR, the new version's own ΔSNR interval lies above 0 and the paired 95 % interval of its
+    gain over the base model and over the previous champion lies above the recipe's min_gain_db (default 0).
 
     Run it again to continue an interrupted study (finished trials are kept, a trial cut off is retried
     from its saved steps); run it on several machines with one `--storage` to share the trials. A study
@@ -82,9 +83,24 @@ def finetune(
     for method, cells in result.table().items():
         table.add_row(method, *[_ci(*cell) for cell in cells])
     console.print(table)
+    if result.paired:
+        console.print(_paired_table("paired gain of the fine-tuned model (ΔSNR dB, mean [95 % t-interval], "
+                                    f"must lie above {result.min_gain_db:+g})", result.paired, result.snrs_db))
     verdict = "[green]promoted to @champion[/]: it" if result.promoted else "[yellow]registered, not promoted[/]: it"
     console.print(f"{result.model_name} version {result.version}: {verdict} {result.reason}")
     console.print(f"report: {result.report_html}")
+
+
+def _paired_table(title: str, paired: dict[str, dict[str, dict]], snrs: list[float]) -> Table:
+    """rival -> str(snr) -> {"mean", "ci_low", "ci_high", ...} as a table: one row per rival."""
+    table = Table(title=title)
+    table.add_column("fine-tuned −")
+    for snr in snrs:
+        table.add_column(f"input {snr:g} dB", justify="right")
+    for rival, cells in paired.items():
+        table.add_row(rival, *[_ci(cells[f"{snr:g}"]["mean"], cells[f"{snr:g}"]["ci_low"], cells[f"{snr:g}"]["ci_high"])
+                               if f"{snr:g}" in cells else "" for snr in snrs])
+    return table
 
 
 @models_app.command("list")
@@ -163,6 +179,10 @@ def models_show(
             summary.add_row(f"{row['input_snr_db']:g} dB", row["method"], _ci(row["delta_snr_db"], *row["delta_snr_ci"]),
                             f"{row['delta_si_sdr_db']:+.2f}", *peaq, str(row["fragments"]))
         console.print(summary)
+        if report.get("paired"):
+            snrs = sorted({float(snr) for cells in report["paired"].values() for snr in cells})
+            console.print(_paired_table(f"report of version {shown['report_version']}: paired gain of the fine-tuned "
+                                        "model (ΔSNR dB, mean [95 % t-interval])", report["paired"], snrs))
         if report["decision"].get("message"):
             console.print(report["decision"]["message"])
     console.print(f"full report: {shown['report_path'] or '(not on this machine)'}"

@@ -2,9 +2,11 @@
 
 `evaluate_methods` runs every method on every fragment at every input SNR and keeps, per fragment, SNR,
 ΔSNR, SI-SDR and ΔSI-SDR (and, with `peaq=True`, the PEAQ ODG against the clean fragment and ΔPEAQ, its
-gain over the noisy input's ODG); their means with 95 % confidence intervals per speed and pooled over speeds;
-the Welch spectrum of the noise each method leaves behind (estimate − clean) next to the noise that was
-added; and one fragment's audio for the report's spectrograms. Methods are plain callables (see
+gain over the noisy input's ODG); their means with 95 % confidence intervals per speed and pooled over speeds,
+and paired ones (one method minus another on the same fragments); the Welch spectrum of the noise each
+method leaves behind (estimate − clean) next to the noise that was added; the mains hum each method
+leaves (when the set's hum fundamental is given); one fragment's audio for the report's spectrograms and
+short clips of a few fragments to listen to. Methods are plain callables (see
 `workbench.evaluate.baselines`), so a model, a baseline and a champion are scored the same way.
 """
 
@@ -17,7 +19,7 @@ import numpy as np
 
 from workbench.audio.io import check_finite
 from workbench.evaluate.fragments import FragmentSet
-from workbench.evaluate.metrics import Summary, mean_ci, si_sdr_db, snr_db
+from workbench.evaluate.metrics import HumResidual, Summary, hum_residual, mean_ci, paired_ci, si_sdr_db, snr_db
 from workbench.evaluate.peaq import peaq_odg_rows
 from workbench.noise.profile import PSD_SEGMENT_SECONDS
 from workbench.progress import Progress, no_progress
@@ -28,6 +30,10 @@ PEAQ_METRICS = ("peaq_odg", "delta_peaq")  # present when evaluate_methods ran w
 METRIC_TITLES |= {"peaq_odg": "PEAQ ODG", "delta_peaq": "ΔPEAQ (ODG)"}
 POOLED = "all"
 NOISE_ADDED = "noise added"
+NOISY = "noisy"  # the clip's noisy input (a method named "noisy input" may also be there: the same audio)
+CLEAN = "clean"
+CLIP_COUNT = 2  # fragments kept as listening clips ...
+CLIP_SECONDS = 4.0  # ... of at most this long each (the start of the fragment)
 
 
 @dataclass(frozen=True)
@@ -54,6 +60,9 @@ class EvaluationResult:
     spectra: dict[tuple[str, float], dict[str, np.ndarray]]  # (set label, snr) -> NOISE_ADDED | method -> PSD
     examples: dict[str, dict] = field(default_factory=dict)  # set label -> {"snr", "clean", "noisy", methods...}
     sample_rate: int = 44100
+    hum: dict[tuple[str, str, float], HumResidual] = field(default_factory=dict)  # (method, set label, snr) -> hum
+    # Listening clips: {"set", "index", "snr", CLEAN: (T,), NOISY: (T,), each method: (T,)}.
+    clips: list[dict] = field(default_factory=list)
 
     @property
     def metrics(self) -> tuple[str, ...]:
@@ -72,6 +81,17 @@ class EvaluationResult:
 
     def summary(self, method: str, snr: float, metric: str = "delta_snr", label: str = POOLED) -> Summary:
         return mean_ci(self.values(method, snr, metric, label))
+
+    def paired(self, method: str, rival: str, snr: float, metric: str = "delta_snr", label: str = POOLED) -> Summary:
+        """Mean and 95 % t-interval of `method − rival` over the same fragments (paired differences)."""
+        return paired_ci(self.values(method, snr, metric, label), self.values(rival, snr, metric, label))
+
+    def paired_table(self, method: str, rivals: Sequence[str], metric: str = "delta_snr") -> list[dict]:
+        """One row per (set or pooled, input SNR, rival): `method − rival`, mean and interval."""
+        labels = self.labels + ([POOLED] if len(self.sets) > 1 else [])
+        return [{"set": label, "input_snr_db": snr, "method": method, "rival": rival, "metric": metric,
+                 **self.paired(method, rival, snr, metric, label).to_dict()}
+                for label in labels for snr in self.snrs_db for rival in rivals if rival in self.methods]
 
     def table(self) -> list[dict]:
         """One row per (set or pooled, input SNR, method) with the mean and CI of every metric."""
@@ -106,6 +126,10 @@ class EvaluationResult:
                     for (label, snr), curves in self.spectra.items()
                 ],
             },
+            "hum": [{"method": method, "set": label, "input_snr_db": snr, **hum.to_dict()}
+                    for (method, label, snr), hum in self.hum.items()],
+            "clips": [{"set": c["set"], "fragment": c["index"], "input_snr_db": c["snr"],
+                       "seconds": len(c[CLEAN]) / self.sample_rate} for c in self.clips],
         }
 
 
@@ -147,9 +171,14 @@ def _check_finite_estimate(estimate: np.ndarray, method: str, label: str, snr: f
 
 def evaluate_methods(fragments: FragmentSet | Sequence[FragmentSet],
                      methods: Mapping[str, Callable[[np.ndarray], np.ndarray] | PerSet], *, batch_size: int = 4,
-                     example_index: int = 0, progress: Progress = no_progress, peaq: bool = False) -> EvaluationResult:
-    """Run every method on every fragment set at each of its input SNRs and score the estimates; with
-    `peaq`, also each fragment's PEAQ ODG (workbench.evaluate.peaq) and ΔPEAQ."""
+                     example_index: int = 0, hum_hz: Mapping[str, float] | None = None,
+                     clips: int = CLIP_COUNT, clip_seconds: float = CLIP_SECONDS,
+                     progress: Progress = no_progress, peaq: bool = False) -> EvaluationResult:
+    """Run every method on every fragment set at each of its input SNRs and score the estimates.
+
+    `hum_hz` (set label -> mains hum fundamental in Hz) adds each method's residual hum on those sets;
+    `clips` fragments (taken in turn from each set) are kept, cut to `clip_seconds`, at the lowest input
+    SNR for listening; with `peaq`, also each fragment's PEAQ ODG (workbench.evaluate.peaq) and ΔPEAQ."""
     sets = [fragments] if isinstance(fragments, FragmentSet) else list(fragments)
     assert sets and methods, "evaluate_methods needs fragments and methods"
     snrs = [float(s) for s in sets[0].snrs_db]
@@ -158,12 +187,17 @@ def evaluate_methods(fragments: FragmentSet | Sequence[FragmentSet],
     scores: dict = {}
     spectra: dict = {}
     examples: dict = {}
+    hums: dict = {}
+    clip_frames = int(round(clip_seconds * sample_rate))
+    clip_at = _clip_fragments(sets, clips)
+    clip_list = {key: {"set": key[0], "index": key[1], "snr": min(snrs)} for key in clip_at}
     frequencies = np.zeros(0)
     total, done = len(sets) * len(snrs) * len(methods), 0
     for fragment_set in sets:
         label = fragment_set.label
         clean = fragment_set.clean
         example_at = min(example_index, fragment_set.count - 1)
+        fundamental = (hum_hz or {}).get(label)
         for snr in snrs:
             noisy = fragment_set.noisy(snr)
             input_snr = snr_db(clean, noisy)
@@ -173,6 +207,9 @@ def evaluate_methods(fragments: FragmentSet | Sequence[FragmentSet],
             spectra[(label, snr)] = {NOISE_ADDED: added}
             if snr == min(snrs):
                 examples[label] = {"snr": snr, "clean": clean[example_at], "noisy": noisy[example_at]}
+                for (clip_label, index), clip in clip_list.items():
+                    if clip_label == label:
+                        clip[CLEAN], clip[NOISY] = clean[index, :clip_frames], noisy[index, :clip_frames]
             for name, method in methods.items():
                 gains = None
                 if isinstance(method, PerSet):
@@ -190,11 +227,27 @@ def evaluate_methods(fragments: FragmentSet | Sequence[FragmentSet],
                     odg = input_odg if np.array_equal(estimate, noisy) else peaq_odg_rows(clean, estimate, sample_rate)
                     scores[(name, label, snr)] |= {"peaq_odg": odg, "delta_peaq": odg - input_odg}
                 spectra[(label, snr)][name] = _welch(estimate - clean, sample_rate)[1]
+                if fundamental:
+                    hums[(name, label, snr)] = hum_residual(noisy - clean, estimate - clean, sample_rate, fundamental)
                 if snr == min(snrs):
                     examples[label][name] = estimate[example_at]
+                    for (clip_label, index), clip in clip_list.items():
+                        if clip_label == label:
+                            clip[name] = estimate[index, :clip_frames]
                 done += 1
                 progress("evaluate", done, total, method=name, snr=snr)
     described = [{"label": f.label, "device": f.device, "speed": f.speed, "digest": f.digest, "count": f.count,
                   "seconds": f.clean.shape[1] / f.sample_rate, "path": str(f.path) if f.path else None}
                  for f in sets]
-    return EvaluationResult(list(methods), snrs, described, scores, frequencies, spectra, examples, sample_rate)
+    return EvaluationResult(list(methods), snrs, described, scores, frequencies, spectra, examples, sample_rate,
+                            hums, list(clip_list.values()))
+
+
+def _clip_fragments(sets: Sequence[FragmentSet], count: int) -> list[tuple[str, int]]:
+    """(set label, fragment index) of `count` fragments, taken from each set in turn."""
+    chosen: list[tuple[str, int]] = []
+    for index in range(max(s.count for s in sets)):
+        for fragment_set in sets:
+            if len(chosen) < count and index < fragment_set.count:
+                chosen.append((fragment_set.label, index))
+    return chosen

@@ -215,6 +215,9 @@ DEFAULT_EVALUATION = {
     "seed": 2023,
     "batch_size": 4,  # fragments per model call
     "peaq": True,  # PEAQ ODG and ΔPEAQ per fragment (the paper's second measure); false for quick runs
+    # The promotion gate: the paired ΔSNR gain over the base model and over the champion must have its 95 %
+    # interval above this many dB at every input SNR.
+    "min_gain_db": 0.0,
 }
 
 
@@ -226,6 +229,7 @@ class EvaluationSettings:
     seed: int
     batch_size: int
     peaq: bool = True
+    min_gain_db: float = 0.0
 
 
 def evaluation_settings(recipe: dict) -> EvaluationSettings:
@@ -249,5 +253,8 @@ def evaluation_settings(recipe: dict) -> EvaluationSettings:
         raise WorkbenchError(f"{source}: [evaluation] snrs_db must be a list of distinct numbers like [10.0, 16.0] (got {snrs!r})")
     if not isinstance(merged["peaq"], bool):
         raise WorkbenchError(f"{source}: [evaluation] peaq must be true or false (got {merged['peaq']!r})")
+    min_gain = merged["min_gain_db"]
+    if not isinstance(min_gain, (int, float)) or isinstance(min_gain, bool) or not math.isfinite(min_gain) or min_gain < 0:
+        raise WorkbenchError(f"{source}: [evaluation] min_gain_db must be a number of dB, 0 or more (got {min_gain!r})")
     return EvaluationSettings(merged["fragments"], float(seconds), tuple(float(s) for s in snrs), merged["seed"],
-                              merged["batch_size"], merged["peaq"])
+                              merged["batch_size"], peaq=merged["peaq"], min_gain_db=float(min_gain))

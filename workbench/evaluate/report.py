@@ -1,10 +1,13 @@
 """The evaluation report: one self-contained HTML page and a JSON file holding every number.
 
 The page is what an archive files with a restoration (IASA TC-03 asks that every intervention be
-documented): the metrics table per input SNR and speed, the noise each method leaves behind against the
-device's noise, spectrograms of one fragment, the Optuna study that chose the schedule, and the lineage
-(noise snippets, clean corpus, base model, recipe). Plots are PNGs embedded as base64 and styles are
-inline, so the file opens anywhere, offline, forever. Both files are written atomically.
+documented): the metrics table per input SNR and speed, the paired gains of the model over its rivals
+(the same fragments, so their interval is what tells whether a gain is real), the noise each method
+leaves behind against the device's noise and the mains hum it leaves, spectrograms of one fragment,
+short clips to listen to (noisy, each model, clean), the Optuna study that chose the schedule, and the
+lineage (noise snippets, clean corpus, base model, recipe). Plots are PNGs and clips FLAC, embedded as
+base64 data URIs, and styles are inline, so the file opens anywhere, offline, forever. Both files are
+written atomically.
 """
 
 from __future__ import annotations
@@ -22,7 +25,8 @@ import numpy as np
 
 from workbench.audio.io import atomic_write_json, atomic_write_text
 from workbench.evaluate.baselines import NOISY_INPUT
-from workbench.evaluate.evaluate import METRIC_TITLES, NOISE_ADDED, POOLED, EvaluationResult
+from workbench.evaluate.evaluate import CLEAN, METRIC_TITLES, NOISE_ADDED, NOISY, POOLED, EvaluationResult
+from workbench.evaluate.metrics import interval_lies_above
 
 # A study attribute holding the starting model's validation ΔSNR: drawn as the line trials must clear.
 BASELINE_ATTR = "base_val_delta_snr_db"
@@ -31,6 +35,7 @@ REPORT_JSON = "report.json"
 # Spectrogram analysis for the report's pictures (display only): 2048-sample Hann, hop 512, as the model.
 SPECTROGRAM_WINDOW = 2048
 SPECTROGRAM_HOP = 512
+CLIP_PEAK = 10 ** (-1 / 20)  # listening clips of one fragment share a gain that puts their loudest at -1 dBFS
 
 
 @dataclass(frozen=True)
@@ -269,6 +274,64 @@ def _definition_list(data: dict) -> str:
     return f"<dl>{''.join(items)}</dl>"
 
 
+def _paired_table(rows: list[dict], label: str, snr: float, min_gain_db: float | None) -> str:
+    shown = [r for r in rows if r["set"] == label and r["input_snr_db"] == snr]
+    if not shown:
+        return ""
+    body = []
+    for row in shown:
+        clears = min_gain_db is not None and interval_lies_above(row["ci_low"], row["n"], min_gain_db)
+        verdict = "" if min_gain_db is None else (f"<td>{'yes' if clears else 'no'}</td>")
+        body.append(f"<tr><td class=l>{_e(row['method'])} − {_e(row['rival'])}</td><td>{row['mean']:+.2f}</td>"
+                    f"<td>[{row['ci_low']:+.2f}, {row['ci_high']:+.2f}]</td><td>{row['half_width']:.2f}</td>"
+                    f"<td>{row['n']}</td>{verdict}</tr>")
+    head = "<th>interval above min gain</th>" if min_gain_db is not None else ""
+    return (f"<h3>{_e(label)} — input {snr:g} dB SNR</h3><table><tr><th class=l>paired ΔSNR difference</th>"
+            f"<th>mean (dB)</th><th>95 % CI</th><th>± half-width</th><th>fragments</th>{head}</tr>"
+            f"{''.join(body)}</table>")
+
+
+def _hum_table(rows: list[dict], label: str, snr: float) -> str:
+    shown = [r for r in rows if r["set"] == label and r["input_snr_db"] == snr and r["method"] != NOISY_INPUT]
+    if not shown:
+        return ""
+    frequencies = shown[0]["frequencies_hz"]
+    head = "".join(f"<th>{f:.1f} Hz</th>" for f in frequencies)
+    inputs = "".join(f"<td>{v:.1f}</td>" for v in shown[0]["input_db"])
+    body = [f"<tr><td class=l>input noise (dB re FS²)</td>{inputs}<td></td></tr>"]
+    for row in shown:
+        cells = "".join(f"<td>{v:+.1f}</td>" for v in row["relative_db"])
+        body.append(f"<tr><td class=l>{_e(row['method'])} (dB vs input)</td>{cells}<td><b>{row['total_db']:+.1f}</b></td></tr>")
+    return (f"<h3>{_e(label)} — input {snr:g} dB SNR <span class=muted>(fundamental {shown[0]['fundamental_hz']:.2f} Hz)"
+            f"</span></h3><table><tr><th class=l></th>{head}<th>all four</th></tr>{''.join(body)}</table>")
+
+
+def _flac_base64(audio: np.ndarray, sample_rate: int) -> str:
+    import soundfile as sf
+
+    buffer = io.BytesIO()
+    sf.write(buffer, np.clip(audio, -1.0, 1.0), sample_rate, format="FLAC", subtype="PCM_16")
+    return base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+def _clips_section(result: EvaluationResult, methods: list[str]) -> str:
+    """An audio player per version of each listening clip: noisy, each method, clean, at one shared gain."""
+    parts = []
+    for clip in result.clips:
+        versions = [("noisy input", clip[NOISY])] + [(m, clip[m]) for m in methods if m in clip and m != NOISY_INPUT]
+        versions.append(("clean", clip[CLEAN]))
+        peak = max(float(np.max(np.abs(audio))) for _, audio in versions)
+        gain = CLIP_PEAK / peak if peak > 0 else 1.0
+        seconds = len(clip[CLEAN]) / result.sample_rate
+        rows = "".join(f"<tr><td class=l>{_e(name)}</td><td class=l><audio controls preload=none "
+                       f"src=\"data:audio/flac;base64,{_flac_base64(gain * audio, result.sample_rate)}\"></audio></td></tr>"
+                       for name, audio in versions)
+        parts.append(f"<h3>{_e(clip['set'])}, fragment {clip['index']} <span class=muted>(first {seconds:g} s, input "
+                     f"{clip['snr']:g} dB SNR, all versions at one gain of {20 * math.log10(gain):+.1f} dB)</span></h3>"
+                     f"<table>{rows}</table>")
+    return "".join(parts)
+
+
 def render_html(data: dict, result: EvaluationResult, study: dict | None) -> str:
     """The report page from the report's data; every picture is drawn here and embedded."""
     title = data["title"]
@@ -297,16 +360,44 @@ def render_html(data: dict, result: EvaluationResult, study: dict | None) -> str
         for snr in result.snrs_db:
             parts.append(_metrics_table(result, label, snr))
 
+    paired = data.get("paired") or {}
+    if paired.get("rows"):
+        threshold = paired.get("min_gain_db")
+        parts.append("<h2>Paired gains</h2><p>Per fragment, the model's ΔSNR minus each rival's on the <b>same</b> "
+                     "fragment; the mean of those differences with the 95 % t-interval of the paired differences "
+                     "(the paired t-test's interval). The music and noise that make one fragment harder than "
+                     "another cancel, so this interval, not the overlap of the two methods' own intervals, says "
+                     "whether the gain is real."
+                     + (f" The gate asks that it lie above {threshold:+g} dB at every input SNR." if threshold is not None else "")
+                     + "</p>")
+        for label in labels:
+            for snr in result.snrs_db:
+                parts.append(_paired_table(paired["rows"], label, snr, threshold))
+
     parts.append("<h2>Noise left behind</h2><p>Welch spectrum of the noise that was added (black) and of the "
                  "residual each method leaves (estimate − clean), averaged over fragments.</p>")
     for label in result.labels:
         for snr in result.snrs_db:
             parts.append(_img(plot_residual_spectra(result, label, snr), f"residual spectra {label} {snr} dB"))
+    hum_rows = data["evaluation"].get("hum") or []
+    if hum_rows:
+        parts.append("<h3>Mains hum left behind</h3><p>Power of the residual (estimate − clean) within "
+                     "±2 Hz of the mains fundamental and its first three harmonics, against the power the added "
+                     "noise has there, in dB (0: the hum is all still there; −10: a tenth of its power is left).</p>")
+        for label in result.labels:
+            for snr in result.snrs_db:
+                parts.append(_hum_table(hum_rows, label, snr))
 
     parts.append("<h2>One fragment</h2>")
     for label, example in result.examples.items():
         parts.append(f"<p class=muted>{_e(label)}, fragment 0 at input {example['snr']:g} dB SNR</p>")
         parts.append(_img(plot_spectrograms(example, result.methods, result.sample_rate), f"spectrograms {label}"))
+
+    if result.clips:
+        clip_methods = data.get("clip_methods") or result.methods
+        parts.append("<h2>Listen</h2><p>The start of a few test fragments as the noisy input, each model's "
+                     "restoration and the clean original (FLAC in the page; headphones help with hiss and hum).</p>")
+        parts.append(_clips_section(result, clip_methods))
 
     if study:
         parts.append(f"<h2>Optuna study <code>{_e(study['name'])}</code></h2>")
@@ -335,12 +426,16 @@ def render_html(data: dict, result: EvaluationResult, study: dict | None) -> str
 
 
 def write_report(out_dir: Path, result: EvaluationResult, *, title: str, lineage: dict, study=None,
-                 model: dict | None = None, decision: dict | None = None, summary_text: str = "") -> ReportFiles:
+                 model: dict | None = None, decision: dict | None = None, summary_text: str = "",
+                 paired: tuple[str, list[str]] | None = None, min_gain_db: float | None = None,
+                 clip_methods: list[str] | None = None) -> ReportFiles:
     """Write `report.html` and `report.json` into `out_dir` (atomically); returns their paths.
 
     `study` is an optuna.Study (or None); `lineage` says what the numbers rest on (noise snippet digests,
     clean corpus, base model version, recipe); `model` and `decision` describe the registered version
-    and whether it was promoted.
+    and whether it was promoted. `paired` = (method, rivals) adds the paired ΔSNR differences of that
+    method over each rival (checked against `min_gain_db` when given); `clip_methods` chooses the methods
+    heard in the listening clips (default: all).
     """
     out_dir = Path(out_dir)
     study_data = study_summary(study) if study is not None else None
@@ -351,6 +446,10 @@ def write_report(out_dir: Path, result: EvaluationResult, *, title: str, lineage
         "decision": decision or {},
         "model": model or {},
         "evaluation": result.to_dict(),
+        "paired": {"method": paired[0], "min_gain_db": min_gain_db,
+                   "interval": "95 % t-interval of the per-fragment differences (paired t-test)",
+                   "rows": result.paired_table(paired[0], paired[1])} if paired else None,
+        "clip_methods": clip_methods,
         "study": study_data,
         "lineage": lineage,
     }
@@ -359,6 +458,18 @@ def write_report(out_dir: Path, result: EvaluationResult, *, title: str, lineage
     atomic_write_json(out_dir / REPORT_JSON, data)
     atomic_write_text(out_dir / REPORT_HTML, page)
     return ReportFiles(out_dir / REPORT_HTML, out_dir / REPORT_JSON)
+
+
+def pooled_paired(report: dict) -> dict[str, dict[str, dict]]:
+    """From a report.json's data: rival -> str(input SNR) -> the paired gain over it (fragments pooled over
+    the sets; the one set when there is only one)."""
+    single = len(report.get("evaluation", {}).get("fragment_sets", [])) == 1
+    paired: dict[str, dict[str, dict]] = {}
+    for row in (report.get("paired") or {}).get("rows", []):
+        if row["set"] == POOLED or single:
+            paired.setdefault(row["rival"], {})[f"{row['input_snr_db']:g}"] = {
+                k: row[k] for k in ("mean", "ci_low", "ci_high", "half_width", "n")}
+    return paired
 
 
 def _finite(data):
