@@ -16,7 +16,8 @@ only the learning rate searched, no pruning) as real `workbench finetune` proces
 A study's time runs from its first trial's start to its last trial's end (Optuna's own timestamps), so
 process start, evaluation and registration are left out; seconds per trial = that time / trials.
 The configurations run in turn, `--rounds` times (so a busy spell of the machine falls on all of them);
-each is reported by its median round, with the spread over rounds. Overheads are differences and
+each is reported by its median round (the faster middle one for an even count: with 2 rounds, the faster
+round), with the spread over rounds. Overheads are differences and
 ratios of medians against the baseline measured in the same run.
 
     .venv/bin/python benchmarks/scale_out.py [--trials 8] [--rounds 2] [--json]
