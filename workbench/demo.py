@@ -139,7 +139,8 @@ def demo_stages(workspace: Workspace, settings: DemoSettings) -> Iterator[Stage]
                           for snr, g in gains.items())
         return StageResult("finetune", f"{name} version {result.version} registered, {verdict}; fine-tuned − base "
                            f"ΔSNR per fragment (95 % interval) at {shown}; report {result.report_html}",
-                           {**result.to_dict(), "paired_gain_vs_base_db": gains})
+                           {**result.to_dict(), "paired_gain_vs_base_db": gains},
+                           reused=not result.registered_now)  # a refused version is found again, not retrained
 
     def denoise(progress: Progress) -> StageResult:
         from workbench.denoise import denoise_files
