@@ -1,10 +1,10 @@
 """Benchmark `workbench finetune`: does fitting the general model to one machine pay off?
 
 On the embedded synthetic archive (the demo's: blank tape for several machines, synthetic music) with a
-recipe (default quickstart), this builds what is missing (archive, noise library, corpus, the general
-model: the demo's own stages, so a second run reuses them), then runs a FRESH Optuna study for the
-target machine (its own journal file, so nothing from an earlier run is reused) and prints, side by
-side on that machine's test noise (the research protocol: fixed fragments at 10 and 16 dB input SNR):
+fine-tuning recipe (default finetune-cpu), this builds what is missing (archive, noise library, corpus,
+the boxed general model as @base: the demo's own stages, so a second run reuses them), then runs a
+FRESH Optuna study for the target machine (its own journal file, so nothing from an earlier run is
+reused) and prints, side by side on that machine's test noise (the research protocol: fixed fragments at 10 and 16 dB input SNR):
 
     method            ΔSNR @10 dB          ΔSNR @16 dB
     base model        ...
@@ -17,7 +17,7 @@ passes the evaluation makes), plus the margins the issue sets as targets: fine-t
 spectral gating (target > 0), and the time each stage took. Timings are wall-clock on whatever else
 the machine is doing.
 
-    .venv/bin/python benchmarks/finetune.py [--folder /tmp/workbench-bench-finetune] [--recipe quickstart] [--trials N]
+    .venv/bin/python benchmarks/finetune.py [--folder /tmp/workbench-bench-finetune] [--recipe finetune-cpu] [--trials N]
                                             [--device ID] [--fresh] [--json]
 """
 
@@ -35,8 +35,8 @@ sys.path.insert(0, str(ROOT))
 
 
 def build_up_to_general_model(folder: Path, recipe: str, fresh: bool = False):
-    """The demo's stages up to the general model (archive, noise library, corpus, pretrain), reusing what is
-    there: returns (workspace, the archive's manifest, seconds per stage)."""
+    """The demo's stages up to the general model (archive, noise library, corpus, the boxed general model),
+    reusing what is there: returns (workspace, the archive's manifest, seconds per stage)."""
     from workbench.demo import DemoSettings, demo_stages, prepare_workspace
 
     settings = DemoSettings(folder=folder, recipe=recipe, fresh=fresh)
@@ -92,7 +92,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--folder", type=Path, default=Path(tempfile.gettempdir()) / "workbench-bench-finetune",
                         help="workspace for the benchmark (created; reused by later runs)")
-    parser.add_argument("--recipe", default="quickstart")
+    parser.add_argument("--recipe", default="finetune-cpu")
     parser.add_argument("--trials", type=int, default=None, help="trials of the study (default: the recipe's)")
     parser.add_argument("--device", default=None, help="machine to fit (default: the demo's target machine)")
     parser.add_argument("--fresh", action="store_true", help="delete the benchmark workspace first")

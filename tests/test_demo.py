@@ -28,7 +28,7 @@ def demo_run(tmp_path, monkeypatch):
 
 def test_demo_runs_every_stage_and_a_rerun_reuses_them(demo_run):
     settings, results = demo_run
-    assert [r.name for r in results] == ["archive", "capture-noise", "corpus", "pretrain", "finetune", "denoise",
+    assert [r.name for r in results] == ["archive", "capture-noise", "corpus", "general", "finetune", "denoise",
                                          "registry"]
     workspace = Workspace(settings.folder.resolve())
     manifest = results[0].data
@@ -41,11 +41,10 @@ def test_demo_runs_every_stage_and_a_rerun_reuses_them(demo_run):
 
     assert tracking.latest_version("tape-denoiser-general", workspace) == 1
     assert tracking.get_alias_version("tape-denoiser-general", "base", workspace) == 1
-    # The general model learned every archive machine's noise but the one the demo fine-tunes.
+    # The boxed general model heard every archive machine's noise but the one the demo fine-tunes.
     heard = general_model_devices(manifest)
     assert device not in heard and set(heard) | {device} == {t["device"] for t in manifest["blank_tapes"]}
-    general_run = tracking.client(workspace).get_run(results[3].data["run_id"])
-    assert json.loads(general_run.data.params["data.devices"]) == heard
+    assert results[3].data["card"]["data"]["devices"] == heard and results[3].data["version"] == 1
     name = tracking.device_model_name(device)
     finetune = results[4].data
     assert tracking.latest_version(name, workspace) == finetune["version"]
@@ -53,6 +52,13 @@ def test_demo_runs_every_stage_and_a_rerun_reuses_them(demo_run):
     assert champion == (finetune["version"] if finetune["promoted"] else None)
     report = json.loads(open(finetune["report_json"]).read())
     assert report and (settings.folder / "registry").exists()
+    # The demo shows the fine-tuned model's paired gain over the base: per fragment, with its interval.
+    gains = finetune["paired_gain_vs_base_db"]
+    assert set(gains) == {"10", "16"}
+    for snr, gain in gains.items():
+        rows = {r["method"]: r["delta_snr"] for r in report["evaluation"]["per_fragment"] if r["input_snr_db"] == float(snr)}
+        assert abs(gain["mean"] - (sum(rows["fine-tuned"]) - sum(rows["base model"])) / len(rows["fine-tuned"])) < 1e-3
+        assert gain["ci_low"] <= gain["mean"] <= gain["ci_high"] and f"{gain['mean']:+.2f}" in results[4].summary
     assert str(finetune["report_html"]).endswith(".html")
 
     transfer = settings.folder / "archive" / manifest["transfers"][0]["path"]

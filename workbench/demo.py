@@ -2,13 +2,14 @@
 
 The demo lives in its own workspace (default `demo/`, git-ignored), so it never mixes synthetic models
 into an archive's real registry. Each stage is one call into the library and reuses what an earlier run
-finished: the archive is rendered once, ingest is idempotent, the general model and the device's champion
-are reused when registered. `fresh=True` deletes the demo workspace first.
+finished: the archive is rendered once, ingest is idempotent, the boxed general model and the device's
+champion are reused when registered. `fresh=True` deletes the demo workspace first.
 
-Stages: render the archive → capture-noise for each blank tape → register the clean corpus → pretrain
-the general model (quickstart recipe) on every machine's noise but the one the demo fine-tunes →
-fine-tune that device with a small Optuna study, evaluate and register it → denoise a sample transfer
-with the device's champion → list the registry.
+Stages: render the archive → capture-noise for each blank tape → register the clean corpus → register
+the boxed general model (models/general/, trained with `workbench pretrain --recipe general` on every
+archive machine's noise but the one the demo fine-tunes) as @base, in seconds → fine-tune that device
+with the finetune-cpu recipe's Optuna study, evaluate and register it → denoise a sample transfer with
+the device's champion → list the registry.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ INGEST_BY_SCALE = {"demo": (5.0, (80.0, 10.0, 10.0)), "small": (1.0, (60.0, 20.0
 class DemoSettings:
     folder: Path = DEFAULT_FOLDER
     scale: str = "demo"  # the synthetic archive's size: "demo" (minutes of audio) or "small" (tests)
-    recipe: str = "quickstart"
+    recipe: str = "finetune-cpu"  # the fine-tuning recipe (the general model comes from the box)
     trials: int | None = None  # None: the recipe's own number
     seed: int = 0
     fresh: bool = False
@@ -108,20 +109,17 @@ def demo_stages(workspace: Workspace, settings: DemoSettings) -> Iterator[Stage]
         summary = add_corpus(workspace, archive_folder / "corpus", name=CORPUS_NAME, progress=progress)
         return StageResult("corpus", f"registered corpus {CORPUS_NAME}", summary)
 
-    def pretrain_general(progress: Progress) -> StageResult:
-        from workbench.train.pretrain import pretrain
+    def general_model(progress: Progress) -> StageResult:
+        from workbench.model.boxed import register_boxed_general
 
-        name = "tape-denoiser-general"
-        version = tracking.latest_version(name, workspace)
-        if version is not None:
-            return StageResult("pretrain", f"{name} version {version} already registered",
-                               {"model_uri": tracking.model_uri(name, version)}, reused=True)
-        heard = general_model_devices(state["manifest"])
-        result = pretrain(workspace, settings.recipe, noise_devices=heard, alias="base", progress=progress)
-        best = result.best or {}
-        return StageResult("pretrain", f"{name} version {result.version} registered as @base, trained on the noise of "
-                           f"{', '.join(heard)} (validation ΔSNR {best.get('val_delta_snr_db', float('nan')):+.2f} dB "
-                           f"after {result.step} steps)", result.as_dict())
+        registered = register_boxed_general(workspace, alias="base")
+        heard = registered.card["data"]["devices"]
+        # The demo measures what fitting adds for a machine the general model never heard.
+        assert fine_tuned_device(state["manifest"]) not in heard, "the boxed model heard the demo's target machine"
+        return StageResult("general", f"{registered.summary()}, trained on the noise of {', '.join(heard)}",
+                           {"version": registered.version, "model_uri": tracking.model_uri(tracking.GENERAL_MODEL,
+                                                                                           registered.version),
+                            "card": registered.card}, reused=registered.reused)
 
     def finetune(progress: Progress) -> StageResult:
         from workbench.finetune import finetune_device
@@ -136,8 +134,13 @@ def demo_stages(workspace: Workspace, settings: DemoSettings) -> Iterator[Stage]
         result = finetune_device(workspace, device, recipe=settings.recipe, trials=settings.trials, progress=progress)
         state["device"] = device
         verdict = "promoted to champion" if result.promoted else f"not promoted: {result.reason}"
-        return StageResult("finetune", f"{name} version {result.version} registered, {verdict}; report "
-                           f"{result.report_html}", result.to_dict(), reused=not result.registered_now)
+        gains = paired_gains(result.report_json)
+        shown = "; ".join(f"{snr} dB input: {g['mean']:+.2f} dB [{g['ci_low']:+.2f}, {g['ci_high']:+.2f}]"
+                          for snr, g in gains.items())
+        return StageResult("finetune", f"{name} version {result.version} registered, {verdict}; fine-tuned − base "
+                           f"ΔSNR per fragment (95 % interval) at {shown}; report {result.report_html}",
+                           {**result.to_dict(), "paired_gain_vs_base_db": gains},
+                           reused=not result.registered_now)  # a refused version is found again, not retrained
 
     def denoise(progress: Progress) -> StageResult:
         from workbench.denoise import denoise_files
@@ -170,10 +173,29 @@ def demo_stages(workspace: Workspace, settings: DemoSettings) -> Iterator[Stage]
     yield Stage("archive", "Render the synthetic archive", render_archive)
     yield Stage("capture-noise", "Ingest the blank tapes into the noise library", capture)
     yield Stage("corpus", "Register the clean corpus", corpus)
-    yield Stage("pretrain", "Pretrain the general tape-noise model", pretrain_general)
+    yield Stage("general", "Register the boxed general tape-noise model as @base", general_model)
     yield Stage("finetune", "Fine-tune one machine with an Optuna study", finetune)
     yield Stage("denoise", "Restore a sample transfer with the champion", denoise)
     yield Stage("registry", "The model registry", registry)
+
+
+def paired_gains(report_json: Path, method: str = "fine-tuned", rival: str = "base model") -> dict[str, dict]:
+    """Per input SNR: mean and 95 % interval of `method` − `rival` ΔSNR over the same test fragments."""
+    import numpy as np
+
+    from workbench.audio.io import read_json_object
+    from workbench.evaluate.metrics import mean_ci
+
+    evaluation = read_json_object(Path(report_json), "evaluation report")["evaluation"]
+    gains = {}
+    for snr in evaluation["input_snrs_db"]:
+        def values(name: str) -> np.ndarray:
+            rows = [r for r in evaluation["per_fragment"] if r["method"] == name and r["input_snr_db"] == snr]
+            return np.concatenate([np.asarray(r["delta_snr"], dtype=np.float64) for r in rows])
+
+        summary = mean_ci(values(method) - values(rival))
+        gains[f"{snr:g}"] = {"mean": summary.mean, "ci_low": summary.ci_low, "ci_high": summary.ci_high, "n": summary.n}
+    return gains
 
 
 def fine_tuned_device(manifest: dict) -> str:

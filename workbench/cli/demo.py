@@ -17,14 +17,14 @@ def demo(
     folder: Path = typer.Option(Path("demo"), "--folder", help="The demo's own workspace (created; git-ignored)."),
     fresh: bool = typer.Option(False, "--fresh", help="Delete the demo workspace first and start over."),
     scale: str = typer.Option("demo", "--scale", help="Archive size: demo (minutes of audio) or small (seconds)."),
-    recipe: str = typer.Option("quickstart", "--recipe", help="Recipe for pretrain and finetune."),
+    recipe: str = typer.Option("finetune-cpu", "--recipe", help="Recipe for fine-tuning the demo's machine."),
     trials: int = typer.Option(None, "--trials", help="Optuna trials for the fine-tuning study (default: the recipe's)."),
     as_json: bool = typer.Option(False, "--json", help="Print every stage's result as JSON for scripts."),
 ) -> None:
     """Run the whole mission end to end on a synthetic archive, in minutes on a laptop CPU.
 
-    Renders blank tapes for three machines and a clean corpus, ingests the noise, pretrains the general
-    model, fine-tunes one machine with a small Optuna study, registers it in MLflow, restores a sample
+    Renders blank tapes for three machines and a clean corpus, ingests the noise, registers the boxed
+    general model (models/general/) as @base, fine-tunes one machine with a small Optuna study, registers it in MLflow, restores a sample
     transfer with its champion and lists the registry. A second run reuses what is done.
     """
     from workbench.demo import DemoSettings, demo_stages, prepare_workspace

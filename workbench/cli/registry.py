@@ -32,7 +32,7 @@ def finetune(
     base: str = typer.Option(None, "--base", metavar="REF",
                              help="Start from this checkpoint file or MLflow model URI "
                                   "(default: models:/tape-denoiser-general@base, else its latest version)."),
-    recipe: str = typer.Option("quickstart", "--recipe", "-r", metavar="R",
+    recipe: str = typer.Option("finetune-cpu", "--recipe", "-r", metavar="R",
                                help="Recipe name or TOML path: schedule, search space, pruner, evaluation."),
     trials: int = typer.Option(None, "--trials", metavar="N", min=1,
                                help="Finished trials the study should reach (default: the recipe's)."),

@@ -22,10 +22,18 @@ def init(
     directory: Path = typer.Argument(..., help="Folder for the new workspace (created if missing)."),
     research_devices: bool = typer.Option(False, "--research-devices",
                                           help="Pre-fill the registry with the research data set's seven machines."),
+    general_model: bool = typer.Option(True, "--general-model/--no-general-model",
+                                       help="Register the boxed general model as tape-denoiser-general@base "
+                                            "(models/general/; --no-general-model to pretrain your own)."),
 ) -> None:
-    """Create a fresh workspace for another archive: registry/devices/ plus git-ignored stores."""
+    """Create a fresh workspace for another archive: registry/devices/ plus git-ignored stores, and the
+    boxed general tape-noise model registered as the base every device model is fine-tuned from."""
     workspace = init_workspace(directory, with_research_devices=research_devices)
     console.print(f"workspace created at [bold]{workspace.root}[/]; add machines with `workbench devices add`")
+    if general_model:
+        from workbench.model.boxed import register_boxed_general
+
+        console.print(register_boxed_general(workspace, alias="base").summary(), highlight=False)
 
 
 @devices_app.command("list")
