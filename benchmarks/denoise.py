@@ -44,6 +44,8 @@ CHILD = textwrap.dedent("""
     mode, args = sys.argv[1], json.loads(sys.argv[2])
     import numpy as np, soundfile as sf, torch
     if mode == "model":
+        from workbench.model.allocator import tune_allocator
+        tune_allocator()  # as the CLI does
         from workbench.denoise import denoise_files
         from workbench.model.checkpoint import save_checkpoint
         from workbench.model.unet import SIZES, TwoStageUNet

@@ -92,6 +92,9 @@ def train_rate(size: str, examples, validation, steps: int, batch_size: int, wor
 
 
 def main() -> None:
+    from workbench.model.allocator import tune_allocator
+
+    tune_allocator()  # as the CLI does: see workbench.model.allocator
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--sizes", default="tiny,small,paper")
     parser.add_argument("--segment", type=float, default=1.0, help="seconds per training example")
