@@ -25,9 +25,9 @@ import platform
 # From glibc's malloc.h.
 M_TRIM_THRESHOLD = -1
 M_MMAP_MAX = -4
-# Largest value mallopt accepts for the trim threshold on a 64-bit build is any int: 1 GiB keeps every
-# freed activation of the paper network in the heap while still giving back memory after a far larger peak.
-TRIM_THRESHOLD_BYTES = 1 << 30
+# mallopt takes an int: the largest, 2 GiB. With 1 GiB the paper network's freed activations at the top of
+# the heap still went back to the system each pass (286,790 faults per 5 s chunk instead of 25,544).
+TRIM_THRESHOLD_BYTES = 2**31 - 1
 
 _ENVIRONMENT = {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": str(TRIM_THRESHOLD_BYTES)}
 _applied: bool | None = None
