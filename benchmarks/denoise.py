@@ -11,6 +11,8 @@ that run's own:
 2. The reference, timed in the same run on the same 60 s: noisereduce's stationary spectral gating
    (`reduce_noise(y, sr, stationary=True, y_noise=...)`, the research's spectral-subtraction baseline)
    given 5 s of the same hiss as its noise clip. Ratio = how many times slower than it each size is.
+   With --before, each size also runs as the landed main did (plain network code, glibc's default
+   allocator, one chunk per forward call) just before, and the speed-up is printed.
 3. Streaming: the tiny model on a --short-minutes file and on a --long-minutes (default 60) file.
    Peak RSS must not grow with length; the child's RSS after imports is printed as the floor.
 
@@ -44,19 +46,26 @@ CHILD = textwrap.dedent("""
     mode, args = sys.argv[1], json.loads(sys.argv[2])
     import numpy as np, soundfile as sf, torch
     if mode == "model":
+        import contextlib
+        from workbench.model.allocator import tune_allocator
+        if not args.get("before"):
+            tune_allocator()  # as the CLI does
         from workbench.denoise import denoise_files
         from workbench.model.checkpoint import save_checkpoint
-        from workbench.model.unet import SIZES, TwoStageUNet
+        from workbench.model.unet import SIZES, TwoStageUNet, reference_path
         torch.manual_seed(0)
         checkpoint = Path(args["folder"]) / f"{args['size']}.safetensors"
         save_checkpoint(checkpoint, TwoStageUNet(SIZES[args["size"]]), lineage={"source": "benchmark: random weights"})
         rss_imported = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # imports + one model built
         started = time.perf_counter()
-        [record] = denoise_files([Path(args["audio"])], model_ref=checkpoint, out_dir=Path(args["folder"]) / "out",
-                                 compute=args["compute"], overwrite=True)
+        # "before": the landed main's path (plain network code, glibc's allocator, one chunk per call).
+        with reference_path() if args.get("before") else contextlib.nullcontext():
+            [record] = denoise_files([Path(args["audio"])], model_ref=checkpoint, out_dir=Path(args["folder"]) / "out",
+                                     compute=args["compute"], overwrite=True, batch=1 if args.get("before") else None)
         wall = time.perf_counter() - started
         result = {"wall_s": wall, "audio_s": record["input"]["seconds"], "rtf": record["real_time_factor"],
                   "device": record["compute"]["device"], "chunks": record["chunks"],
+                  "chunks_per_forward": record["chunks_per_forward"],
                   "parameters": sum(p.numel() for p in TwoStageUNet(SIZES[args["size"]]).parameters())}
     else:
         import noisereduce
@@ -123,6 +132,7 @@ def main() -> None:
     parser.add_argument("--long-minutes", type=float, default=60.0, help="0 skips the streaming runs")
     parser.add_argument("--compute", default="auto")
     parser.add_argument("--json", action="store_true", help="print the raw results as JSON too")
+    parser.add_argument("--before", action="store_true", help="also time each size as the landed main ran it")
     options = parser.parse_args()
     sizes = [s for s in options.sizes.split(",") if s]
     results: dict = {"sizes": {}, "streaming": {}}
@@ -143,7 +153,15 @@ def main() -> None:
             if size == "paper" and options.paper_seconds and options.paper_seconds < options.seconds:
                 source = folder / "excerpt.wav"
                 write_transfer(source, options.paper_seconds, seed=1)
+            if options.before:
+                before = run_child("model", size=size, audio=str(source), folder=str(folder / f"{size}-before"),
+                                   compute=options.compute, before=True)
+                print(f"{size:>6} before (plain code, default allocator, 1 chunk per call): {before['rtf']:.2f}x "
+                      f"real time, peak RSS {before['rss_peak_kb'] / 1024:.0f} MB", flush=True)
             run = run_child("model", size=size, audio=str(source), folder=str(folder / size), compute=options.compute)
+            if options.before:
+                print(f"{size:>6} after: {run['rtf']:.2f}x real time, {run['rtf'] / before['rtf']:.2f}x the before "
+                      f"rate, {run['chunks_per_forward']} chunks per forward call", flush=True)
             run["extrapolated_from_s"] = run["audio_s"] if source != audio else None
             run["slower_than_noisereduce"] = reference["rtf"] / run["rtf"]
             results["sizes"][size] = run

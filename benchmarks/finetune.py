@@ -89,6 +89,9 @@ def peaq_cost(report_json: Path) -> dict:
 
 
 def main() -> int:
+    from workbench.model.allocator import tune_allocator
+
+    tune_allocator()  # as the CLI does: see workbench.model.allocator
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--folder", type=Path, default=Path(tempfile.gettempdir()) / "workbench-bench-finetune",
                         help="workspace for the benchmark (created; reused by later runs)")

@@ -151,6 +151,9 @@ def train_control(plan, params: dict, general_devices: list[str], run_dir: Path)
 
 
 def main() -> int:
+    from workbench.model.allocator import tune_allocator
+
+    tune_allocator()  # as the CLI does: see workbench.model.allocator
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--folder", type=Path, default=Path(tempfile.gettempdir()) / "workbench-bench-finetune",
                         help="workspace for the benchmark (shared with benchmarks/finetune.py; reused)")

@@ -11,9 +11,14 @@ library, a minute of synthetic music), all with the same segment length and batc
    counted). The paper size is slow on a CPU and runs only --paper-steps steps.
 3. Side by side: the ratio of the pipeline's samples/s to the loop's. Above 1 the model limits (the
    pipeline has that much headroom); below 1 the data pipeline does, and more workers would help.
+4. Before and after the speed work, in the same run: each size's loop runs in child processes, `before`
+   (the plain reference network code, `reference_path()`, with glibc's default allocator: landed main)
+   and `after` (the fast path with the allocator tuned, as the CLI runs), interleaved --repeats times;
+   the speed-up is after's best samples/s over before's.
 
     .venv/bin/python benchmarks/train.py [--sizes tiny,small,paper] [--segment 1.0] [--batch 4]
                                           [--steps 12] [--paper-steps 3] [--workers 2] [--device cpu|cuda]
+                                          [--repeats 1]
 
 Timings are wall-clock on whatever else the machine is doing; on a shared machine, run it twice.
 """
@@ -91,7 +96,65 @@ def train_rate(size: str, examples, validation, steps: int, batch_size: int, wor
     return (steps - 1) / (stamps[steps] - stamps[1]), count_parameters(SIZES[size])
 
 
+def child_rate(spec: dict) -> dict:
+    """One size's training rate in this (child) process, as variant `before` or `after`."""
+    import contextlib
+
+    from workbench.corpus import corpus_files
+    from workbench.model.allocator import tune_allocator
+    from workbench.model.unet import reference_path
+    from workbench.noise.library import NoiseLibrary
+    from workbench.train.data import MixingSpec, TrainingExamples, stored_mixtures
+    from workbench.workspace import Workspace
+
+    if spec["variant"] == "after":
+        tune_allocator()
+    workspace = Workspace(Path(spec["root"]) / "archive")
+    library = NoiseLibrary(workspace)
+    examples = TrainingExamples(corpus_files(workspace, "train"), library.snippets(split="train"),
+                                round(spec["segment"] * 44_100), MixingSpec(), seed=1)
+    validation = stored_mixtures(workspace.mixtures_dir, "validation", corpus_files(workspace, "validation"),
+                                 library.snippets(split="validation"), 1, spec["segment"], MixingSpec(), 1)
+    with reference_path() if spec["variant"] == "before" else contextlib.nullcontext():
+        steps_per_s, _ = train_rate(spec["size"], examples, validation, spec["steps"], spec["batch"],
+                                    spec["workers"], spec["device"], Path(spec["root"]) / f"runs-{spec['variant']}")
+    return {"steps_per_s": steps_per_s}
+
+
+def compare(root: Path, args, sizes: list[str]) -> None:
+    """Before vs after per size, each in its own child process, interleaved."""
+    import json
+    import subprocess
+
+    print(f"\nbefore (reference code, glibc default allocator) vs after (fast path, allocator tuned); "
+          f"children interleaved, {args.repeats} each")
+    print(f"  {'size':<6} {'before samples/s':>17} {'after samples/s':>16} {'speed-up':>9}")
+    for size in sizes:
+        steps = args.paper_steps if size == "paper" else args.steps
+        best = {}
+        for _ in range(args.repeats):
+            for variant in ("before", "after"):
+                spec = {"variant": variant, "size": size, "root": str(root), "segment": args.segment,
+                        "steps": steps, "batch": args.batch, "workers": args.workers, "device": args.device}
+                done = subprocess.run([sys.executable, __file__, "--child", json.dumps(spec)], capture_output=True,
+                                      text=True, check=False)
+                if done.returncode != 0:
+                    raise SystemExit(f"child {spec} failed:\n{done.stderr[-3000:]}")
+                rate = json.loads(done.stdout.strip().splitlines()[-1])["steps_per_s"] * args.batch
+                best[variant] = max(best.get(variant, 0.0), rate)
+        print(f"  {size:<6} {best['before']:>17.2f} {best['after']:>16.2f} {best['after'] / best['before']:>8.2f}×",
+              flush=True)
+
+
 def main() -> None:
+    if len(sys.argv) == 3 and sys.argv[1] == "--child":
+        import json
+
+        print(json.dumps(child_rate(json.loads(sys.argv[2]))))
+        return
+    from workbench.model.allocator import tune_allocator
+
+    tune_allocator()  # as the CLI does: see workbench.model.allocator
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--sizes", default="tiny,small,paper")
     parser.add_argument("--segment", type=float, default=1.0, help="seconds per training example")
@@ -101,6 +164,8 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--data-batches", type=int, default=40)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--repeats", type=int, default=1, help="children per variant in the before/after table")
+    parser.add_argument("--skip-pipeline", action="store_true", help="only the before/after table")
     args = parser.parse_args()
 
     from workbench.corpus import corpus_files
@@ -120,6 +185,9 @@ def main() -> None:
         print(f"synthetic archive built in {time.perf_counter() - started:.1f} s; device {args.device}, "
               f"torch threads {torch.get_num_threads()}, segment {args.segment:g} s, batch {args.batch}")
 
+        if args.skip_pipeline:
+            compare(root, args, args.sizes.split(","))
+            return
         print("\ndata pipeline alone (the baseline)")
         pipeline = {}
         for workers in sorted({0, args.workers}):
@@ -140,6 +208,7 @@ def main() -> None:
             ratio = baseline / samples
             print(f"  {size:<6} {parameters:>11,} {steps_per_s:>9.3f} {samples:>10.2f} {ratio:>13.1f}x  "
                   f"{'the model' if ratio > 1 else 'the data pipeline'}", flush=True)
+        compare(root, args, args.sizes.split(","))
         print("\nSeconds of audio per second of training = samples/s × segment; "
               f"the paper trained at about 1.85 steps/s × 16 × 5 s = 148 s/s on one RTX 3090.")
     finally:

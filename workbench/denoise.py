@@ -142,10 +142,17 @@ class OverlapAdd:
     processed once the input shows it is not the last; the last chunk is shorter and ends exactly at
     the signal's end. The result equals `process_whole`'s for any process whose output at a frame
     depends only on input within `context` frames (exactly for linear ones).
+
+    `batch` chunks go through `process` in one call, stacked as rows ((batch · channels, n)), so the
+    process must treat rows independently (a model process does: rows are its batch); the result is
+    the chunk-by-chunk one. Ready chunks wait until `batch` of them are there (or `flush`), so the
+    output lags by up to `batch` chunks and memory holds `batch` chunk windows.
     """
 
-    def __init__(self, process: Process, channels: int, plan: ChunkPlan):
-        self.process, self.plan = process, plan
+    def __init__(self, process: Process, channels: int, plan: ChunkPlan, batch: int = 1):
+        assert batch >= 1, batch
+        self.process, self.plan, self.batch = process, plan, int(batch)
+        self.pending: list[tuple[np.ndarray, int, bool]] = []  # (window, frames, last) cut, not yet processed
         self.rise = crossfade_ramp(plan.overlap_frames).astype(np.float32)
         self.fall = (1.0 - crossfade_ramp(plan.overlap_frames)).astype(np.float32)
         # The buffer holds the mirrored signal from the next chunk's input start (its context) onward.
@@ -168,7 +175,9 @@ class OverlapAdd:
             if not self.mirrored_start:
                 self.buffer = _mirror_pad(self.buffer, plan.context_frames, 0)
                 self.mirrored_start = True
-            outputs.append(self._chunk(plan.chunk_frames, last=False))
+            self._cut(plan.chunk_frames, last=False)
+            if len(self.pending) == self.batch:
+                outputs += self._process_pending()
         return self._joined(outputs)
 
     def flush(self) -> np.ndarray:
@@ -179,17 +188,41 @@ class OverlapAdd:
         self.buffer = _mirror_pad(self.buffer, 0 if self.mirrored_start else plan.context_frames, plan.context_frames)
         self.mirrored_start = True
         while self.received - self.chunk_start > plan.chunk_frames:
-            outputs.append(self._chunk(plan.chunk_frames, last=False))
-        outputs.append(self._chunk(self.received - self.chunk_start, last=True))
+            self._cut(plan.chunk_frames, last=False)
+            if len(self.pending) == self.batch:
+                outputs += self._process_pending()
+        self._cut(self.received - self.chunk_start, last=True)
+        outputs += self._process_pending()
         assert self.emitted == self.received, (self.emitted, self.received)
         return self._joined(outputs)
 
-    def _chunk(self, frames: int, last: bool) -> np.ndarray:
-        plan, overlap, context = self.plan, self.plan.overlap_frames, self.plan.context_frames
-        assert frames > (overlap if self.chunks else 0), "each chunk outlasts the crossfade it starts with"
+    def _cut(self, frames: int, last: bool) -> None:
+        """Take the next chunk's window off the buffer (a view: buffers are replaced, never written)."""
+        plan, context = self.plan, self.plan.context_frames
         window = self.buffer[:, : frames + 2 * context]
         assert window.shape[1] == frames + 2 * context
-        out = _run(self.process, window)[:, context : context + frames].copy()
+        self.pending.append((window, frames, last))
+        if not last:
+            self.chunk_start += plan.hop_frames
+            self.buffer = self.buffer[:, plan.hop_frames :]
+
+    def _process_pending(self) -> list[np.ndarray]:
+        """Run the waiting windows, those of one length together, and crossfade them in order."""
+        pending, self.pending = self.pending, []
+        channels, results = self.buffer.shape[0], [None] * len(pending)
+        for length in {window.shape[1] for window, _, _ in pending}:
+            same = [i for i, (window, _, _) in enumerate(pending) if window.shape[1] == length]
+            stacked = np.concatenate([pending[i][0] for i in same], axis=0) if len(same) > 1 else pending[same[0]][0]
+            out = _run(self.process, stacked)
+            for row, i in enumerate(same):
+                results[i] = out[row * channels : (row + 1) * channels]
+        return [self._crossfade(out, frames, last) for out, (_, frames, last) in zip(results, pending)]
+
+    def _crossfade(self, processed: np.ndarray, frames: int, last: bool) -> np.ndarray:
+        """A processed window's kept part, crossfaded with the previous chunk's fall."""
+        plan, overlap, context = self.plan, self.plan.overlap_frames, self.plan.context_frames
+        assert frames > (overlap if self.chunks else 0), "each chunk outlasts the crossfade it starts with"
+        out = processed[:, context : context + frames].copy()
         if self.chunks:  # crossfade in: this chunk's rise plus the previous chunk's fall
             out[:, :overlap] = out[:, :overlap] * self.rise + self.carry
         self.chunks += 1
@@ -198,8 +231,6 @@ class OverlapAdd:
             return out
         self.carry = out[:, frames - overlap :] * self.fall
         kept = out[:, : plan.hop_frames]
-        self.chunk_start += plan.hop_frames
-        self.buffer = self.buffer[:, plan.hop_frames :]
         self.emitted += kept.shape[1]
         return kept
 
@@ -268,7 +299,7 @@ def _clip_limits(subtype: str) -> tuple[float, float] | None:
 def denoise_stream(process: Process, input_path: Path, output_path: Path, *, strength: float = 1.0,
                    plan: ChunkPlan | None = None, subtype: str | None = None, format: str | None = None,
                    block_seconds: float = 4.0, progress: Progress = no_progress,
-                   stage: str | None = None) -> StreamResult:
+                   stage: str | None = None, batch: int = 1) -> StreamResult:
     """Denoise one file into `output_path` (atomically), streaming: memory does not grow with its length.
 
     `process` maps 44.1 kHz chunks (channels, n) to their denoised version. The output keeps the
@@ -283,7 +314,7 @@ def denoise_stream(process: Process, input_path: Path, output_path: Path, *, str
     stage = stage or f"denoise {Path(input_path).name}"
 
     to_model = StreamingResampler(rate, MODEL_SAMPLE_RATE, channels)
-    chunker = OverlapAdd(removed_by(process), channels, plan)
+    chunker = OverlapAdd(removed_by(process), channels, plan, batch=batch)  # `batch` chunks per process call
     to_input = StreamingResampler(MODEL_SAMPLE_RATE, rate, channels)
     assert resampled_length(resampled_length(total, rate, MODEL_SAMPLE_RATE), MODEL_SAMPLE_RATE, rate) >= total
     # Original samples wait here until the noise estimate for them comes back (bounded by the latency).
@@ -464,32 +495,62 @@ def model_grid_frames(model: torch.nn.Module) -> int:
 
 
 def model_process(model: torch.nn.Module, device: torch.device) -> Process:
-    """A chunk process running `model` on `device`: channels are the batch; bf16 autocast on CUDA
-    for the network (the STFT and inverse STFT stay in float32)."""
+    """A chunk process running `model` on `device`: rows (channels, and chunks when batched) are the
+    network's batch. On CUDA: the chunk goes up from pinned memory without blocking the host, the network
+    runs under bf16 autocast (the STFT and inverse STFT stay in float32), and the only synchronisation
+    is the copy of the result back, once per call (a batch of chunks), never per chunk."""
     from workbench.model.unet import denoise_waveform
 
     model = model.to(device).eval()
+    cuda = device.type == "cuda"
 
     def process(chunk: torch.Tensor) -> torch.Tensor:
         with torch.inference_mode():
-            wave = chunk.to(device, torch.float32)
-            if device.type == "cuda":
+            if cuda:
+                wave = chunk.to(torch.float32).pin_memory().to(device, non_blocking=True)
                 with torch.autocast("cuda", dtype=torch.bfloat16):
                     return denoise_waveform(model, wave).float()
-            return denoise_waveform(model, wave).float()
+            return denoise_waveform(model, chunk.to(device, torch.float32)).float()
 
     return process
 
 
+# Working memory of one chunk through the network, per STFT frame·bin: the full-resolution activations
+# alive at once (stage input and its padding, the level-0 skip, the dense block's buffer, convolution
+# outputs) come to about 10·channels[0] + 30 values, the coarser levels add about half again; rounded up.
+_VALUES_PER_FRAME_BIN = (16, 32)  # × channels[0], + constant
+DEFAULT_CPU_BUDGET_BYTES = 1 << 30
+
+
+def chunk_batch(model: torch.nn.Module, plan: ChunkPlan, device: torch.device, channels: int = 1,
+                budget_bytes: int | None = None) -> int:
+    """How many chunks go through the network per call: as many as fit the memory budget (on CUDA
+    60 % of the free device memory, else 1 GiB), at least one. `channels` rows go with each chunk."""
+    from workbench.model.stft import FREQ_BINS, HOP
+
+    if budget_bytes is None:
+        if device.type == "cuda":
+            free, _ = torch.cuda.mem_get_info(device)
+            budget_bytes = int(0.6 * free)
+        else:
+            budget_bytes = DEFAULT_CPU_BUDGET_BYTES
+    frames = (plan.chunk_frames + 2 * plan.context_frames) // HOP + 4
+    scale, constant = _VALUES_PER_FRAME_BIN
+    per_chunk = frames * FREQ_BINS * 4 * (scale * int(model.config.channels[0]) + constant) * max(1, channels)
+    return max(1, int(budget_bytes // per_chunk))
+
+
 def denoise_samples(model: torch.nn.Module, samples: np.ndarray, plan: ChunkPlan | None = None,
-                    device: torch.device | None = None) -> np.ndarray:
+                    device: torch.device | None = None, batch: int | None = None) -> np.ndarray:
     """In-memory 44.1 kHz audio, (frames,) or (channels, frames), through `model` exactly as `workbench
-    denoise` runs it at full strength (same grid-aligned chunks and crossfades); same shape back."""
+    denoise` runs it at full strength (same grid-aligned chunks and crossfades); same shape back.
+    `batch` chunks per forward call (default: what the memory budget allows)."""
     samples = np.asarray(samples, dtype=np.float32)
     rows = np.atleast_2d(samples)
     device = device or next(model.parameters()).device
     plan = plan or ChunkPlan.from_seconds(grid_frames=model_grid_frames(model))
-    chunker = OverlapAdd(model_process(model, device), rows.shape[0], plan)
+    batch = batch or chunk_batch(model, plan, device, rows.shape[0])
+    chunker = OverlapAdd(model_process(model, device), rows.shape[0], plan, batch=batch)
     return np.concatenate([chunker.push(rows), chunker.flush()], axis=1).reshape(samples.shape)
 
 
@@ -655,15 +716,18 @@ def denoise_files(inputs: Iterable[Path], *, model_ref: str | Path | None = None
                   out_dir: Path = Path("denoised"), output: Path | None = None, strength: float = 1.0,
                   chunk_seconds: float = DEFAULT_CHUNK_SECONDS, format: str | None = None,
                   subtype: str | None = None, compute: str = "auto", overwrite: bool = False,
-                  progress: Progress = no_progress) -> list[dict]:
+                  batch: int | None = None, progress: Progress = no_progress) -> list[dict]:
     """Restore transfers with a model; returns each output's provenance record (also its sidecar JSON).
 
     Give exactly one of `model_ref` (checkpoint file or MLflow URI) and `device_id` (that replay
     machine's champion). Every input and output is checked, and the model loaded, before the first
-    file is written.
+    file is written. `batch` chunks go through the network per call (default: what the memory budget
+    allows, see `chunk_batch`); the output does not depend on it.
     """
     assert (model_ref is None) != (device_id is None), "give exactly one of model_ref and device_id"
     strength = check_strength(strength)
+    if batch is not None and batch < 1:
+        raise WorkbenchError(f"batch {batch}: must be at least 1 chunk per forward call")
     jobs = plan_jobs(inputs, out_dir=out_dir, output=output, format=format, subtype=subtype, overwrite=overwrite)
     device = choose_compute(compute)
     model, model_record = (resolve_model(model_ref, device) if model_ref is not None
@@ -679,7 +743,8 @@ def denoise_files(inputs: Iterable[Path], *, model_ref: str | Path | None = None
                 records.append(earlier[job.output])
                 continue
             stage = f"{number}/{len(jobs)} {job.input.name}" if len(jobs) > 1 else job.input.name
-            records.append(_restore(job, process, strength, plan, model_record, device, progress, stage))
+            job_batch = batch or chunk_batch(model, plan, device, job.info.channels)
+            records.append(_restore(job, process, strength, plan, model_record, device, progress, stage, job_batch))
     except BaseException:
         for folder in created:  # deepest first; folders that now hold earlier outputs stay
             with contextlib.suppress(OSError):
@@ -700,7 +765,7 @@ def _missing_folders(folders: Iterable[Path]) -> list[Path]:
 
 
 def _restore(job: Job, process: Process, strength: float, plan: ChunkPlan, model_record: dict,
-             device: torch.device, progress: Progress, stage: str) -> dict:
+             device: torch.device, progress: Progress, stage: str, batch: int = 1) -> dict:
     """One input to its output and sidecar; returns the provenance record."""
     started_at = _utc_now()
     for stale in (job.output, job.sidecar):  # what a killed run left half-written for this very output
@@ -710,7 +775,7 @@ def _restore(job: Job, process: Process, strength: float, plan: ChunkPlan, model
                 partial.unlink(missing_ok=True)
     input_sha256 = sha256_file(job.input)
     result = denoise_stream(process, job.input, job.output, strength=strength, plan=plan,
-                            subtype=job.subtype, format=job.format, progress=progress, stage=stage)
+                            subtype=job.subtype, format=job.format, progress=progress, stage=stage, batch=batch)
     out_info = audio_info(job.output)
     record = {
         "schema": SIDECAR_SCHEMA,
@@ -730,6 +795,7 @@ def _restore(job: Job, process: Process, strength: float, plan: ChunkPlan, model
         "wall_seconds": round(result.wall_seconds, 3),
         "real_time_factor": round(result.real_time_factor, 3),
         "chunks": result.chunks,
+        "chunks_per_forward": batch,
     }
     assert out_info.frames == job.info.frames and out_info.channels == job.info.channels
     try:

@@ -410,18 +410,12 @@ def _study_run(plan: Plan, study) -> tuple[str, bool]:
 # ------------------------------------------------------------------------------------------ evaluation
 
 def _model_method(model):
-    """A model as an evaluation method: the pyfunc wrapper's chunked inference (what `denoise` runs)."""
-    from workbench.denoise import ChunkPlan, OverlapAdd
-    from workbench.model.stft import HOP
-    from workbench.model.unet import denoise_waveform
-
-    plan = ChunkPlan.from_seconds(grid_frames=HOP * 2 ** model.config.depth)
+    """A model as an evaluation method: the pyfunc wrapper's chunked inference (what `denoise` runs,
+    many chunks per forward call)."""
+    from workbench.denoise import denoise_samples
 
     def run(noisy: np.ndarray) -> np.ndarray:
-        rows = np.atleast_2d(np.asarray(noisy, dtype=np.float32))
-        overlap = OverlapAdd(lambda chunk: denoise_waveform(model, chunk), rows.shape[0], plan)
-        out = np.concatenate([overlap.push(rows), overlap.flush()], axis=1)
-        return out.reshape(np.shape(noisy))
+        return denoise_samples(model, noisy)
 
     return run
 

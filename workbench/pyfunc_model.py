@@ -26,7 +26,10 @@ class TapeDenoiserModel(mlflow.pyfunc.PythonModel):
     def load_context(self, context):
         import torch
 
+        from workbench.model.allocator import tune_allocator
         from workbench.model.checkpoint import load_checkpoint
+
+        tune_allocator()  # the serving process runs the network: see workbench.model.allocator
 
         device = "cuda" if torch.cuda.is_available() else "cpu"
         self.model, self.info = load_checkpoint(context.artifacts["weights"], device=device)

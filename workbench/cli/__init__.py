@@ -20,12 +20,14 @@ from workbench.cli import registry as _registry  # noqa: F401  (finetune, models
 from workbench.cli import demo as _demo  # noqa: F401  (demo)
 from workbench.cli._render import err_console
 from workbench.errors import WorkbenchError, database_locked
+from workbench.model.allocator import tune_allocator
 
 __all__ = ["app", "main"]
 
 
 def main(argv: list[str] | None = None) -> int:
     """Run the CLI; returns the exit status (0 ok, 2 a WorkbenchError, 1 anything else Click reports)."""
+    tune_allocator()  # before the first large tensor: see workbench.model.allocator
     try:
         app(args=argv, prog_name="workbench", standalone_mode=True)
     except SystemExit as exit_:

@@ -43,6 +43,10 @@ def denoise(
                                         help="Length of the pieces the model sees (rounded to its grid)."),
     compute: str = typer.Option("auto", "--compute", metavar="auto|cpu|cuda",
                                 help="Where the network runs; auto picks CUDA (bf16) when torch sees a GPU."),
+    batch: int | None = typer.Option(None, "--batch", min=1, metavar="N",
+                                     help="Chunks per forward pass of the network (default: as many as fit "
+                                          "1 GiB on the CPU, 60 % of free GPU memory); the output does not "
+                                          "depend on it."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace outputs that already exist."),
     as_json: bool = typer.Option(False, "--json", help="Print the provenance records as JSON for scripts."),
 ) -> None:
@@ -82,7 +86,7 @@ def denoise(
         records = denoise_files(inputs, model_ref=model, device_id=device, out_dir=out, output=output,
                                 strength=1.0 if strength is None else strength, chunk_seconds=chunk_seconds,
                                 format=format, subtype=subtype, compute=compute, overwrite=overwrite,
-                                progress=progress)
+                                batch=batch, progress=progress)
     note = records[0]["model"].get("note") if records else None
     if note:  # on stderr, so that --json's stdout stays clean; the sidecars keep it too
         err_console.print(note, soft_wrap=True, markup=False, highlight=False)

@@ -37,7 +37,9 @@ decoder crops to the skip shapes as the reference does.
 
 from __future__ import annotations
 
+import contextlib
 import math
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
 
 import torch
@@ -100,6 +102,70 @@ def get_config(size: str) -> ModelConfig:
     return SIZES[size]
 
 
+# ---------------------------------------------------------------------------------------------- fast path
+#
+# The same function computed with fewer full-size copies (the forward pass spent a quarter of its time in
+# `cat`): mirrored padding in one allocation (for 3×3 kernels TF's one-sample SYMMETRIC pad *is* replicate
+# padding, one native op), ELU in place on convolution outputs (a convolution does not keep its output for
+# the backward pass, so autograd allows it), and, when no gradient is recorded, dense blocks that write each
+# layer's output once into one preallocated, already padded buffer instead of concatenating and padding
+# the growing stack again for every layer. `reference_path()` switches all of it off: the plain layer-for-
+# layer code, kept as the definition the fast path is tested against (tests/test_unet_fast.py).
+
+_fast_path = True
+
+
+@contextlib.contextmanager
+def reference_path() -> Iterator[None]:
+    """Run the plain reference code (concatenate, pad by copying, out-of-place ELU) inside this block."""
+    global _fast_path
+    previous, _fast_path = _fast_path, False
+    try:
+        yield
+    finally:
+        _fast_path = previous
+
+
+def _no_grad(*tensors: Tensor) -> bool:
+    return not torch.is_grad_enabled() or not any(t.requires_grad for t in tensors)
+
+
+def _elu(x: Tensor) -> Tensor:
+    """ELU of a fresh convolution output, in place on the fast path."""
+    return F.elu(x, inplace=_fast_path)
+
+
+def _channels_last(x: Tensor) -> bool:
+    return x.dim() == 4 and x.shape[1] > 1 and x.is_contiguous(memory_format=torch.channels_last) \
+        and not x.is_contiguous()
+
+
+def _symmetric_pad(x: Tensor, before: int, after: int) -> Tensor:
+    """TF SYMMETRIC padding of the last two dimensions in one allocation (needs before, after <= size)."""
+    t, f = x.shape[-2:]
+    layout = torch.channels_last if _channels_last(x) else torch.contiguous_format
+    out = torch.empty((*x.shape[:-2], t + before + after, f + before + after), dtype=x.dtype, device=x.device,
+                      memory_format=layout)
+    _fill_symmetric(out, x, before, after)
+    return out
+
+
+def _fill_symmetric(out: Tensor, x: Tensor, before: int, after: int) -> None:
+    """Write `x` into the middle of `out` and mirror its edges around it (edge sample repeated)."""
+    t, f = x.shape[-2:]
+    assert before <= min(t, f) and after <= min(t, f) and out.shape[-2:] == (t + before + after, f + before + after)
+    out[..., before:before + t, before:before + f] = x
+    # Rows first, then whole columns (corners included) from the row-padded middle.
+    if before:
+        out[..., :before, before:before + f] = x[..., :before, :].flip(-2)
+    if after:
+        out[..., before + t:, before:before + f] = x[..., t - after:, :].flip(-2)
+    if before:
+        out[..., :, :before] = out[..., :, before:2 * before].flip(-1)
+    if after:
+        out[..., :, before + f:] = out[..., :, before + f - after:before + f].flip(-1)
+
+
 # ---------------------------------------------------------------------------------------------- layers
 
 def _mirror_pad_dim(x: Tensor, dim: int, before: int, after: int) -> Tensor:
@@ -118,6 +184,10 @@ def _mirror_pad_dim(x: Tensor, dim: int, before: int, after: int) -> Tensor:
 def mirror_pad(x: Tensor, kernel: int) -> Tensor:
     """Pad time and frequency as the reference's get_paddings: k//2 before, k//2 - (1 - k%2) after."""
     before, after = kernel // 2, kernel // 2 - (1 - kernel % 2)
+    if _fast_path and max(before, after) <= min(x.shape[-2:]):
+        if before == after == 1:  # SYMMETRIC by one sample repeats the edge: replicate padding
+            return F.pad(x, (1, 1, 1, 1), mode="replicate")
+        return _symmetric_pad(x, before, after)
     return _mirror_pad_dim(_mirror_pad_dim(x, -2, before, after), -1, before, after)
 
 
@@ -139,14 +209,27 @@ class DenseBlock(nn.Module):
 
     def __init__(self, in_channels: int, channels: int, layers: int):
         super().__init__()
+        self.channels = channels
         self.convs = nn.ModuleList(
             conv(in_channels + i * channels, channels, 3) for i in range(layers))
 
     def forward(self, x: Tensor) -> Tensor:
-        out = F.elu(self.convs[0](mirror_pad(x, 3)))
+        out = _elu(self.convs[0](mirror_pad(x, 3)))
         for layer in self.convs[1:]:
             x = torch.cat([out, x], dim=1)
-            out = F.elu(layer(mirror_pad(x, 3)))
+            out = _elu(layer(mirror_pad(x, 3)))
+        return out
+
+    def forward_buffered(self, stack: Tensor, start: int) -> Tensor:
+        """The block on `stack[:, start:]`, its (replicate-padded) input at the end of a buffer that has
+        room for every layer's output before it: layer i writes its padded output once, just before the
+        channels it saw, so the next layer's input [out i, ..., out 0, input] is a contiguous slice."""
+        assert start == (len(self.convs) - 1) * self.channels, "the buffer holds exactly the block's stack"
+        out = F.elu(self.convs[0](stack[:, start:]), inplace=True)
+        for layer in self.convs[1:]:
+            start -= self.channels
+            _fill_symmetric(stack[:, start:start + self.channels], out, 1, 1)
+            out = F.elu(layer(stack[:, start:]), inplace=True)
         return out
 
 
@@ -158,8 +241,30 @@ class IBlock(nn.Module):
         self.dense = DenseBlock(in_channels, channels, dense_layers)
         self.skip = conv(in_channels, channels, 1)
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor | Sequence[Tensor]) -> Tensor:
+        """`x` is the input, or its parts in channel order (concatenated here, or copied straight into the
+        dense block's buffer on the fast path)."""
+        parts = [x] if isinstance(x, Tensor) else list(x)
+        # The buffer's channel slices are contiguous only channels-first; channels-last concatenates.
+        if _fast_path and _no_grad(*parts, *self.parameters()) and not _channels_last(parts[0]):
+            return self._forward_buffered(parts)
+        x = parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
         return self.dense(x) + self.skip(x)
+
+    def _forward_buffered(self, parts: list[Tensor]) -> Tensor:
+        batch, (frames, bins) = parts[0].shape[0], parts[0].shape[-2:]
+        in_channels = sum(part.shape[1] for part in parts)
+        start = (len(self.dense.convs) - 1) * self.dense.channels
+        stack = torch.empty(batch, start + in_channels, frames + 2, bins + 2, dtype=parts[0].dtype,
+                            device=parts[0].device)
+        offset = start
+        for part in parts:
+            _fill_symmetric(stack[:, offset:offset + part.shape[1]], part, 1, 1)
+            offset += part.shape[1]
+        # The 1×1 projection reads the padded input in place (a contiguous slice) and drops the border:
+        # the same products as on the unpadded input, without copying it out.
+        projected = self.skip(stack[:, start:])[..., 1:-1, 1:-1]
+        return self.dense.forward_buffered(stack, start).add_(projected)
 
 
 class EncoderBlock(nn.Module):
@@ -170,7 +275,7 @@ class EncoderBlock(nn.Module):
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
         skip = self.iblock(x)
-        return F.elu(self.down(mirror_pad(skip, DOWN_KERNEL))), skip
+        return _elu(self.down(mirror_pad(skip, DOWN_KERNEL))), skip
 
 
 class DecoderBlock(nn.Module):
@@ -182,12 +287,12 @@ class DecoderBlock(nn.Module):
         self.iblock = IBlock(2 * channels, channels, dense_layers)
 
     def forward(self, x: Tensor, skip: Tensor) -> Tensor:
-        up = F.elu(self.up_conv(x))  # (2s + 2): the reference does not pad before it
+        up = _elu(self.up_conv(x))  # (2s + 2): the reference does not pad before it
         nearest = F.interpolate(x, scale_factor=2, mode="nearest")
         if self.up_projection is not None:
-            nearest = F.elu(self.up_projection(nearest))
+            nearest = _elu(self.up_projection(nearest))
         up = center_crop(up, nearest) + nearest
-        return self.iblock(torch.cat([center_crop(up, skip), skip], dim=1))
+        return self.iblock([center_crop(up, skip), skip])
 
 
 class Encoder(nn.Module):
@@ -199,7 +304,7 @@ class Encoder(nn.Module):
             for i in range(config.depth))
         self.bottleneck = IBlock(ch[-1], ch[-1], config.dense_layers)
 
-    def forward(self, x: Tensor) -> tuple[Tensor, list[Tensor]]:
+    def forward(self, x: Tensor | Sequence[Tensor]) -> tuple[Tensor, list[Tensor]]:
         skips = []
         for block in self.blocks:
             x, skip = block(x)
@@ -232,9 +337,12 @@ class SupervisedAttention(nn.Module):
         self.mask_conv = conv(2, channels, 3)
 
     def forward(self, features: Tensor, noisy_spec: Tensor) -> tuple[Tensor, Tensor]:
-        s1 = self.residual_conv(mirror_pad(features, 3)) + noisy_spec
+        padded = mirror_pad(features, 3)
+        s1 = self.residual_conv(padded) + noisy_spec
         mask = torch.sigmoid(self.mask_conv(mirror_pad(s1, 3)))
-        return self.feature_conv(mirror_pad(features, 3)) * mask + features, s1
+        if _fast_path and _no_grad(features, mask):
+            return self.feature_conv(padded).mul_(mask).add_(features), s1
+        return self.feature_conv(padded) * mask + features, s1
 
 
 def frequency_embedding(freq_bins: int, count: int) -> Tensor:
@@ -282,11 +390,12 @@ class TwoStageUNet(nn.Module):
         embedding = self.freq_embedding.to(device=noisy_spec.device, dtype=noisy_spec.dtype)[None, :, None, :]
         x = torch.cat([noisy_spec, embedding.expand(batch, -1, frames, -1)], dim=1)
 
-        features1 = self.decoder1(*self.encoder1(F.elu(self.input_conv1(mirror_pad(x, INPUT_KERNEL)))))
+        padded = mirror_pad(x, INPUT_KERNEL)
+        features1 = self.decoder1(*self.encoder1(_elu(self.input_conv1(padded))))
         attended, s1 = self.sam(features1, noisy_spec)
 
-        stage2_in = torch.cat([F.elu(self.input_conv2(mirror_pad(x, INPUT_KERNEL))), attended], dim=1)
-        features2 = self.decoder2(*self.encoder2(stage2_in))
+        # The encoder's first I-block takes the two parts as they are (concatenated there if need be).
+        features2 = self.decoder2(*self.encoder2([_elu(self.input_conv2(padded)), attended]))
         s2 = self.output_conv(mirror_pad(features2, 3))
         return s1, s2
 

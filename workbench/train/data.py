@@ -209,7 +209,14 @@ def training_batches(examples: TrainingExamples, start_step: int, steps: int, ba
     return torch.utils.data.DataLoader(
         examples, batch_sampler=StepBatches(start_step, steps, batch_size, rank, world_size),
         num_workers=num_workers, pin_memory=pin_memory, persistent_workers=False,
-        prefetch_factor=4 if num_workers else None, worker_init_fn=_ignore_ctrl_c if num_workers else None)
+        prefetch_factor=4 if num_workers else None, worker_init_fn=_start_worker if num_workers else None)
+
+
+def _start_worker(worker_id: int) -> None:
+    from workbench.model.allocator import worker_init
+
+    worker_init(worker_id)  # a spawned worker starts with glibc's defaults (a forked one is set already)
+    _ignore_ctrl_c(worker_id)
 
 
 def _ignore_ctrl_c(worker_id: int) -> None:

@@ -34,6 +34,7 @@ import math
 import os
 import re
 import socket
+import time
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -61,6 +62,7 @@ PEER_POLL_S = 1.0  # how often a worker that ran out of trials to start looks at
 # SQLite waits this long for another process's write (two `finetune` workers on one machine share the
 # file); the driver's default of 5 s is too short beside a busy trainer on a loaded machine.
 SQLITE_ENGINE = {"connect_args": {"timeout": 60}}
+SCHEMA_RACE_ATTEMPTS = 5
 WORKER_ATTR = "worker"
 RETRY_OF_ATTR = "retry_of"
 INTERRUPTED_ATTR = "interrupted"
@@ -387,14 +389,24 @@ def open_storage(url: str) -> optuna.storages.BaseStorage:
         # Several processes creating a fresh SQLite store at once collide in its schema migration: the
         # first creates it under an exclusive lock, the others wait and find the tables there.
         lock = _file_lock(database.with_name(database.name + ".lock"))
+    import sqlalchemy.exc
+
     interval, grace = heartbeat_settings()
     try:
-        with lock, warnings.catch_warnings():  # heartbeats are "experimental" in Optuna 5; they are what we need
-            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            return optuna.storages.RDBStorage(
-                url, heartbeat_interval=interval, grace_period=grace,
-                heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=2),
-                engine_kwargs={"pool_pre_ping": True} if not url.startswith("sqlite") else SQLITE_ENGINE)
+        for attempt in range(SCHEMA_RACE_ATTEMPTS):
+            try:
+                with lock, warnings.catch_warnings():  # heartbeats are "experimental" in Optuna 5; we need them
+                    warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                    return optuna.storages.RDBStorage(
+                        url, heartbeat_interval=interval, grace_period=grace,
+                        heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=2),
+                        engine_kwargs={"pool_pre_ping": True} if not url.startswith("sqlite") else SQLITE_ENGINE)
+            except sqlalchemy.exc.IntegrityError:
+                # Workers started together on a fresh server database race to create Optuna's tables
+                # (PostgreSQL: duplicate key in pg_type); the loser finds them there on the next try.
+                if attempt == SCHEMA_RACE_ATTEMPTS - 1:
+                    raise
+                time.sleep(0.5 * (attempt + 1))
     except ImportError:
         scheme = url.split("://", 1)[0]
         raise WorkbenchError(f"{shown}: cannot open Optuna storage (no database driver for {scheme} is installed; "
@@ -551,7 +563,6 @@ def run_study(study: optuna.Study, objective: Callable[[optuna.Trial], float], *
     fails its trial and enqueues a retry, which a waiting worker then runs. So every worker returns when
     the study is complete (or its time is up), and all of them have seen the same trials.
     `callbacks` are Optuna's (called with the study and each finished trial)."""
-    import time
 
     recover_abandoned_trials(study)
     deadline = None if timeout_s is None else time.monotonic() + timeout_s

@@ -1,0 +1,78 @@
+"""The U-Net's fast path (one-allocation padding, in-place ELU, dense blocks in one preallocated buffer)
+computes the same function as the plain reference code (`reference_path()`), forward and backward."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from workbench.model.stft import FREQ_BINS
+from workbench.model.unet import SIZES, ModelConfig, TwoStageUNet, mirror_pad, reference_path
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+CONFIGS = {
+    "tiny": SIZES["tiny"],
+    "small": SIZES["small"],
+    # Three dense layers at every level, odd channel counts: every slice of the buffer is exercised.
+    "odd": ModelConfig("odd", (5, 7, 9), dense_layers=3),
+}
+
+
+def _model(name: str) -> TwoStageUNet:
+    torch.manual_seed(0)
+    return TwoStageUNet(CONFIGS[name])
+
+
+@pytest.mark.parametrize("kernel", [1, 3, 4, 7])
+@pytest.mark.parametrize("shape", [(2, 3, 9, 11), (1, 2, 2, 5), (1, 1, 1, 1)])
+def test_mirror_pad_fast_equals_reference(kernel, shape):
+    x = torch.randn(shape)
+    with reference_path():
+        expected = mirror_pad(x, kernel)
+    assert torch.equal(mirror_pad(x, kernel), expected)
+    assert torch.equal(mirror_pad(x.contiguous(memory_format=torch.channels_last), kernel), expected)
+
+
+@pytest.mark.parametrize(("name", "frames"), [("tiny", 1), ("tiny", 37), ("small", 40), ("odd", 23)])
+def test_forward_fast_path_equals_reference_path(name, frames):
+    model = _model(name).eval()
+    spec = 3 * torch.randn(2, 2, frames, FREQ_BINS)
+    with torch.inference_mode():
+        with reference_path():
+            reference = model(spec)
+        fast = model(spec)
+        channels_last = model.to(memory_format=torch.channels_last)(spec.contiguous(memory_format=torch.channels_last))
+    for got in (fast, channels_last):
+        for output, expected in zip(got, reference):
+            assert output.shape == expected.shape
+            assert (output - expected).abs().max().item() <= 1e-5 * max(1.0, expected.abs().max().item())
+
+
+@pytest.mark.parametrize(("name", "frames"), [("tiny", 19), ("odd", 23)])
+def test_training_gradients_fast_path_equal_reference_path(name, frames):
+    model = _model(name).train()
+    spec, clean = torch.randn(2, 2, frames, FREQ_BINS), torch.randn(2, 2, frames, FREQ_BINS)
+
+    def gradients():
+        model.zero_grad()
+        s1, s2 = model(spec)
+        ((s2 - clean).abs().mean() + (s1 - clean).abs().mean()).backward()
+        return {name: p.grad.clone() for name, p in model.named_parameters()}
+
+    with reference_path():
+        expected = gradients()
+    got = gradients()
+    assert got.keys() == expected.keys()
+    for key, grad in got.items():
+        scale = expected[key].abs().max().item()
+        assert (grad - expected[key]).abs().max().item() <= 1e-5 * max(scale, 1e-3), key
+
+
+def test_reference_path_switch_is_restored_after_an_error():
+    from workbench.model import unet
+
+    with pytest.raises(RuntimeError), reference_path():
+        assert not unet._fast_path
+        raise RuntimeError("inside")
+    assert unet._fast_path
