@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import shutil
 from dataclasses import dataclass
 
 import pytest
@@ -135,6 +137,29 @@ def tiny_archive(tiny_archive_template, tmp_path, monkeypatch) -> Workspace:
 
 
 # --- tiny recipes: the smallest settings that still train, tune and evaluate for real ------------------
+
+@contextlib.contextmanager
+def archive_with_random_base(tiny_archive_template, tmp_path_factory, name: str):
+    """A private copy of the tiny archive, made current, with a random tiny network registered as the
+    general model @base (fine-tuning tests need a base, not a good one)."""
+    from workbench import tracking
+    from workbench.model.checkpoint import save_checkpoint
+    from workbench.model.unet import TwoStageUNet, get_config
+
+    root = tmp_path_factory.mktemp(name) / "archive"
+    shutil.copytree(tiny_archive_template, root)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("WORKBENCH_HOME", str(root))
+        patch.delenv("MLFLOW_TRACKING_URI", raising=False)
+        ws = Workspace(root)
+        torch.manual_seed(0)
+        base = root / "base.safetensors"
+        save_checkpoint(base, TwoStageUNet(get_config("tiny")), {"kind": "test base: random weights"})
+        tracking.set_alias(tracking.GENERAL_MODEL, "base",
+                           tracking.register_checkpoint(base, tracking.GENERAL_MODEL, workspace=ws), ws)
+        ws.recipes_dir.mkdir(exist_ok=True)
+        yield ws
+
 
 def tiny_recipe(name: str, *, steps: int = 4, batch_size: int = 4, segment_seconds: float = 0.25,
                 validation_mixtures: int = 4, validation_seconds: float = 0.5, validate_every: int = 2,

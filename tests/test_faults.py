@@ -292,26 +292,9 @@ FT_MODEL = f"tape-denoiser-{FT_DEVICE}"
 def ft_archive(tiny_archive_template, tmp_path_factory):
     """A private tiny archive with a random tiny network as the general model @base and two recipes that
     differ only in their seed (two questions, so two studies)."""
-    import shutil
+    from conftest import archive_with_random_base, tiny_finetune_recipe
 
-    from conftest import tiny_finetune_recipe
-    from workbench import tracking
-    from workbench.model.checkpoint import save_checkpoint
-    from workbench.model.unet import TwoStageUNet, get_config
-    from workbench.workspace import Workspace
-
-    root = tmp_path_factory.mktemp("faults-finetune") / "archive"
-    shutil.copytree(tiny_archive_template, root)
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("WORKBENCH_HOME", str(root))
-        patch.delenv("MLFLOW_TRACKING_URI", raising=False)
-        ws = Workspace(root)
-        torch.manual_seed(0)
-        base = root / "base.safetensors"
-        save_checkpoint(base, TwoStageUNet(get_config("tiny")), {"kind": "test base: random weights"})
-        tracking.set_alias(tracking.GENERAL_MODEL, "base", tracking.register_checkpoint(base, tracking.GENERAL_MODEL,
-                                                                                           workspace=ws), ws)
-        ws.recipes_dir.mkdir(exist_ok=True)
+    with archive_with_random_base(tiny_archive_template, tmp_path_factory, "faults-finetune") as ws:
         for name, seed in (("ft-a", 7), ("ft-b", 8)):
             text = tiny_finetune_recipe(name, trials=2, steps=2, validate_every=1, segment_seconds=0.25)
             (ws.recipes_dir / f"{name}.toml").write_text(text.replace("seed = 7", f"seed = {seed}", 1))

@@ -23,7 +23,7 @@ import numpy as np
 import optuna
 import pytest
 
-from conftest import CliResult, tiny_finetune_recipe
+from conftest import CliResult, archive_with_random_base, tiny_finetune_recipe
 from workbench.workspace import Workspace
 
 DEVICE = "uher-4000-l"
@@ -51,25 +51,7 @@ def recipe(ws: Workspace, name: str, search: str | None = None, **finetune) -> s
 @pytest.fixture(scope="module")
 def archive(tiny_archive_template, tmp_path_factory):
     """A private tiny archive with a random tiny network registered as the general model (@base)."""
-    import shutil
-
-    import torch
-
-    from workbench import tracking
-    from workbench.model.checkpoint import save_checkpoint
-    from workbench.model.unet import TwoStageUNet, get_config
-
-    root = tmp_path_factory.mktemp("finetune") / "archive"
-    shutil.copytree(tiny_archive_template, root)
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("WORKBENCH_HOME", str(root))
-        patch.delenv("MLFLOW_TRACKING_URI", raising=False)
-        ws = Workspace(root)
-        torch.manual_seed(0)
-        base = root / "base.safetensors"
-        save_checkpoint(base, TwoStageUNet(get_config("tiny")), {"kind": "test base: random weights"})
-        version = tracking.register_checkpoint(base, tracking.GENERAL_MODEL, workspace=ws)
-        tracking.set_alias(tracking.GENERAL_MODEL, "base", version, ws)
+    with archive_with_random_base(tiny_archive_template, tmp_path_factory, "finetune") as ws:
         recipe(ws, "ft-test")
         yield ws
 

@@ -122,7 +122,7 @@ def demo_stages(workspace: Workspace, settings: DemoSettings) -> Iterator[Stage]
                             "card": registered.card}, reused=registered.reused)
 
     def finetune(progress: Progress) -> StageResult:
-        from workbench.finetune import finetune_device
+        from workbench.finetune import BASE_MODEL, finetune_device
 
         device = fine_tuned_device(state["manifest"])
         name = tracking.device_model_name(device)
@@ -134,7 +134,7 @@ def demo_stages(workspace: Workspace, settings: DemoSettings) -> Iterator[Stage]
         result = finetune_device(workspace, device, recipe=settings.recipe, trials=settings.trials, progress=progress)
         state["device"] = device
         verdict = "promoted to champion" if result.promoted else f"not promoted: {result.reason}"
-        gains = paired_gains(result.report_json)
+        gains = result.paired.get(BASE_MODEL, {})  # input SNR -> fine-tuned − base, paired over fragments
         shown = "; ".join(f"{snr} dB input: {g['mean']:+.2f} dB [{g['ci_low']:+.2f}, {g['ci_high']:+.2f}]"
                           for snr, g in gains.items())
         return StageResult("finetune", f"{name} version {result.version} registered, {verdict}; fine-tuned − base "
@@ -177,25 +177,6 @@ def demo_stages(workspace: Workspace, settings: DemoSettings) -> Iterator[Stage]
     yield Stage("finetune", "Fine-tune one machine with an Optuna study", finetune)
     yield Stage("denoise", "Restore a sample transfer with the champion", denoise)
     yield Stage("registry", "The model registry", registry)
-
-
-def paired_gains(report_json: Path, method: str = "fine-tuned", rival: str = "base model") -> dict[str, dict]:
-    """Per input SNR: mean and 95 % interval of `method` − `rival` ΔSNR over the same test fragments."""
-    import numpy as np
-
-    from workbench.audio.io import read_json_object
-    from workbench.evaluate.metrics import mean_ci
-
-    evaluation = read_json_object(Path(report_json), "evaluation report")["evaluation"]
-    gains = {}
-    for snr in evaluation["input_snrs_db"]:
-        def values(name: str) -> np.ndarray:
-            rows = [r for r in evaluation["per_fragment"] if r["method"] == name and r["input_snr_db"] == snr]
-            return np.concatenate([np.asarray(r["delta_snr"], dtype=np.float64) for r in rows])
-
-        summary = mean_ci(values(method) - values(rival))
-        gains[f"{snr:g}"] = {"mean": summary.mean, "ci_low": summary.ci_low, "ci_high": summary.ci_high, "n": summary.n}
-    return gains
 
 
 def fine_tuned_device(manifest: dict) -> str:
