@@ -63,6 +63,9 @@ def test_demo_runs_every_stage_and_a_rerun_reuses_them(demo_run):
 
     transfer = settings.folder / "archive" / manifest["transfers"][0]["path"]
     restored = results[5].data["records"][0]["output"]["path"]
+    # Restored by what `denoise --device` picks: the champion, else the general model @base (never a refused version).
+    expected = name if champion else "tape-denoiser-general"
+    assert results[5].data["model_uri"].startswith(f"models:/{expected}/"), results[5].data["model_uri"]
     source_info, output_info = sf.info(str(transfer)), sf.info(restored)
     assert (output_info.samplerate, output_info.channels, output_info.frames, output_info.subtype) == \
         (source_info.samplerate, source_info.channels, source_info.frames, source_info.subtype)

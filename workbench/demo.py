@@ -151,14 +151,12 @@ def demo_stages(workspace: Workspace, settings: DemoSettings) -> Iterator[Stage]
         expected = out_dir / f"{source.stem}.denoised{source.suffix}"
         if expected.exists() and expected.with_name(expected.name + ".json").exists():
             return StageResult("denoise", f"{expected} already restored", {"output": str(expected)}, reused=True)
-        # The champion when the gate promoted one; else the version just registered, said plainly.
-        name = tracking.device_model_name(state["device"])
-        if tracking.get_alias_version(name, "champion", workspace) is not None:
-            ref, which = tracking.model_uri(name, alias="champion"), "its champion"
-        else:
-            version = tracking.latest_version(name, workspace)
-            ref, which = tracking.model_uri(name, version), f"version {version} (no champion: the gate refused it)"
-        records = denoise_files([source], model_ref=ref, out_dir=out_dir, overwrite=True, progress=progress)
+        # What `workbench denoise --device` does: the champion, else the general model @base, said plainly
+        # (a version the gate refused may make recordings worse, so it restores nothing).
+        records = denoise_files([source], device_id=state["device"], out_dir=out_dir, overwrite=True, progress=progress)
+        model = records[0]["model"]
+        ref = model["uri"]
+        which = ref + (f" ({model['note']})" if model.get("note") else "")
         return StageResult("denoise", f"restored {source.name} with {which} → {records[0]['output']['path']}",
                            {"records": records, "model_uri": ref})
 
