@@ -138,6 +138,18 @@ def tiny_archive(tiny_archive_template, tmp_path, monkeypatch) -> Workspace:
 
 # --- tiny recipes: the smallest settings that still train, tune and evaluate for real ------------------
 
+@pytest.fixture(scope="session")
+def random_tiny_checkpoint(tmp_path_factory):
+    """A tiny network with random weights (seed 0) saved as a checkpoint: a model that runs, not a good one."""
+    from workbench.model.checkpoint import save_checkpoint
+    from workbench.model.unet import SIZES, TwoStageUNet
+
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("random-tiny-model") / "tiny.safetensors"
+    save_checkpoint(path, TwoStageUNet(SIZES["tiny"]).eval(), lineage={"source": "test: random weights, seed 0"})
+    return path
+
+
 @contextlib.contextmanager
 def archive_with_random_base(tiny_archive_template, tmp_path_factory, name: str):
     """A private copy of the tiny archive, made current, with a random tiny network registered as the

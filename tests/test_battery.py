@@ -150,25 +150,14 @@ def test_readers_keep_what_was_written_or_refuse_in_one_line(case, tmp_path_fact
 
 # --- denoise ----------------------------------------------------------------------------------------------
 
-@pytest.fixture(scope="module")
-def tiny_checkpoint(tmp_path_factory) -> Path:
-    from workbench.model.checkpoint import save_checkpoint
-    from workbench.model.unet import SIZES, TwoStageUNet
-
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("battery-model") / "tiny.safetensors"
-    save_checkpoint(path, TwoStageUNet(SIZES["tiny"]).eval(), lineage={"source": "test: random weights, seed 0"})
-    return path
-
-
 def _clip_range(subtype: str) -> tuple[float, float] | None:
     bits = PCM_BITS.get(subtype)
     return None if bits is None else (-1.0, 1.0 - 2.0 ** (1 - bits))
 
 
 @given(case=cases(max_seconds=0.4), strength=st.sampled_from((0.0, 1.0)))
-def test_denoise_keeps_rate_channels_length_subtype_or_refuses_with_nothing_written(case, strength, tmp_path_factory,
-                                                                                     tiny_checkpoint, one_torch_thread):
+def test_denoise_keeps_rate_channels_length_subtype_or_refuses_with_nothing_written(
+        case, strength, tmp_path_factory, random_tiny_checkpoint, one_torch_thread):
     from workbench.denoise import denoise_files
 
     folder = fresh(tmp_path_factory.getbasetemp() / "battery-denoise")
@@ -176,7 +165,7 @@ def test_denoise_keeps_rate_channels_length_subtype_or_refuses_with_nothing_writ
     before = sha256_file(path)
     out = folder / "out"
     try:
-        [record] = denoise_files([path], model_ref=tiny_checkpoint, out_dir=out, strength=strength,
+        [record] = denoise_files([path], model_ref=random_tiny_checkpoint, out_dir=out, strength=strength,
                                  chunk_seconds=0.1, compute="cpu")
     except WorkbenchError as error:
         message = refusal(error, path)
@@ -202,8 +191,8 @@ def test_denoise_keeps_rate_channels_length_subtype_or_refuses_with_nothing_writ
         if limits is not None and case.content == "square" and strength == 1.0:
             # The same restoration as floats (no clipping): the count the sidecar reports is exactly the
             # samples of it outside what the subtype holds.
-            [unclipped] = denoise_files([path], model_ref=tiny_checkpoint, out_dir=folder / "float", subtype="FLOAT",
-                                        format="W64", chunk_seconds=0.1, compute="cpu")
+            [unclipped] = denoise_files([path], model_ref=random_tiny_checkpoint, out_dir=folder / "float",
+                                        subtype="FLOAT", format="W64", chunk_seconds=0.1, compute="cpu")
             floats = sf.read(unclipped["output"]["path"], dtype="float64", always_2d=True)[0]
             outside = int(np.count_nonzero((floats < limits[0]) | (floats > limits[1])))
             assert record["output"]["clipped_samples"] == outside, (case, outside)

@@ -80,17 +80,6 @@ def open_files(pid: int) -> set[Path]:
 
 
 @pytest.fixture(scope="module")
-def tiny_model_file(tmp_path_factory) -> Path:
-    from workbench.model.checkpoint import save_checkpoint
-    from workbench.model.unet import SIZES, TwoStageUNet
-
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("faults-model") / "tiny.safetensors"
-    save_checkpoint(path, TwoStageUNet(SIZES["tiny"]).eval(), lineage={"source": "test: random weights, seed 0"})
-    return path
-
-
-@pytest.fixture(scope="module")
 def damaged_model_file(tmp_path_factory) -> Path:
     """Finite weights (the loader accepts them) a million times too large: the output overflows to inf/NaN."""
     from workbench.model.checkpoint import save_checkpoint
@@ -113,13 +102,13 @@ def hiss(seconds: float, rate: int = 48_000, channels: int = 2, seed: int = 0) -
 # --- non-finite samples -----------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("value", [np.nan, np.inf, -np.inf])
-def test_denoise_refuses_nan_and_inf_input_naming_the_time(tmp_path, cli, tiny_model_file, value):
+def test_denoise_refuses_nan_and_inf_input_naming_the_time(tmp_path, cli, random_tiny_checkpoint, value):
     audio = hiss(3.0, 44_100)
     audio[50_000, 1] = value  # one sample, 1.134 s in, right channel
     source = tmp_path / "nan.wav"
     sf.write(source, audio, 44_100, subtype="FLOAT")
     before = sha256_file(source)
-    result = cli("denoise", "--model", tiny_model_file, source, "--out", tmp_path / "out")
+    result = cli("denoise", "--model", random_tiny_checkpoint, source, "--out", tmp_path / "out")
     assert result.code == 2
     line = error_line(result.stderr)
     assert "nan.wav" in line and "NaN or inf" in line and "0:00:01.134" in line and "channel 2" in line, line
@@ -184,11 +173,11 @@ def test_training_and_evaluation_never_see_a_non_finite_value(tmp_path):
 
 # --- a full disk --------------------------------------------------------------------------------------------
 
-def test_a_full_disk_while_writing_is_one_line_and_leaves_no_partial_file(tmp_path, tiny_model_file):
+def test_a_full_disk_while_writing_is_one_line_and_leaves_no_partial_file(tmp_path, random_tiny_checkpoint):
     source = tmp_path / "long.wav"
     sf.write(source, hiss(12.0), 48_000, subtype="PCM_24")  # 3.5 MB: past the 1 MB limit
     out = tmp_path / "out"
-    code, _, stderr = finished(workbench_process("denoise", "--model", tiny_model_file, source, "--out", out,
+    code, _, stderr = finished(workbench_process("denoise", "--model", random_tiny_checkpoint, source, "--out", out,
                                                  limit_file_kb=1024))
     assert code == 2, stderr[-3000:]
     line = error_line(stderr)
@@ -198,14 +187,14 @@ def test_a_full_disk_while_writing_is_one_line_and_leaves_no_partial_file(tmp_pa
 
 # --- kills --------------------------------------------------------------------------------------------------
 
-def test_a_killed_denoise_of_a_folder_is_finished_by_a_rerun_without_partial_files(tmp_path, tiny_model_file):
+def test_a_killed_denoise_of_a_folder_is_finished_by_a_rerun_without_partial_files(tmp_path, random_tiny_checkpoint):
     transfers = tmp_path / "transfers"
     transfers.mkdir()
     for number in range(3):
         sf.write(transfers / f"reel-{number}.wav", hiss(6.0, seed=number), 48_000, subtype="PCM_16")
     sources = {path: sha256_file(path) for path in transfers.iterdir()}
     out = tmp_path / "restored"
-    command = ("denoise", "--model", tiny_model_file, transfers, "--out", out, "--chunk-seconds", "1")
+    command = ("denoise", "--model", random_tiny_checkpoint, transfers, "--out", out, "--chunk-seconds", "1")
 
     def second_file_half_written() -> bool:
         return (out / "reel-0.denoised.wav.json").is_file() and any(out.glob(".reel-1.denoised.*.partial.wav"))
