@@ -331,7 +331,7 @@ def test_pretrain_learns_is_tracked_registers_and_the_registered_model_denoises_
     predicted = mlflow.pyfunc.load_model(report["model_uri"]).predict(mixture["noisy"])
     assert np.abs(predicted - restored).max() < 1e-4
     # ... and better than the weights training started from (the recipe's seed makes them again).
-    from workbench.denoise import ChunkPlan, process_whole
+    from workbench.model.overlap_add import ChunkPlan, process_whole
     from workbench.model.stft import HOP
     from workbench.model.unet import SIZES, TwoStageUNet, denoise_waveform
 

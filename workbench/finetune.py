@@ -22,6 +22,7 @@
 from __future__ import annotations
 
 import copy
+import functools
 import json
 import shutil
 from dataclasses import asdict, dataclass, field
@@ -409,17 +410,6 @@ def _study_run(plan: Plan, study) -> tuple[str, bool]:
 
 # ------------------------------------------------------------------------------------------ evaluation
 
-def _model_method(model):
-    """A model as an evaluation method: the pyfunc wrapper's chunked inference (what `denoise` runs,
-    many chunks per forward call)."""
-    from workbench.denoise import denoise_samples
-
-    def run(noisy: np.ndarray) -> np.ndarray:
-        return denoise_samples(model, noisy)
-
-    return run
-
-
 def _gating_noise(plan: Plan, speed: float | None) -> np.ndarray:
     """Spectral gating's noise profile: up to GATING_NOISE_SECONDS of the machine's TRAIN noise at that speed."""
     snippets = [s for s in plan.noise["train"] if speed is None or abs(float(s.speed_ips) - float(speed)) < 1e-6]
@@ -438,6 +428,7 @@ def evaluate_models(plan: Plan, models: dict[str, Any], progress: Progress = no_
     from workbench.evaluate.baselines import noisy_input, spectral_gating
     from workbench.evaluate.evaluate import PerSet, evaluate_methods
     from workbench.evaluate.fragments import evaluation_fragments
+    from workbench.model.overlap_add import denoise_samples
 
     settings = plan.evaluation
     sets = []
@@ -448,7 +439,8 @@ def evaluate_models(plan: Plan, models: dict[str, Any], progress: Progress = no_
                                          snrs_db=settings.snrs_db, silence_dbfs=plan.recipe["data"]["silence_dbfs"],
                                          progress=progress))
     methods: dict[str, Any] = {NOISY_INPUT: noisy_input}
-    methods |= {name: _model_method(model) for name, model in models.items()}
+    # A model is scored through the chunked inference `denoise` and the pyfunc model run.
+    methods |= {name: functools.partial(denoise_samples, model) for name, model in models.items()}
     methods[SPECTRAL_GATING] = PerSet(lambda fragment_set: spectral_gating(_gating_noise(plan, fragment_set.speed)),
                                       noise_gains=True)
     return evaluate_methods(sets, methods, batch_size=settings.batch_size, hum_hz=_hum_fundamentals(plan, sets),

@@ -54,7 +54,7 @@ class PretrainResult:
         """The validation before any training (step 0) when this run started fresh."""
         return self.history[0] if self.history and self.history[0]["step"] == 0 else None
 
-    def as_dict(self) -> dict:
+    def to_dict(self) -> dict:
         return {"run_id": self.run_id, "version": self.version, "model_uri": self.model_uri,
                 "checkpoint": str(self.checkpoint) if self.checkpoint else None, "run_dir": str(self.run_dir),
                 "step": self.step, "stopped": self.stopped, "steps_per_s": round(self.steps_per_s, 4),
