@@ -12,11 +12,11 @@ import pytest
 import torch
 
 from conftest import tiny_recipe
+from workbench.audio.crops import loop_with_crossfades
 from workbench.audio.io import sha256_file, write_audio
 from workbench.errors import WorkbenchError
 from workbench.recipes import apply_overrides, load_recipe, recipe_params
-from workbench.train.data import (MixingSpec, StepBatches, TrainingExamples, loop_with_crossfades, stored_mixtures,
-                                  training_batches)
+from workbench.train.data import MixingSpec, StepBatches, TrainingExamples, stored_mixtures, training_batches
 from workbench.train.loop import (PARAMETER_GROUPS, Schedule, _optimizer_from_flat, _optimizer_to_flat,
                                   learning_rate_at, parameter_group, read_state, train)
 
