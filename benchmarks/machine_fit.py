@@ -139,9 +139,9 @@ def measure(workspace, machine: str, recipe: str, general_devices: list[str], sp
 def train_control(plan, params: dict, general_devices: list[str], run_dir: Path):
     """The equal-compute rival: the base trained with the fine-tuned model's best trial settings, on the
     general model's train noise (`general_devices`) instead of the machine's; its best validation step kept."""
-    from workbench.train.tuning import train_with_params, validation_mixtures  # the study's own data and loop
     from workbench.train.loop import BEST_FILE, load_weights
     from workbench.train.pretrain import select_noise
+    from workbench.train.tuning import train_with_params, validation_mixtures  # the study's own data and loop
 
     general = dataclasses.replace(plan, noise={**plan.noise, "train": select_noise(plan.workspace, general_devices, [], "train")})
     _, model = train_with_params(general, params, run_dir, base_model=plan.base_model,

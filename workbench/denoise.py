@@ -31,7 +31,9 @@ from pathlib import Path
 import numpy as np
 import soundfile as sf
 import torch
+import torchaudio
 
+from workbench import __version__
 from workbench.audio.dsp import MODEL_SAMPLE_RATE, StreamingResampler, resampled_length
 from workbench.audio.io import (
     AUDIO_SUFFIXES,
@@ -42,6 +44,7 @@ from workbench.audio.io import (
     exact_dtype,
     format_for,
     iter_blocks,
+    read_json_object,
     same_file,
     sha256_file,
 )
@@ -419,8 +422,6 @@ def _earlier_restoration(job: Job, model_record: dict, settings: dict) -> dict |
     """The sidecar record of an output an earlier run finished from this very input with this model and
     these settings (a rerun after a kill skips it), or None when there is none; any other existing output
     is refused unless --overwrite."""
-    from workbench.audio.io import read_json_object
-
     if not job.done_before:
         return None
     record = read_json_object(job.sidecar, "provenance record")
@@ -443,10 +444,6 @@ def _utc_now() -> str:
 
 
 def software_versions() -> dict:
-    import torchaudio
-
-    from workbench import __version__
-
     return {"workbench": __version__, "torch": torch.__version__, "torchaudio": torchaudio.__version__,
             "numpy": np.__version__, "soundfile": sf.__version__, "libsndfile": sf.__libsndfile_version__,
             "python": platform.python_version()}

@@ -700,9 +700,8 @@ def trial_objective(plan: Plan, study: optuna.Study, base_model, validation: Mix
 
 def close_abandoned_runs(study: optuna.Study, client) -> None:
     """The MLflow runs of trials whose process died stay RUNNING forever: mark them KILLED."""
-    from mlflow.exceptions import (
-        MlflowException,  # heavy: mlflow is imported only where runs are touched
-    )
+    # heavy: mlflow is imported only where runs are touched.
+    from mlflow.exceptions import MlflowException
 
     silent = heartbeat_failed_trials(study)
     for trial in study.get_trials(deepcopy=False, states=(TrialState.FAIL,)):
@@ -720,9 +719,8 @@ def study_run(plan: Plan, study: optuna.Study) -> tuple[str, bool]:
     """The MLflow run that holds the study's trials, and whether this call created it: the one recorded
     in the study if it still exists, else a new one. Under the study's lock, so that workers started
     together share one run."""
-    from mlflow.exceptions import (
-        MlflowException,  # heavy: mlflow is imported only where runs are touched
-    )
+    # heavy: mlflow is imported only where runs are touched.
+    from mlflow.exceptions import MlflowException
 
     registry = tracking.client(plan.workspace)
     with study_lock(plan.storage_url, plan.study_name):
