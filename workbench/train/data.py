@@ -34,6 +34,7 @@ from workbench.audio.dsp import MODEL_SAMPLE_RATE
 from workbench.audio.io import atomic_path, atomic_write_json
 from workbench.audio.mixing import mix_at_snr, sample_gain_db, sample_snr_db
 from workbench.model.allocator import worker_init
+from workbench.recipes import validation_seconds
 
 
 @dataclass(frozen=True)
@@ -181,3 +182,12 @@ def stored_mixtures(mixtures_dir: Path, label: str, clean_files: Sequence[AudioS
     with atomic_path(path) as temporary:
         save_file(tensors, str(temporary), metadata={"label": label, "key": key})
     return Mixtures(tensors["noisy"], tensors["clean"], tensors["snr_db"], tensors["gain_db"], key, path)
+
+
+def recipe_validation_mixtures(recipe: dict, mixtures_dir: Path, label: str, clean_files: Sequence[AudioSource],
+                               noise_snippets: Sequence[AudioSource]) -> Mixtures:
+    """The recipe's fixed validation mixtures of these sources (its [data] count, length, mixing, seed and
+    silence threshold, never a trial's), built once and stored: pretraining's and each study's."""
+    data = recipe["data"]
+    return stored_mixtures(mixtures_dir, label, clean_files, noise_snippets, data["validation_mixtures"],
+                           validation_seconds(recipe), MixingSpec.from_recipe(data), data["seed"], data["silence_dbfs"])

@@ -35,7 +35,7 @@ from workbench.model.unet import TwoStageUNet, count_parameters, get_config
 from workbench.noise.library import NoiseLibrary
 from workbench.progress import Progress, no_progress
 from workbench.recipes import load_recipe, recipe_digest, validation_seconds
-from workbench.train.data import MixingSpec, Mixtures, TrainingExamples, stored_mixtures
+from workbench.train.data import MixingSpec, Mixtures, TrainingExamples, recipe_validation_mixtures
 from workbench.train.distributed import (
     Distributed,
     init_distributed,
@@ -128,12 +128,6 @@ def _recipe(workspace: Workspace, recipe_ref: str | Path, steps: int | None, noi
     return load_recipe(recipe_ref, workspace, overrides=overrides or None)
 
 
-def _validation_mixtures(workspace: Workspace, recipe: dict, clean: list, noise: list) -> Mixtures:
-    data = recipe["data"]
-    return stored_mixtures(workspace.mixtures_dir, "validation", clean, noise, data["validation_mixtures"],
-                           validation_seconds(recipe), MixingSpec.from_recipe(data), data["seed"], data["silence_dbfs"])
-
-
 def _prepare_data(workspace: Workspace, recipe: dict, dist: Distributed, progress: Progress) -> _Data:
     """Rank 0 writes what is written once (the synthetic corpus, the validation mixtures); then every rank
     reads the same data."""
@@ -143,12 +137,13 @@ def _prepare_data(workspace: Workspace, recipe: dict, dist: Distributed, progres
     if dist.is_main:
         corpus_files(workspace, "train", data["corpora"], progress)
         progress("validation mixtures", 0, 1)
-        _validation_mixtures(workspace, recipe, corpus_files(workspace, "validation", data["corpora"]), validation_noise)
+        recipe_validation_mixtures(recipe, workspace.mixtures_dir, "validation",
+                                   corpus_files(workspace, "validation", data["corpora"]), validation_noise)
         progress("validation mixtures", 1, 1)
     dist.barrier()
     train_clean = corpus_files(workspace, "train", data["corpora"])
     validation_clean = corpus_files(workspace, "validation", data["corpora"])
-    validation = _validation_mixtures(workspace, recipe, validation_clean, validation_noise)
+    validation = recipe_validation_mixtures(recipe, workspace.mixtures_dir, "validation", validation_clean, validation_noise)
     examples = TrainingExamples(train_clean, train_noise, round(data["segment_seconds"] * MODEL_SAMPLE_RATE),
                                 MixingSpec.from_recipe(data), data["seed"], data["silence_dbfs"])
     return _Data(train_noise, validation_noise, train_clean, validation_clean, validation, examples)

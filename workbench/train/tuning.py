@@ -25,6 +25,12 @@ Several workers (processes, GPUs, hosts) share a study in PostgreSQL: each start
 study is short of its target, waits for its peers' last trials (the heartbeat, every 30 s with a 120 s
 grace unless WORKBENCH_HEARTBEAT_S / WORKBENCH_HEARTBEAT_GRACE_S say otherwise, fails those of a dead
 worker and a live one retries them), and what must happen once per study is done under `study_lock`.
+
+The fine-tuning study itself (`open_plan_study`, `tune`, `trial_objective`) runs a plan of
+`workbench.finetune`: each trial trains the base (`train_with_params`) on the machine's train noise and
+reports validation ΔSNR on its fixed validation mixtures (`validation_mixtures`) to the pruner, as a
+nested MLflow run under the study's run (`study_run`). Only Optuna's public API is used: another
+process's trial is failed through the public storage API of the storage `open_storage` opened.
 """
 
 from __future__ import annotations
@@ -56,8 +62,8 @@ from workbench.audio.dsp import MODEL_SAMPLE_RATE
 from workbench.errors import WorkbenchError
 from workbench.evaluate.report import BASELINE_ATTR
 from workbench.progress import Progress, no_progress
-from workbench.recipes import DEFAULTS, apply_overrides, validation_seconds
-from workbench.train.data import MixingSpec, Mixtures, TrainingExamples, stored_mixtures
+from workbench.recipes import DEFAULTS, apply_overrides
+from workbench.train.data import MixingSpec, Mixtures, TrainingExamples, recipe_validation_mixtures
 from workbench.train.loop import PARAMETER_GROUPS, Schedule, read_state, train, validate
 
 if TYPE_CHECKING:  # the plan is finetune's, and finetune imports this module
@@ -628,10 +634,8 @@ STUDY_KEY_ATTR = "workbench_key"  # the study's own id: names its training folde
 
 def validation_mixtures(plan: Plan) -> Mixtures:
     """The machine's fixed validation mixtures (the recipe's mixing, never a trial's), built once."""
-    data = plan.recipe["data"]
-    return stored_mixtures(plan.workspace.mixtures_dir, f"validation-{plan.device.id}", plan.clean["validation"],
-                           plan.noise["validation"], data["validation_mixtures"], validation_seconds(plan.recipe),
-                           MixingSpec.from_recipe(data), data["seed"], data["silence_dbfs"])
+    return recipe_validation_mixtures(plan.recipe, plan.workspace.mixtures_dir, f"validation-{plan.device.id}",
+                                      plan.clean["validation"], plan.noise["validation"])
 
 
 def trial_schedule(plan: Plan, params: dict):
