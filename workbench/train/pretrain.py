@@ -108,6 +108,7 @@ def _find_resumable(workspace: Workspace, recipe_name: str) -> Path:
             return run_dir
     raise WorkbenchError(f"no interrupted pretrain run of recipe {recipe_name!r} in {workspace.runs_dir} to resume")
 
+
 @dataclass
 class _Data:
     """The run's data, the same on every rank: noise and music per split, the stored validation mixtures
@@ -122,6 +123,7 @@ class _Data:
 
 
 def _recipe(workspace: Workspace, recipe_ref: str | Path, steps: int | None, noise_devices: list[str] | None) -> dict:
+    """The recipe with the command's overrides (its step count, its noise machines)."""
     overrides = {"schedule.steps": steps} if steps else {}
     if noise_devices:
         overrides["data.devices"] = list(noise_devices)
@@ -190,11 +192,11 @@ class _MainRank:
             mlflow.set_tags({"workbench.kind": "pretrain", "recipe": recipe["name"],
                              "recipe.digest": recipe_digest(recipe), "model.size": config.size,
                              "model.parameters": str(count_parameters(config)), "run_dir": str(self.run_dir)})
-            self.lineage = tracking.log_lineage(self.workspace, {"training": data.train_noise, "validation": data.validation_noise},
-                                                {"training": data.train_clean, "validation": data.validation_clean},
-                                                extra={"validation_mixtures": {"key": data.validation.key,
-                                                                               "path": str(data.validation.path),
-                                                                               "count": len(data.validation)}})
+            self.lineage = tracking.log_lineage(
+                self.workspace, {"training": data.train_noise, "validation": data.validation_noise},
+                {"training": data.train_clean, "validation": data.validation_clean},
+                extra={"validation_mixtures": {"key": data.validation.key, "path": str(data.validation.path),
+                                               "count": len(data.validation)}})
             yield self
 
     def register(self, model: TwoStageUNet, result, alias: str | None) -> tuple[int, Path, str]:
