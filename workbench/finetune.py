@@ -412,14 +412,7 @@ def _register(plan: Plan, study, info: dict, best, model, result, lineage: dict,
     from workbench import tracking
     from workbench.evaluate.report import write_report
     from workbench.model.checkpoint import save_checkpoint
-    from workbench.model_registry import (
-        CHAMPION,
-        TAG_GATE,
-        TAG_PROMOTED,
-        TAG_REPORT,
-        delta_peaq_tag,
-        delta_snr_tag,
-    )
+    from workbench.model_registry import CHAMPION, TAG_GATE, TAG_PROMOTED, TAG_REPORT, delta_peaq_tag, delta_snr_tag
     from workbench.recipes import recipe_digest
     from workbench.train.tuning import describe_storage, worker_identity
 
