@@ -57,7 +57,8 @@ def main() -> int:
     from scipy import stats
 
     from workbench import tracking
-    from workbench.finetune import BASE_MODEL, FINE_TUNED, evaluate_models, make_plan
+    from workbench.evaluate.device_eval import BASE_MODEL, FINE_TUNED, evaluate_models
+    from workbench.finetune import make_plan
     from workbench.model.checkpoint import load_checkpoint
     from workbench.workspace import Workspace
 

@@ -90,8 +90,8 @@ def measure(workspace, machine: str, recipe: str, general_devices: list[str], sp
     """Fine-tune (a fresh study), train the equal-compute control, pretrain the specialist (unless told
     not to: it costs a whole pretraining), score them all."""
     from workbench import tracking
-    from workbench.finetune import (BASE_MODEL, FINE_TUNED, SPECTRAL_GATING, evaluate_models, finetune_device,
-                                    make_plan)
+    from workbench.evaluate.device_eval import BASE_MODEL, FINE_TUNED, SPECTRAL_GATING, evaluate_models
+    from workbench.finetune import finetune_device, make_plan
     from workbench.model.checkpoint import load_checkpoint
     from workbench.train.pretrain import pretrain
 
@@ -139,13 +139,13 @@ def measure(workspace, machine: str, recipe: str, general_devices: list[str], sp
 def train_control(plan, params: dict, general_devices: list[str], run_dir: Path):
     """The equal-compute rival: the base trained with the fine-tuned model's best trial settings, on the
     general model's train noise (`general_devices`) instead of the machine's; its best validation step kept."""
-    from workbench.finetune import _validation_mixtures, train_with_params  # the study's own data and loop
     from workbench.train.loop import BEST_FILE, load_weights
     from workbench.train.pretrain import select_noise
+    from workbench.train.tuning import train_with_params, validation_mixtures  # the study's own data and loop
 
     general = dataclasses.replace(plan, noise={**plan.noise, "train": select_noise(plan.workspace, general_devices, [], "train")})
     _, model = train_with_params(general, params, run_dir, base_model=plan.base_model,
-                                 validation=_validation_mixtures(plan), progress=lambda *a, **k: None, stage="control")
+                                 validation=validation_mixtures(plan), progress=lambda *a, **k: None, stage="control")
     load_weights(model, run_dir / BEST_FILE)
     return model.eval()
 
@@ -168,7 +168,7 @@ def main() -> int:
         parser.error(f"unknown variant(s) {', '.join(unknown)}; known: {', '.join(VARIANTS)}")
 
     from workbench.demo import fine_tuned_device, general_model_devices
-    from workbench.finetune import BASE_MODEL, FINE_TUNED, SPECTRAL_GATING
+    from workbench.evaluate.device_eval import BASE_MODEL, FINE_TUNED, SPECTRAL_GATING
 
     workspace, manifest, _ = build_up_to_general_model(args.folder, args.recipe)
     target = fine_tuned_device(manifest)

@@ -1,6 +1,6 @@
 """`workbench denoise`: streaming chunked inference, exact lengths, strength, provenance and refusals.
 
-Tolerance of chunking (stated in workbench/denoise.py and checked here): with an identity or linear
+Tolerance of chunking (stated in workbench/model/overlap_add.py and checked here): with an identity or linear
 process of support shorter than the context, chunked output equals whole-signal output to float
 rounding (1e-6). With a real U-Net (tiny, fixed seed, random weights, so nothing is smoothed away by
 training) on grid-aligned chunks, the only difference is the finite context at the seams: it must stay
@@ -18,18 +18,17 @@ import soundfile as sf
 import torch
 
 from workbench.audio.io import audio_info, read_audio, sha256_file, write_audio
-from workbench.denoise import (
+from workbench.denoise import denoise_stream, strength_from_reduction_db
+from workbench.errors import WorkbenchError
+from workbench.model.checkpoint import save_checkpoint
+from workbench.model.overlap_add import (
     ChunkPlan,
     OverlapAdd,
     crossfade_ramp,
-    denoise_stream,
     model_grid_frames,
     model_process,
     process_whole,
-    strength_from_reduction_db,
 )
-from workbench.errors import WorkbenchError
-from workbench.model.checkpoint import save_checkpoint
 from workbench.model.unet import SIZES, TwoStageUNet
 
 SEAM_TOLERANCE = 1e-3  # max |chunked - whole| / rms(whole) for the tiny U-Net
@@ -302,7 +301,7 @@ def test_folders_expand_to_their_audio_and_keep_their_layout(tmp_path):
 
 
 def test_denoise_samples_is_what_the_command_runs_at_44k(tmp_path, tiny_model):
-    from workbench.denoise import denoise_samples
+    from workbench.model.overlap_add import denoise_samples
 
     samples = _tones(44_100, 20_000, channels=1)[0]
     source, target = tmp_path / "in.wav", tmp_path / "out.wav"

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from workbench.audio.io import read_audio, write_audio
-from workbench.denoise import ChunkPlan, OverlapAdd, chunk_batch, denoise_samples, model_grid_frames, model_process
+from workbench.model.overlap_add import ChunkPlan, OverlapAdd, chunk_batch, denoise_samples, model_grid_frames, model_process
 from workbench.model.checkpoint import save_checkpoint
 from workbench.model.unet import SIZES, TwoStageUNet
 

@@ -143,9 +143,9 @@ def test_corpus_add_refuses_a_music_file_with_nan(workspace, cli, tmp_path):
 
 
 def test_training_and_evaluation_never_see_a_non_finite_value(tmp_path):
+    from workbench.audio.crops import read_crop
     from workbench.evaluate.evaluate import evaluate_methods
     from workbench.evaluate.fragments import FragmentSet
-    from workbench.train.data import read_crop
 
     class Source:  # what the corpus and the noise library hand the data loader
         path = tmp_path / "snippet.wav"

@@ -18,11 +18,11 @@ import soundfile as sf
 from scipy import stats
 
 from workbench.evaluate.baselines import NOISY_INPUT, noisy_input
+from workbench.evaluate.device_eval import BASE_MODEL, CHAMPION_METHOD, FINE_TUNED, promotion_decision
 from workbench.evaluate.evaluate import POOLED, EvaluationResult, evaluate_methods
 from workbench.evaluate.fragments import FragmentSet, evaluation_settings
 from workbench.evaluate.metrics import hum_residual, mean_ci, paired_ci
 from workbench.evaluate.report import pooled_paired, write_report
-from workbench.finetune import BASE_MODEL, CHAMPION_METHOD, FINE_TUNED, promotion_decision
 
 SR = 44100
 SNRS = [10.0, 16.0]

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from workbench.train.mixing import mix_at_snr, sample_gain_db, sample_snr_db, snr_db
+from workbench.audio.mixing import mix_at_snr, sample_gain_db, sample_snr_db, snr_db
 
 
 @pytest.mark.parametrize("target_snr", [6.0, 10.0, 16.0, 32.0])

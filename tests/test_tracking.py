@@ -95,7 +95,7 @@ def test_a_run_logs_recipe_metrics_system_and_datasets(tiny_archive):
 def test_register_alias_fetch_and_pyfunc_predict(tiny_archive, checkpoint, tmp_path, capfd):
     import mlflow
 
-    from workbench.denoise import ChunkPlan, process_whole
+    from workbench.model.overlap_add import ChunkPlan, process_whole
     from workbench.model.stft import HOP
     from workbench.model.unet import denoise_waveform
 

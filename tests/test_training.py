@@ -12,11 +12,11 @@ import pytest
 import torch
 
 from conftest import tiny_recipe
+from workbench.audio.crops import loop_with_crossfades
 from workbench.audio.io import sha256_file, write_audio
 from workbench.errors import WorkbenchError
 from workbench.recipes import apply_overrides, load_recipe, recipe_params
-from workbench.train.data import (MixingSpec, StepBatches, TrainingExamples, loop_with_crossfades, stored_mixtures,
-                                  training_batches)
+from workbench.train.data import MixingSpec, StepBatches, TrainingExamples, stored_mixtures, training_batches
 from workbench.train.loop import (PARAMETER_GROUPS, Schedule, _optimizer_from_flat, _optimizer_to_flat,
                                   learning_rate_at, parameter_group, read_state, train)
 
@@ -331,7 +331,7 @@ def test_pretrain_learns_is_tracked_registers_and_the_registered_model_denoises_
     predicted = mlflow.pyfunc.load_model(report["model_uri"]).predict(mixture["noisy"])
     assert np.abs(predicted - restored).max() < 1e-4
     # ... and better than the weights training started from (the recipe's seed makes them again).
-    from workbench.denoise import ChunkPlan, process_whole
+    from workbench.model.overlap_add import ChunkPlan, process_whole
     from workbench.model.stft import HOP
     from workbench.model.unet import SIZES, TwoStageUNet, denoise_waveform
 

@@ -11,9 +11,12 @@ import re
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from workbench.errors import WorkbenchError
-from workbench.workspace import Workspace
+
+if TYPE_CHECKING:  # annotations only: workspace.py imports this module (init_workspace writes devices)
+    from workbench.workspace import Workspace
 
 KNOWN_FORMATS = ('1/4" reel', '1/2" reel', '1" reel', '2" reel', "cassette", "microcassette")
 DEVICE_ID = re.compile(r"^[a-z0-9]+(?:-[a-z0-9]+)*$")
@@ -154,7 +157,7 @@ def device_to_toml(device: Device) -> str:
 
 def write_device(workspace: Workspace, device: Device, replace: bool = False) -> Path:
     """Validate and write `device`; refuses to overwrite an existing entry unless `replace`."""
-    from workbench.audio.io import atomic_write_text
+    from workbench.audio.io import atomic_write_text  # audio.io loads numpy and soundfile; `--help` must not
 
     validate_device(device)
     path = device_path(workspace, device.id)

@@ -8,7 +8,7 @@ file and JSON sidecar, logged as the model's artifacts "weights" and "config".
     restored = model.predict(waveform)   # (T,) or (C, T) float numpy at 44.1 kHz -> same shape
 
 Each channel is denoised on its own, in the same crossfaded chunks as `workbench denoise`
-(`workbench.denoise.denoise_samples`), so any length works and the output has exactly the input's shape.
+(`workbench.model.overlap_add.denoise_samples`), so any length works and the output has exactly the input's shape.
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ class TapeDenoiserModel(mlflow.pyfunc.PythonModel):
         self.model, self.info = load_checkpoint(context.artifacts["weights"], device=device)
 
     def predict(self, context, model_input, params=None):
-        from workbench.denoise import denoise_samples
+        from workbench.model.overlap_add import denoise_samples
 
         samples = np.asarray(model_input, dtype=np.float32)
         if samples.ndim not in (1, 2) or samples.shape[-1] == 0:

@@ -13,6 +13,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from workbench.devices import research_devices, write_device
 from workbench.errors import WorkbenchError
 
 PACKAGE_ROOT = Path(__file__).resolve().parent
@@ -106,8 +107,6 @@ REGISTRY_GITIGNORE = PACKAGE_ROOT.parent / "registry" / ".gitignore"
 
 def init_workspace(root: Path, with_research_devices: bool = True) -> Workspace:
     """Create a fresh workspace at `root`, optionally pre-filled with the research data set's machines."""
-    from workbench.devices import research_devices, write_device
-
     root = Path(root).expanduser().resolve()
     if is_workspace(root):
         raise WorkbenchError(f"{root}: already a workspace")

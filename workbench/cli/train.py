@@ -127,7 +127,7 @@ def pretrain_command(
     if int(os.environ.get("RANK", "0")) != 0:
         return
     if as_json:
-        print_json(result.as_dict())
+        print_json(result.to_dict())
         return
     best, start = result.best, result.initial
     console.print(f"trained {result.step} steps ({result.stopped}, {result.steps_per_s:.2f} steps/s"

@@ -36,7 +36,7 @@ def spectral_gating(noise_reference: np.ndarray, sample_rate: int = MODEL_SAMPLE
     assert noise_reference.ndim == 1 and noise_reference.size > 0, noise_reference.shape
 
     def gate(noisy: np.ndarray, gains: np.ndarray | None = None) -> np.ndarray:
-        import noisereduce
+        import noisereduce  # heavy (it loads scipy and more): only spectral gating pays for it
 
         noisy = np.asarray(noisy, dtype=np.float32)
         rows = noisy.reshape(-1, noisy.shape[-1])

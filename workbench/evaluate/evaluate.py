@@ -140,6 +140,7 @@ def _to_db(psd: np.ndarray) -> np.ndarray:
 def _welch(x: np.ndarray, sample_rate: int) -> tuple[np.ndarray, np.ndarray]:
     """Mean Welch PSD over the rows of x (N, T), with the noise profile's segment (Hann, 50 % overlap),
     so residual spectra and the device's noise profile are read on the same frequency grid."""
+    # scipy submodules load slowly: only their callers pay.
     from scipy.signal import welch
 
     segment = min(int(round(PSD_SEGMENT_SECONDS * sample_rate)), x.shape[-1])

@@ -19,18 +19,17 @@ import shutil
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
+import torch
 
+from workbench.audio.crops import AudioSource, Crops
 from workbench.audio.dsp import MODEL_SAMPLE_RATE
 from workbench.audio.io import atomic_write_json, read_audio, write_audio
+from workbench.audio.mixing import mix_at_snr, noise_gain_for_snr
 from workbench.devices import format_speed
 from workbench.errors import WorkbenchError
 from workbench.progress import Progress, no_progress
-
-if TYPE_CHECKING:  # a corpus file or a noise-library snippet: path, sha256, frames (and sample_rate)
-    from workbench.train.data import AudioSource
 
 PROTOCOL_VERSION = 2
 MANIFEST = "manifest.json"
@@ -73,10 +72,6 @@ class FragmentSet:
         """The fragments mixed with their noise at exactly `snr_db` (Eq. 1, gain 0 dB): (N, T) float32."""
         key = float(snr_db)
         if key not in self._noisy_cache:
-            import torch
-
-            from workbench.train.mixing import mix_at_snr
-
             noisy, _ = mix_at_snr(torch.from_numpy(self.clean), torch.from_numpy(self.noise), key, 0.0)
             self._noisy_cache[key] = noisy.numpy()
         return self._noisy_cache[key]
@@ -87,10 +82,6 @@ class FragmentSet:
         A noise reference recorded on the same machine at the same gain as a transfer carries its noise at
         the transfer's level; scaling the reference by these factors plays that for the fixed fragments.
         """
-        import torch
-
-        from workbench.train.mixing import noise_gain_for_snr
-
         return noise_gain_for_snr(torch.from_numpy(self.clean), torch.from_numpy(self.noise), float(snr_db)).numpy()
 
 
@@ -110,19 +101,17 @@ def build_fragments(clean_files: Sequence[AudioSource], noise_snippets: Sequence
                     progress: Progress = no_progress) -> tuple[np.ndarray, np.ndarray, list[dict]]:
     """Draw `count` fragments: (clean (N, T), noise (N, T), one provenance dict per fragment).
 
-    The crops are the training data's own (`TrainingExamples.clean_crop` / `noise_crop`: length-weighted
+    The crops are the training data's own (`workbench.audio.crops.Crops`: length-weighted
     choice, near-silent music drawn again, short snippets looped with equal-power crossfades), driven by
     one generator seeded here, so the set is a pure function of the sources and the seed.
     """
-    from workbench.train.data import MixingSpec, TrainingExamples
-
     assert count > 0 and seconds > 0, (count, seconds)
     if not clean_files:
         raise WorkbenchError("no clean test music to build evaluation fragments from")
     if not noise_snippets:
         raise WorkbenchError("no test noise to build evaluation fragments from")
     frames = int(round(seconds * MODEL_SAMPLE_RATE))
-    crops = TrainingExamples(clean_files, noise_snippets, frames, MixingSpec(), seed, silence_dbfs)
+    crops = Crops(clean_files, noise_snippets, frames, silence_dbfs)
     rng = np.random.default_rng([int(seed), PROTOCOL_VERSION])
     clean = np.zeros((count, frames), dtype=np.float32)
     noise = np.zeros((count, frames), dtype=np.float32)

@@ -94,6 +94,7 @@ def interval_lies_above(ci_low: float, n: int, threshold: float) -> bool:
 
 def mean_ci(values, confidence: float = 0.95) -> Summary:
     """Mean and `confidence` interval of the mean; one value gives a zero-width interval."""
+    # scipy submodules load slowly: only their callers pay.
     from scipy import stats
 
     values = np.asarray(values, dtype=np.float64).ravel()
@@ -150,6 +151,7 @@ class HumResidual:
 
 def _band_powers(x: np.ndarray, sample_rate: int, centres: list[float], half_band_hz: float) -> np.ndarray:
     """Power of x (rows averaged) within ±half_band_hz of each centre, from a long-segment Welch PSD."""
+    # scipy submodules load slowly: only their callers pay.
     from scipy.signal import welch
 
     x = np.atleast_2d(np.asarray(x, dtype=np.float64))

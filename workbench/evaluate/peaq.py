@@ -142,6 +142,7 @@ def _tables(level_db: float = PLAYBACK_LEVEL_DB_SPL) -> _Tables:
     # each FFT bin k stands for [k − ½, k + ½]·df; a band gets the overlapping share of it
     df = SAMPLE_RATE / FRAME
     overlap = np.minimum(upper_hz[None, :], f[:, None] + df / 2) - np.maximum(lower_hz[None, :], f[:, None] - df / 2)
+    # scipy submodules load slowly: only their callers pay.
     from scipy.sparse import csr_matrix
 
     # sparse (about two bands per bin): a dense product would hand a tiny job to a multi-threaded BLAS
@@ -442,6 +443,7 @@ def _average(channels: list[dict], warm_up: int) -> dict[str, float]:
         movs["ADBB"] = float(np.log10(frame_steps[distorted].sum() / distorted.sum()))
     else:
         movs["ADBB"] = -0.5
+    # scipy submodules load slowly: only their callers pay.
     from scipy.signal import lfilter
 
     filtered = lfilter([0.1], [1.0, -0.9], frame_probability)  # first-order smoothing, c0 = 0.9

@@ -22,6 +22,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
+import soundfile as sf
 
 from workbench.audio.io import atomic_write_json, atomic_write_text
 from workbench.evaluate.baselines import NOISY_INPUT
@@ -47,6 +48,7 @@ class ReportFiles:
 # ---------------------------------------------------------------- plots (matplotlib, no pyplot state)
 
 def _figure(width: float, height: float):
+    # matplotlib is heavy (≈0.5 s): only a report with figures loads it.
     from matplotlib.figure import Figure
 
     return Figure(figsize=(width, height), dpi=100, layout="constrained")
@@ -104,7 +106,7 @@ def plot_residual_spectra(result: EvaluationResult, label: str, snr: float) -> s
 
 def plot_spectrograms(example: dict, methods: list[str], sample_rate: int) -> str:
     """Spectrograms of one fragment: noisy, each method's estimate, clean, on one colour scale."""
-    from scipy.signal import stft
+    from scipy.signal import stft  # scipy submodules load slowly: only their callers pay
 
     panels = [("noisy input", example["noisy"])] + [(m, example[m]) for m in methods if m in example and m != NOISY_INPUT]
     panels.append(("clean", example["clean"]))
@@ -193,7 +195,7 @@ def plot_importances(importances: dict[str, float]) -> str:
 
 def study_summary(study) -> dict:
     """An Optuna study's trials, best trial and parameter importances as plain data."""
-    import optuna
+    import optuna  # heavy: only the study's summary needs it, not every report reader
 
     trials = []
     for trial in study.get_trials(deepcopy=False):
@@ -307,8 +309,6 @@ def _hum_table(rows: list[dict], label: str, snr: float) -> str:
 
 
 def _flac_base64(audio: np.ndarray, sample_rate: int) -> str:
-    import soundfile as sf
-
     buffer = io.BytesIO()
     sf.write(buffer, np.clip(audio, -1.0, 1.0), sample_rate, format="FLAC", subtype="PCM_16")
     return base64.b64encode(buffer.getvalue()).decode("ascii")

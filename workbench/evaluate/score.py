@@ -13,19 +13,18 @@ from pathlib import Path
 
 import numpy as np
 
+from workbench.audio.io import AUDIO_SUFFIXES, audio_info, read_audio
 from workbench.errors import WorkbenchError
+from workbench.evaluate.metrics import si_sdr_db, snr_db
+from workbench.evaluate.peaq import peaq
 from workbench.progress import Progress, no_progress
 
 
 def _audio_files(folder: Path) -> list[Path]:
-    from workbench.audio.io import AUDIO_SUFFIXES
-
     return sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in AUDIO_SUFFIXES)
 
 
 def _counterpart(reference: Path, reference_root: Path, test_root: Path) -> Path:
-    from workbench.audio.io import AUDIO_SUFFIXES
-
     relative = reference.relative_to(reference_root)
     folder = test_root / relative.parent
     stems = {relative.stem, relative.stem + ".denoised"}
@@ -59,8 +58,6 @@ def find_pairs(reference: Path, test: Path) -> list[tuple[Path, Path]]:
 
 def check_pair(reference: Path, test: Path) -> None:
     """Raise a one-line WorkbenchError naming the file if this pair cannot be scored."""
-    from workbench.audio.io import audio_info
-
     ref, tst = audio_info(reference), audio_info(test)
     if ref.sample_rate != tst.sample_rate:
         raise WorkbenchError(f"{test}: sample rate {tst.sample_rate} Hz, but its reference {reference} has "
@@ -77,9 +74,6 @@ def check_pair(reference: Path, test: Path) -> None:
 
 def score_pair(reference: Path, test: Path, *, with_peaq: bool = True) -> dict:
     """SNR and SI-SDR (all channels together) and, unless `with_peaq` is false, PEAQ of one checked pair."""
-    from workbench.audio.io import read_audio
-    from workbench.evaluate.metrics import si_sdr_db, snr_db
-
     check_pair(reference, test)
     ref, sample_rate = read_audio(reference)
     tst, _ = read_audio(test)
@@ -91,8 +85,6 @@ def score_pair(reference: Path, test: Path, *, with_peaq: bool = True) -> dict:
            "snr_db": float(snr_db(ref.reshape(-1), tst.reshape(-1))),
            "si_sdr_db": float(si_sdr_db(ref.reshape(-1), tst.reshape(-1)))}
     if with_peaq:
-        from workbench.evaluate.peaq import peaq
-
         try:
             result = peaq(ref, tst, sample_rate)
         except WorkbenchError as error:

@@ -17,7 +17,10 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
 
+import workbench
 from workbench.audio.io import atomic_path, atomic_write_json, sha256_file
 from workbench.errors import WorkbenchError
 from workbench.model.stft import SAMPLE_RATE, STFT_PARAMS
@@ -42,8 +45,6 @@ def weights_path_for(path: Path) -> Path:
 
 def describe(model: TwoStageUNet, lineage: dict | None = None) -> dict:
     """The JSON sidecar's content, less the weights file's name and hash."""
-    import workbench
-
     return {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
@@ -63,8 +64,6 @@ def describe(model: TwoStageUNet, lineage: dict | None = None) -> dict:
 
 def save_checkpoint(path: Path, model: TwoStageUNet, lineage: dict | None = None) -> None:
     """Write `path` (.safetensors) and its `.json` sidecar, each atomically (weights first)."""
-    from safetensors.torch import save_file
-
     path = Path(path)
     assert path.suffix == ".safetensors", f"checkpoint weights go in a .safetensors file, not {path.name}"
     info = describe(model, lineage)
@@ -94,8 +93,6 @@ def _read_sidecar(weights: Path) -> dict | None:
 def read_checkpoint_info(path: Path) -> dict:
     """A checkpoint's config (its JSON sidecar, else its safetensors header) without loading or hashing
     the weights: cheap enough to plan work (e.g. learn the size) before anything heavy runs."""
-    from safetensors import SafetensorError, safe_open
-
     weights = weights_path_for(path)
     if not weights.is_file():
         raise WorkbenchError(f"checkpoint {weights} does not exist")
@@ -140,8 +137,6 @@ def mismatch_message(expected: dict[str, tuple], found: dict[str, tuple]) -> str
 
 def load_checkpoint(path: Path, device: str | torch.device = "cpu") -> tuple[TwoStageUNet, dict]:
     """Load a checkpoint written by `save_checkpoint`: (model in eval mode on `device`, its JSON config)."""
-    from safetensors import SafetensorError, safe_open
-
     weights = weights_path_for(path)
     info = read_checkpoint_info(weights)
     if info.get("weights_sha256") and sha256_file(weights) != info["weights_sha256"]:

@@ -26,7 +26,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from workbench.audio.io import same_file, sha256_file
 from workbench.errors import WorkbenchError
+from workbench.model.checkpoint import config_path_for, mismatch_message, save_checkpoint
+from workbench.model.tf_checkpoint import FLOAT_DTYPES, TensorBundle
 from workbench.model.unet import SIZES, ModelConfig, TwoStageUNet
 from workbench.progress import Progress, no_progress
 
@@ -128,10 +131,6 @@ def import_keras_checkpoint(index_path: Path, out: Path, config: ModelConfig | N
     size (the published model). Refuses (WorkbenchError, nothing written) if any variable is missing,
     left over or mis-shaped, or if a file is corrupt. Returns a summary for the CLI.
     """
-    from workbench.audio.io import same_file, sha256_file
-    from workbench.model.checkpoint import config_path_for, mismatch_message, save_checkpoint
-    from workbench.model.tf_checkpoint import FLOAT_DTYPES, TensorBundle
-
     config = config or SIZES["paper"]
     out = Path(out)
     if out.suffix != ".safetensors":

@@ -46,6 +46,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from workbench.errors import WorkbenchError
 from workbench.model.stft import FREQ_BINS, analysis, synthesis
 
 FREQ_EMBEDDINGS = 10
@@ -95,8 +96,6 @@ SIZES: dict[str, ModelConfig] = {
 
 
 def get_config(size: str) -> ModelConfig:
-    from workbench.errors import WorkbenchError
-
     if size not in SIZES:
         raise WorkbenchError(f"unknown model size {size!r}; known sizes: {', '.join(SIZES)}")
     return SIZES[size]

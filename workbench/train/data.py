@@ -10,7 +10,7 @@ and gain for Eq. 1. Step s of a run with batch size B uses examples s·B .. s·B
 - with DDP, rank r of W takes its slice of the same global batch: W processes see the batches one would.
 
 Loading happens in DataLoader workers (numpy + soundfile); mixing happens on the training device with
-`workbench.train.mixing.mix_at_snr`. Validation (and test) mixtures are built the same way from the
+`workbench.audio.mixing.mix_at_snr`. Validation (and test) mixtures are built the same way from the
 held-out splits, mixed once, and stored in `registry/mixtures/` under a digest of everything that made
 them, so every model trained on the same selection is scored on the very same audio.
 """
@@ -19,32 +19,22 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import signal
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import numpy as np
-import soundfile as sf
 import torch
+from safetensors.torch import load_file, save_file
 
-from workbench.audio.dsp import MODEL_SAMPLE_RATE, resample
-from workbench.audio.io import atomic_path, atomic_write_json, check_finite
-from workbench.errors import WorkbenchError
-from workbench.train.mixing import mix_at_snr, sample_gain_db, sample_snr_db
-
-CROSSFADE_SECONDS = 0.1  # loop seam of short noise snippets
-SILENT_CROP_RETRIES = 50
-
-
-class AudioSource(Protocol):
-    """What a crop needs to know about a file: a corpus file or a noise-library snippet."""
-
-    path: Path
-    sha256: str
-    frames: int
+from workbench.audio.crops import AudioSource, Crops
+from workbench.audio.dsp import MODEL_SAMPLE_RATE
+from workbench.audio.io import atomic_path, atomic_write_json
+from workbench.audio.mixing import mix_at_snr, sample_gain_db, sample_snr_db
+from workbench.model.allocator import worker_init
+from workbench.recipes import validation_seconds
 
 
 @dataclass(frozen=True)
@@ -63,111 +53,18 @@ class MixingSpec:
         return cls(snr["distribution"], float(snr["low"]), float(snr["high"]), float(gain["low"]), float(gain["high"]))
 
 
-def _sample_rate(source: AudioSource) -> int:
-    return int(getattr(source, "sample_rate", MODEL_SAMPLE_RATE))
-
-
-def _model_frames(source: AudioSource) -> int:
-    """The source's length in frames at the model's 44.1 kHz rate."""
-    rate = _sample_rate(source)
-    return source.frames if rate == MODEL_SAMPLE_RATE else source.frames * MODEL_SAMPLE_RATE // rate
-
-
-def read_crop(source: AudioSource, start: int, frames: int) -> np.ndarray:
-    """`frames` mono float32 samples at 44.1 kHz from `start` (in 44.1 kHz frames); channels averaged."""
-    rate = _sample_rate(source)
-    if rate == MODEL_SAMPLE_RATE:
-        first, count = start, frames
-    else:  # read a little more at the file's rate, resample, and cut the exact span
-        first = max(0, start * rate // MODEL_SAMPLE_RATE - 64)
-        count = frames * rate // MODEL_SAMPLE_RATE + 192
-    try:
-        block = sf.read(str(source.path), frames=count, start=first, dtype="float32", always_2d=True)[0]
-    except (sf.LibsndfileError, RuntimeError) as error:
-        raise WorkbenchError(f"{source.path}: unreadable while cropping ({error})") from None
-    check_finite(block.T, source.path, rate, first)  # a NaN in a crop would reach the loss or a metric
-    mono = block.mean(axis=1, dtype=np.float32) if block.shape[1] > 1 else block[:, 0]
-    if rate != MODEL_SAMPLE_RATE:
-        mono = np.pad(mono, (0, count - mono.shape[0]))  # the margin may run past the end of the file
-        mono = resample(mono, rate, MODEL_SAMPLE_RATE)
-        offset = start - first * MODEL_SAMPLE_RATE // rate
-        mono = mono[offset:offset + frames]
-    if mono.shape[0] < frames:
-        raise WorkbenchError(f"{source.path}: shorter than its registered length ({mono.shape[0]} < {frames} frames at {start})")
-    return np.ascontiguousarray(mono[:frames])
-
-
-def loop_with_crossfades(noise: np.ndarray, frames: int, crossfade: int) -> np.ndarray:
-    """Repeat `noise` to `frames` samples, each seam an equal-power crossfade of `crossfade` samples.
-
-    Equal-power (sin/cos) fades keep the level constant across a seam for uncorrelated noise, so a looped
-    snippet has the same power as the original throughout.
-    """
-    n = noise.shape[0]
-    if n >= frames:
-        return noise[:frames]
-    crossfade = max(1, min(crossfade, n // 2))
-    ramp = (np.arange(crossfade, dtype=np.float64) + 0.5) / crossfade
-    fade_in, fade_out = np.sin(0.5 * np.pi * ramp), np.cos(0.5 * np.pi * ramp)
-    out = noise.astype(np.float64)
-    while out.shape[0] < frames:
-        seam = out[-crossfade:] * fade_out + noise[:crossfade] * fade_in
-        out = np.concatenate([out[:-crossfade], seam, noise[crossfade:]])
-    return out[:frames].astype(np.float32)
-
-
-def _weighted_choice(rng: np.random.Generator, cumulative: np.ndarray) -> int:
-    return int(np.searchsorted(cumulative, rng.random() * cumulative[-1], side="right"))
-
-
-class TrainingExamples(torch.utils.data.Dataset):
-    """Example i = (clean crop, noise crop, SNR dB, gain dB), a pure function of (seed, i).
-
-    Clean files are drawn with probability proportional to their length (files shorter than a segment
-    are skipped); noise snippets likewise by length, and each crop starts uniformly at random.
-    """
+class TrainingExamples(Crops, torch.utils.data.Dataset):
+    """Example i = (clean crop, noise crop, SNR dB, gain dB), a pure function of (seed, i); the crops are
+    `workbench.audio.crops.Crops`'s, drawn with a generator seeded by (seed, i)."""
 
     def __init__(self, clean_files: Sequence[AudioSource], noise_snippets: Sequence[AudioSource],
                  segment_frames: int, mixing: MixingSpec, seed: int, silence_dbfs: float = -50.0):
-        self.clean_files = [f for f in clean_files if _model_frames(f) >= segment_frames]
-        if not self.clean_files:
-            longest = max((_model_frames(f) for f in clean_files), default=0) / MODEL_SAMPLE_RATE
-            raise WorkbenchError(f"no clean file is as long as a {segment_frames / MODEL_SAMPLE_RATE:g} s segment "
-                                 f"(longest: {longest:.2f} s of {len(clean_files)} files)")
-        if not noise_snippets:
-            raise WorkbenchError("no noise snippets selected")
-        self.noise_snippets = list(noise_snippets)
-        self.segment_frames = int(segment_frames)
+        super().__init__(clean_files, noise_snippets, segment_frames, silence_dbfs)
         self.mixing = mixing
         self.seed = int(seed)
-        self.silence_rms = 10.0 ** (silence_dbfs / 20.0)
-        self.clean_cumulative = np.cumsum([_model_frames(f) - segment_frames + 1 for f in self.clean_files], dtype=np.float64)
-        self.noise_cumulative = np.cumsum([_model_frames(s) for s in self.noise_snippets], dtype=np.float64)
 
     def __len__(self) -> int:  # examples are endless; the sampler decides which indices are used
         return 2**62
-
-    def clean_crop(self, rng: np.random.Generator) -> tuple[np.ndarray, dict]:
-        for _ in range(SILENT_CROP_RETRIES):
-            source = self.clean_files[_weighted_choice(rng, self.clean_cumulative)]
-            start = int(rng.integers(0, _model_frames(source) - self.segment_frames + 1))
-            crop = read_crop(source, start, self.segment_frames)
-            if math.sqrt(float(np.mean(np.square(crop, dtype=np.float64)))) > self.silence_rms:
-                return crop, {"sha256": source.sha256, "start": start}
-        raise WorkbenchError(f"{SILENT_CROP_RETRIES} random crops of the clean corpus were all near-silent "
-                             f"(below {20 * math.log10(self.silence_rms):.0f} dBFS); is it music?")
-
-    def noise_crop(self, rng: np.random.Generator) -> tuple[np.ndarray, dict]:
-        snippet = self.noise_snippets[_weighted_choice(rng, self.noise_cumulative)]
-        length = _model_frames(snippet)
-        if length >= self.segment_frames:
-            start = int(rng.integers(0, length - self.segment_frames + 1))
-            return read_crop(snippet, start, self.segment_frames), {"sha256": snippet.sha256, "start": start}
-        # Short snippet: loop it with crossfades and start at a random phase of the loop.
-        start = int(rng.integers(0, length))
-        looped = loop_with_crossfades(read_crop(snippet, 0, length), self.segment_frames + start,
-                                      int(CROSSFADE_SECONDS * MODEL_SAMPLE_RATE))
-        return np.ascontiguousarray(looped[start:]), {"sha256": snippet.sha256, "start": start, "looped": True}
 
     def example(self, index: int) -> tuple[dict[str, Any], dict]:
         rng = np.random.default_rng([self.seed, int(index)])
@@ -213,8 +110,6 @@ def training_batches(examples: TrainingExamples, start_step: int, steps: int, ba
 
 
 def _start_worker(worker_id: int) -> None:
-    from workbench.model.allocator import worker_init
-
     worker_init(worker_id)  # a spawned worker starts with glibc's defaults (a forked one is set already)
     _ignore_ctrl_c(worker_id)
 
@@ -270,8 +165,6 @@ def stored_mixtures(mixtures_dir: Path, label: str, clean_files: Sequence[AudioS
     The key digests the clean files and noise snippets (their contents), the count, length, mixing
     choices and seed: the same selection always gives the same file, a different one a new file.
     """
-    from safetensors.torch import load_file, save_file
-
     key, spec = mixtures_key(clean_files, noise_snippets, count, seconds, mixing, seed, silence_dbfs)
     path = Path(mixtures_dir) / f"{label}-{key}.safetensors"
     if path.is_file():
@@ -289,3 +182,12 @@ def stored_mixtures(mixtures_dir: Path, label: str, clean_files: Sequence[AudioS
     with atomic_path(path) as temporary:
         save_file(tensors, str(temporary), metadata={"label": label, "key": key})
     return Mixtures(tensors["noisy"], tensors["clean"], tensors["snr_db"], tensors["gain_db"], key, path)
+
+
+def recipe_validation_mixtures(recipe: dict, mixtures_dir: Path, label: str, clean_files: Sequence[AudioSource],
+                               noise_snippets: Sequence[AudioSource]) -> Mixtures:
+    """The recipe's fixed validation mixtures of these sources (its [data] count, length, mixing, seed and
+    silence threshold, never a trial's), built once and stored: pretraining's and each study's."""
+    data = recipe["data"]
+    return stored_mixtures(mixtures_dir, label, clean_files, noise_snippets, data["validation_mixtures"],
+                           validation_seconds(recipe), MixingSpec.from_recipe(data), data["seed"], data["silence_dbfs"])

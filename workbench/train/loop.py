@@ -20,7 +20,6 @@ holds the best weights so far.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import random
@@ -28,16 +27,18 @@ import signal
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, safe_open, save_file
 
 from workbench.audio.io import atomic_path, atomic_write_json
 from workbench.errors import WorkbenchError
+from workbench.evaluate.metrics import snr_db
 from workbench.model.stft import analysis, synthesis
 from workbench.model.unet import TwoStageUNet, denoising_loss
 from workbench.progress import Progress, no_progress
@@ -211,7 +212,9 @@ def read_state(run_dir: Path) -> tuple[dict[str, torch.Tensor], dict] | None:
         with safe_open(str(path), framework="pt") as handle:
             document = json.loads(handle.metadata()["state"])
         return load_file(str(path)), document
-    except Exception as error:  # a damaged state must be named, not crash the resume obscurely
+    # A damaged state must be named, not crash the resume obscurely: a torn or foreign file (SafetensorError,
+    # OSError), bad or missing metadata (ValueError for JSON, KeyError, TypeError for none at all).
+    except (SafetensorError, OSError, ValueError, KeyError, TypeError, RuntimeError) as error:
         raise WorkbenchError(f"{path}: unreadable training state ({type(error).__name__}: {error})") from None
 
 
@@ -233,8 +236,6 @@ def validate(model: TwoStageUNet, mixtures: Mixtures, device: torch.device, dist
     With DDP each rank scores every world_size-th mixture and the sums are combined, so all ranks get the
     same numbers.
     """
-    from workbench.evaluate.metrics import snr_db
-
     was_training = model.training
     model.eval()
     indices = list(range(dist.rank, len(mixtures), dist.world_size))

@@ -9,7 +9,8 @@
 4. Train with the shared loop (`loop.train`), logging metrics per step; resumable from `registry/runs/`.
 5. Save the best weights as a checkpoint and register it as a new version of `tape-denoiser-general`.
 
-Under `torchrun` every process runs this function; rank 0 alone writes files and talks to MLflow.
+Under `torchrun` every process runs this function; rank 0 alone writes files and talks to MLflow (what it
+alone does is `_MainRank`'s).
 """
 
 from __future__ import annotations
@@ -17,16 +18,30 @@ from __future__ import annotations
 import contextlib
 import datetime as _dt
 import json
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
+from workbench import tracking
+from workbench.audio.dsp import MODEL_SAMPLE_RATE
 from workbench.audio.io import atomic_write_json
+from workbench.corpus import corpus_files
 from workbench.devices import format_speed, get_device
 from workbench.errors import WorkbenchError
+from workbench.model.checkpoint import save_checkpoint
+from workbench.model.unet import TwoStageUNet, count_parameters, get_config
+from workbench.noise.library import NoiseLibrary
 from workbench.progress import Progress, no_progress
 from workbench.recipes import load_recipe, recipe_digest, validation_seconds
+from workbench.train.data import MixingSpec, Mixtures, TrainingExamples, recipe_validation_mixtures
+from workbench.train.distributed import (
+    Distributed,
+    init_distributed,
+    shutdown_distributed,
+)
+from workbench.train.loop import Schedule, load_weights, train
 from workbench.workspace import Workspace
 
 RUN_FILE = "run.json"
@@ -54,7 +69,7 @@ class PretrainResult:
         """The validation before any training (step 0) when this run started fresh."""
         return self.history[0] if self.history and self.history[0]["step"] == 0 else None
 
-    def as_dict(self) -> dict:
+    def to_dict(self) -> dict:
         return {"run_id": self.run_id, "version": self.version, "model_uri": self.model_uri,
                 "checkpoint": str(self.checkpoint) if self.checkpoint else None, "run_dir": str(self.run_dir),
                 "step": self.step, "stopped": self.stopped, "steps_per_s": round(self.steps_per_s, 4),
@@ -64,8 +79,6 @@ class PretrainResult:
 
 def select_noise(workspace: Workspace, devices: list[str], speeds: list[float], split: str) -> list:
     """The noise library's snippets of `split` for the chosen devices and speeds (all when the lists are empty)."""
-    from workbench.noise.library import NoiseLibrary
-
     library = NoiseLibrary(workspace)
     for device_id in devices:
         get_device(workspace, device_id)  # unknown device: one clear line
@@ -96,6 +109,138 @@ def _find_resumable(workspace: Workspace, recipe_name: str) -> Path:
     raise WorkbenchError(f"no interrupted pretrain run of recipe {recipe_name!r} in {workspace.runs_dir} to resume")
 
 
+@dataclass
+class _Data:
+    """The run's data, the same on every rank: noise and music per split, the stored validation mixtures
+    and the training examples."""
+
+    train_noise: list
+    validation_noise: list
+    train_clean: list
+    validation_clean: list
+    validation: Mixtures
+    examples: TrainingExamples
+
+
+def _recipe(workspace: Workspace, recipe_ref: str | Path, steps: int | None, noise_devices: list[str] | None) -> dict:
+    """The recipe with the command's overrides (its step count, its noise machines)."""
+    overrides = {"schedule.steps": steps} if steps else {}
+    if noise_devices:
+        overrides["data.devices"] = list(noise_devices)
+    return load_recipe(recipe_ref, workspace, overrides=overrides or None)
+
+
+def _prepare_data(workspace: Workspace, recipe: dict, dist: Distributed, progress: Progress) -> _Data:
+    """Rank 0 writes what is written once (the synthetic corpus, the validation mixtures); then every rank
+    reads the same data."""
+    data = recipe["data"]
+    train_noise = select_noise(workspace, data["devices"], data["speeds"], "train")
+    validation_noise = select_noise(workspace, data["devices"], data["speeds"], "validation")
+    if dist.is_main:
+        corpus_files(workspace, "train", data["corpora"], progress)
+        progress("validation mixtures", 0, 1)
+        recipe_validation_mixtures(recipe, workspace.mixtures_dir, "validation",
+                                   corpus_files(workspace, "validation", data["corpora"]), validation_noise)
+        progress("validation mixtures", 1, 1)
+    dist.barrier()
+    train_clean = corpus_files(workspace, "train", data["corpora"])
+    validation_clean = corpus_files(workspace, "validation", data["corpora"])
+    validation = recipe_validation_mixtures(recipe, workspace.mixtures_dir, "validation", validation_clean, validation_noise)
+    examples = TrainingExamples(train_clean, train_noise, round(data["segment_seconds"] * MODEL_SAMPLE_RATE),
+                                MixingSpec.from_recipe(data), data["seed"], data["silence_dbfs"])
+    return _Data(train_noise, validation_noise, train_clean, validation_clean, validation, examples)
+
+
+def _run_dir(workspace: Workspace, recipe: dict, dist: Distributed, resume: bool) -> tuple[Path, dict]:
+    """The run directory (rank 0 decides, every rank gets it) and, when resuming, its run record."""
+    if resume:
+        chosen = str(_find_resumable(workspace, recipe["name"])) if dist.is_main else None
+    else:
+        stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S-%f")
+        chosen = str(workspace.runs_dir / f"pretrain-{recipe['name']}-{stamp}") if dist.is_main else None
+    run_dir = Path(dist.broadcast(chosen))
+    return run_dir, json.loads((run_dir / RUN_FILE).read_text()) if resume else {}
+
+
+@dataclass
+class _MainRank:
+    """What rank 0 alone does: the MLflow run with the recipe, system and data lineage, then the best
+    weights saved as a checkpoint and registered as a version of the general model."""
+
+    workspace: Workspace
+    recipe: dict
+    run_dir: Path
+    data: _Data
+    run_id: str | None = None
+    lineage: dict = field(default_factory=dict)
+
+    @contextlib.contextmanager
+    def run(self, run_info: dict, resume: bool, device: str, world_size: int, config) -> Iterator[_MainRank]:
+        """The MLflow run (reopened when resuming) with everything the run is made of logged into it."""
+        import mlflow  # heavy (≈1.4 s): only rank 0 of a training process loads it
+
+        recipe, data = self.recipe, self.data
+        with tracking.start_run(EXPERIMENT, run_name=f"pretrain {recipe['name']}", run_id=run_info.get("run_id"),
+                                workspace=self.workspace) as run:
+            self.run_id = run.info.run_id
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            if not resume:
+                atomic_write_json(self.run_dir / RUN_FILE, {"run_id": self.run_id, "recipe": recipe, "started": _dt.datetime.now(
+                    _dt.timezone.utc).isoformat(timespec="seconds"), "finished": False})
+            tracking.log_recipe(recipe)
+            tracking.log_system_info(device, world_size)
+            mlflow.set_tags({"workbench.kind": "pretrain", "recipe": recipe["name"],
+                             "recipe.digest": recipe_digest(recipe), "model.size": config.size,
+                             "model.parameters": str(count_parameters(config)), "run_dir": str(self.run_dir)})
+            self.lineage = tracking.log_lineage(
+                self.workspace, {"training": data.train_noise, "validation": data.validation_noise},
+                {"training": data.train_clean, "validation": data.validation_clean},
+                extra={"validation_mixtures": {"key": data.validation.key, "path": str(data.validation.path),
+                                               "count": len(data.validation)}})
+            yield self
+
+    def register(self, model: TwoStageUNet, result, alias: str | None) -> tuple[int, Path, str]:
+        """Save the best weights as a checkpoint, register it (tags, description), move `alias` to it and
+        mark the run finished; returns (version, checkpoint, model URI)."""
+        import mlflow  # heavy: see `run`
+
+        recipe, lineage, validation = self.recipe, self.lineage, self.data.validation
+        load_weights(model, result.best_weights)
+        checkpoint = self.run_dir / CHECKPOINT_NAME
+        model_lineage = {"kind": "pretrain", "recipe": recipe["name"], "recipe_digest": recipe_digest(recipe),
+                         "mlflow_run_id": self.run_id, "steps": result.step, "best_step": result.best["step"],
+                         "noise_digest": lineage["noise"]["training"]["digest"],
+                         "corpus_digest": lineage["corpus"]["training"]["digest"],
+                         "devices": lineage["noise"]["training"]["devices"],
+                         "validation": {k: result.best[k] for k in ("val_loss", "val_delta_snr_db", "val_input_snr_db")}}
+        save_checkpoint(checkpoint, model.cpu(), model_lineage)
+        best, size = result.best, model.config.size
+        mlflow.log_metrics({"best_val_loss": best["val_loss"], "best_val_delta_snr_db": best["val_delta_snr_db"],
+                            "best_step": best["step"]})
+        description = (
+            f"General tape-noise model from `workbench pretrain --recipe {recipe['name']}` "
+            f"({size} size, {result.step} steps, stopped: {result.stopped}). Validation at step "
+            f"{best['step']} on {len(validation)} fixed mixtures ({validation_seconds(recipe):g} s, input SNR "
+            f"{best['val_input_snr_db']:.1f} dB on average): ΔSNR {best['val_delta_snr_db']:+.2f} dB, loss "
+            f"{best['val_loss']:.4f}. Noise: {', '.join(lineage['noise']['training']['devices'])} "
+            f"(digest {lineage['noise']['training']['digest']}); clean corpus digest "
+            f"{lineage['corpus']['training']['digest']}.")
+        tags = {"kind": "pretrain", "recipe": recipe["name"], "size": size, "steps": result.step,
+                "best_step": best["step"], "val_loss": f"{best['val_loss']:.6f}",
+                "val_delta_snr_db": f"{best['val_delta_snr_db']:.3f}",
+                "devices": ",".join(lineage["noise"]["training"]["devices"]),
+                "noise_digest": lineage["noise"]["training"]["digest"],
+                "corpus_digest": lineage["corpus"]["training"]["digest"], "run_id": self.run_id}
+        version = tracking.register_checkpoint(checkpoint, tracking.GENERAL_MODEL, tags=tags,
+                                               description=description, workspace=self.workspace)
+        if alias:
+            tracking.set_alias(tracking.GENERAL_MODEL, alias, version, self.workspace)
+        uri = tracking.model_uri(tracking.GENERAL_MODEL, version)
+        info = json.loads((self.run_dir / RUN_FILE).read_text())
+        atomic_write_json(self.run_dir / RUN_FILE, {**info, "finished": True, "version": version, "model_uri": uri})
+        return version, checkpoint, uri
+
+
 def pretrain(workspace: Workspace, recipe_ref: str | Path, *, resume: bool = False, steps: int | None = None,
              device: str | None = None, num_workers: int | None = None, alias: str | None = None,
              noise_devices: list[str] | None = None, progress: Progress = no_progress) -> PretrainResult:
@@ -106,130 +251,37 @@ def pretrain(workspace: Workspace, recipe_ref: str | Path, *, resume: bool = Fal
     Ctrl-C (or SIGTERM) saves the state and raises KeyboardInterrupt; `resume=True` continues the last
     unfinished run of the recipe exactly, in the same MLflow run.
     """
-    from workbench import tracking
-    from workbench.corpus import corpus_files
-    from workbench.model.checkpoint import save_checkpoint
-    from workbench.model.unet import TwoStageUNet, count_parameters, get_config
-    from workbench.train.data import MixingSpec, TrainingExamples, stored_mixtures
-    from workbench.train.distributed import init_distributed, shutdown_distributed
-    from workbench.train.loop import Schedule, load_weights, train
-
-    overrides = {"schedule.steps": steps} if steps else {}
-    if noise_devices:
-        overrides["data.devices"] = list(noise_devices)
-    recipe = load_recipe(recipe_ref, workspace, overrides=overrides or None)
+    # 1. The recipe and the torch device; under torchrun, this process's rank.
+    recipe = _recipe(workspace, recipe_ref, steps, noise_devices)
     device = device or default_device()
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise WorkbenchError("--device cuda: no CUDA GPU is available here (use --device cpu)")
     dist = init_distributed(device)
     if dist.enabled and device == "cuda":
         device = f"cuda:{dist.local_rank}"
-    data = recipe["data"]
     try:
-        # The data: rank 0 prepares what is written once (synthetic corpus, validation mixtures) first.
-        mixing = MixingSpec.from_recipe(data)
-        segment_frames = round(data["segment_seconds"] * 44_100)
-        train_noise = select_noise(workspace, data["devices"], data["speeds"], "train")
-        validation_noise = select_noise(workspace, data["devices"], data["speeds"], "validation")
-        if dist.is_main:
-            corpus_files(workspace, "train", data["corpora"], progress)
-        dist.barrier()
-        train_clean = corpus_files(workspace, "train", data["corpora"])
-        validation_clean = corpus_files(workspace, "validation", data["corpora"])
-        if dist.is_main:
-            progress("validation mixtures", 0, 1)
-            validation = stored_mixtures(workspace.mixtures_dir, "validation", validation_clean, validation_noise,
-                                         data["validation_mixtures"], validation_seconds(recipe), mixing,
-                                         data["seed"], data["silence_dbfs"])
-            progress("validation mixtures", 1, 1)
-        dist.barrier()
-        validation = stored_mixtures(workspace.mixtures_dir, "validation", validation_clean, validation_noise,
-                                     data["validation_mixtures"], validation_seconds(recipe), mixing,
-                                     data["seed"], data["silence_dbfs"])
-        examples = TrainingExamples(train_clean, train_noise, segment_frames, mixing, data["seed"], data["silence_dbfs"])
-
-        # The run directory (rank 0 decides) and, when resuming, the MLflow run it belongs to.
-        if resume:
-            run_dir = dist.broadcast(str(_find_resumable(workspace, recipe["name"])) if dist.is_main else None)
-        else:
-            stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S-%f")
-            run_dir = dist.broadcast(str(workspace.runs_dir / f"pretrain-{recipe['name']}-{stamp}") if dist.is_main else None)
-        run_dir = Path(run_dir)
-        run_info = json.loads((run_dir / RUN_FILE).read_text()) if resume else {}
-
-        torch.manual_seed(data["seed"])  # the same initial weights on every rank and every fresh run
-        config = get_config(recipe["model"]["size"])
-        model = TwoStageUNet(config)
-        schedule = Schedule.from_recipe(recipe)
-
-        tracked = tracking.start_run(EXPERIMENT, run_name=f"pretrain {recipe['name']}", run_id=run_info.get("run_id"),
-                                     workspace=workspace) if dist.is_main else contextlib.nullcontext()
-        with tracked as run:
-            run_id = run.info.run_id if run else None
-            lineage = {}
-            if dist.is_main:
-                run_dir.mkdir(parents=True, exist_ok=True)
-                if not resume:
-                    atomic_write_json(run_dir / RUN_FILE, {"run_id": run_id, "recipe": recipe, "started": _dt.datetime.now(
-                        _dt.timezone.utc).isoformat(timespec="seconds"), "finished": False})
-                tracking.log_recipe(recipe)
-                tracking.log_system_info(device, dist.world_size)
-                import mlflow
-
-                mlflow.set_tags({"workbench.kind": "pretrain", "recipe": recipe["name"],
-                                 "recipe.digest": recipe_digest(recipe), "model.size": config.size,
-                                 "model.parameters": str(count_parameters(config)), "run_dir": str(run_dir)})
-                lineage = tracking.log_lineage(workspace, {"training": train_noise, "validation": validation_noise},
-                                               {"training": train_clean, "validation": validation_clean},
-                                               extra={"validation_mixtures": {"key": validation.key,
-                                                                              "path": str(validation.path),
-                                                                              "count": len(validation)}})
-
-            result = train(model, schedule, examples, validation, run_dir, device=device, resume=resume,
-                           num_workers=data["num_workers"] if num_workers is None else num_workers, dist=dist,
-                           progress=progress, log_metrics=tracking.log_metrics if dist.is_main else None,
+        # 2. The data, written once by rank 0 and read by every rank.
+        data = _prepare_data(workspace, recipe, dist, progress)
+        # 3. The run directory and, when resuming, the MLflow run it belongs to.
+        run_dir, run_info = _run_dir(workspace, recipe, dist, resume)
+        # 4. The network: the same initial weights on every rank and every fresh run.
+        torch.manual_seed(recipe["data"]["seed"])
+        model = TwoStageUNet(get_config(recipe["model"]["size"]))
+        # 5. Train, rank 0 logging into the MLflow run; 6. rank 0 saves and registers the best weights.
+        main = _MainRank(workspace, recipe, run_dir, data) if dist.is_main else None
+        version = checkpoint = uri = None
+        with main.run(run_info, resume, device, dist.world_size, model.config) if main else contextlib.nullcontext():
+            result = train(model, Schedule.from_recipe(recipe), data.examples, data.validation, run_dir, device=device,
+                           resume=resume, num_workers=recipe["data"]["num_workers"] if num_workers is None else num_workers,
+                           dist=dist, progress=progress, log_metrics=tracking.log_metrics if main else None,
                            validate_at_start=not resume, stage=f"pretrain {recipe['name']}")
-
-            version = checkpoint = uri = None
-            if dist.is_main:
-                load_weights(model, result.best_weights)
-                checkpoint = run_dir / CHECKPOINT_NAME
-                model_lineage = {"kind": "pretrain", "recipe": recipe["name"], "recipe_digest": recipe_digest(recipe),
-                                 "mlflow_run_id": run_id, "steps": result.step, "best_step": result.best["step"],
-                                 "noise_digest": lineage["noise"]["training"]["digest"],
-                                 "corpus_digest": lineage["corpus"]["training"]["digest"],
-                                 "devices": lineage["noise"]["training"]["devices"],
-                                 "validation": {k: result.best[k] for k in ("val_loss", "val_delta_snr_db", "val_input_snr_db")}}
-                save_checkpoint(checkpoint, model.cpu(), model_lineage)
-                best = result.best
-                mlflow.log_metrics({"best_val_loss": best["val_loss"], "best_val_delta_snr_db": best["val_delta_snr_db"],
-                                    "best_step": best["step"]})
-                description = (
-                    f"General tape-noise model from `workbench pretrain --recipe {recipe['name']}` "
-                    f"({config.size} size, {result.step} steps, stopped: {result.stopped}). Validation at step "
-                    f"{best['step']} on {len(validation)} fixed mixtures ({validation_seconds(recipe):g} s, input SNR "
-                    f"{best['val_input_snr_db']:.1f} dB on average): ΔSNR {best['val_delta_snr_db']:+.2f} dB, loss "
-                    f"{best['val_loss']:.4f}. Noise: {', '.join(lineage['noise']['training']['devices'])} "
-                    f"(digest {lineage['noise']['training']['digest']}); clean corpus digest "
-                    f"{lineage['corpus']['training']['digest']}.")
-                tags = {"kind": "pretrain", "recipe": recipe["name"], "size": config.size, "steps": result.step,
-                        "best_step": best["step"], "val_loss": f"{best['val_loss']:.6f}",
-                        "val_delta_snr_db": f"{best['val_delta_snr_db']:.3f}",
-                        "devices": ",".join(lineage["noise"]["training"]["devices"]),
-                        "noise_digest": lineage["noise"]["training"]["digest"],
-                        "corpus_digest": lineage["corpus"]["training"]["digest"], "run_id": run_id}
-                version = tracking.register_checkpoint(checkpoint, tracking.GENERAL_MODEL, tags=tags,
-                                                       description=description, workspace=workspace)
-                if alias:
-                    tracking.set_alias(tracking.GENERAL_MODEL, alias, version, workspace)
-                uri = tracking.model_uri(tracking.GENERAL_MODEL, version)
-                info = json.loads((run_dir / RUN_FILE).read_text())
-                atomic_write_json(run_dir / RUN_FILE, {**info, "finished": True, "version": version, "model_uri": uri})
+            if main:
+                version, checkpoint, uri = main.register(model, result, alias)
             dist.barrier()
     finally:
         shutdown_distributed(dist)
-    return PretrainResult(run_id, version, uri, checkpoint, run_dir, result.step, result.stopped, result.history,
-                          result.best, result.steps_per_s, recipe["name"], lineage)
+    return PretrainResult(main.run_id if main else None, version, uri, checkpoint, run_dir, result.step, result.stopped,
+                          result.history, result.best, result.steps_per_s, recipe["name"], main.lineage if main else {})
 
 
 def register_checkpoint_file(workspace: Workspace, checkpoint: Path, *, name: str, alias: str | None = None,

@@ -25,26 +25,49 @@ Several workers (processes, GPUs, hosts) share a study in PostgreSQL: each start
 study is short of its target, waits for its peers' last trials (the heartbeat, every 30 s with a 120 s
 grace unless WORKBENCH_HEARTBEAT_S / WORKBENCH_HEARTBEAT_GRACE_S say otherwise, fails those of a dead
 worker and a live one retries them), and what must happen once per study is done under `study_lock`.
+
+The fine-tuning study itself (`open_plan_study`, `tune`, `trial_objective`) runs a plan of
+`workbench.finetune`: each trial trains the base (`train_with_params`) on the machine's train noise and
+reports validation ΔSNR on its fixed validation mixtures (`validation_mixtures`) to the pruner, as a
+nested MLflow run under the study's run (`study_run`). Only Optuna's public API is used: another
+process's trial is failed through the public storage API of the storage `open_storage` opened.
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
+import fcntl
+import hashlib
+import inspect
+import json
 import math
 import os
 import re
 import socket
 import time
+import uuid
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import optuna
+from optuna.storages.journal import JournalFileBackend
 from optuna.trial import TrialState
 
+from workbench import tracking
+from workbench.audio.dsp import MODEL_SAMPLE_RATE
 from workbench.errors import WorkbenchError
+from workbench.evaluate.report import BASELINE_ATTR
+from workbench.progress import Progress, no_progress
+from workbench.recipes import DEFAULTS, apply_overrides
+from workbench.train.data import MixingSpec, Mixtures, TrainingExamples, recipe_validation_mixtures
+from workbench.train.loop import PARAMETER_GROUPS, Schedule, read_state, train, validate
+
+if TYPE_CHECKING:  # the plan is finetune's, and finetune imports this module
+    from workbench.finetune import Plan
 
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
 DIMENSION_TYPES = ("float", "int", "categorical")
@@ -116,8 +139,6 @@ def _flatten_search(table: dict, prefix: str = "") -> dict[str, dict]:
 
 def _check_target(name: str, source: str) -> None:
     """A searched key must name something a trial can change."""
-    from workbench.recipes import DEFAULTS
-
     section, _, rest = name.partition(".")
     if section == "finetune":
         if rest not in FINETUNE_KEYS:
@@ -183,8 +204,6 @@ def search_space(recipe: dict) -> list[Dimension]:
 
 def freeze_groups(value: str | list, where: str = "finetune.freeze") -> tuple[str, ...]:
     """"encoders+bottlenecks" (or a list, or "none") as a tuple of the loop's parameter group names."""
-    from workbench.train.loop import PARAMETER_GROUPS
-
     if isinstance(value, str):
         names = [] if value.strip() in ("", FREEZE_NONE) else [v.strip() for v in value.split("+")]
     else:
@@ -255,8 +274,6 @@ def finetune_settings(recipe: dict) -> FinetuneSettings:
 
 def make_pruner(spec: dict, source: str = "recipe") -> optuna.pruners.BasePruner:
     """Optuna's MedianPruner or HyperbandPruner (or none) with the recipe's arguments."""
-    import inspect
-
     kind = spec.get("type", "median")
     if kind == "none":
         return optuna.pruners.NopPruner()
@@ -284,8 +301,6 @@ def trial_overrides(params: dict[str, Any]) -> tuple[dict[str, Any], dict[str, A
 
 @contextlib.contextmanager
 def _file_lock(path: Path):
-    import fcntl
-
     with open(path, "w") as handle:
         fcntl.flock(handle, fcntl.LOCK_EX)
         try:
@@ -318,10 +333,9 @@ def heartbeat_settings() -> tuple[int, int]:
     return interval, grace
 
 
-def has_heartbeat(study: optuna.Study) -> bool:
-    """Whether the study's storage fails the trials of silent workers (database storages do)."""
-    getter = getattr(study._storage, "get_heartbeat_interval", None)
-    return getter is not None and getter() is not None
+def has_heartbeat(storage: optuna.storages.BaseStorage) -> bool:
+    """Whether the storage fails the trials of silent workers (`open_storage`'s database storages do)."""
+    return isinstance(storage, optuna.storages.RDBStorage) and storage.get_heartbeat_interval() is not None
 
 
 @contextlib.contextmanager
@@ -332,10 +346,8 @@ def study_lock(url: str, study_name: str):
     For what must happen once per study although every worker may try: creating its MLflow run,
     registering its model. Other database storages get no lock (nothing is shared there yet).
     """
-    import hashlib
-
     if url.startswith("postgresql"):
-        import sqlalchemy
+        import sqlalchemy  # database storages only: a journal or SQLite study never loads SQLAlchemy here
 
         key = int.from_bytes(hashlib.sha256(f"workbench-study:{study_name}".encode()).digest()[:8], "big", signed=True)
         engine = sqlalchemy.create_engine(url, poolclass=sqlalchemy.pool.NullPool)
@@ -370,8 +382,6 @@ def open_storage(url: str) -> optuna.storages.BaseStorage:
     """
     shown = describe_storage(url)
     if url.startswith("journal:"):
-        from optuna.storages.journal import JournalFileBackend
-
         path = Path(url[len("journal:"):]).expanduser()
         if not path.parent.is_dir():
             raise WorkbenchError(f"{shown}: cannot open Optuna journal (folder {path.parent} does not exist)")
@@ -389,7 +399,7 @@ def open_storage(url: str) -> optuna.storages.BaseStorage:
         # Several processes creating a fresh SQLite store at once collide in its schema migration: the
         # first creates it under an exclusive lock, the others wait and find the tables there.
         lock = _file_lock(database.with_name(database.name + ".lock"))
-    import sqlalchemy.exc
+    import sqlalchemy.exc  # database storages only: journal studies never load SQLAlchemy
 
     interval, grace = heartbeat_settings()
     try:
@@ -474,17 +484,19 @@ def root_trial_number(trial: optuna.trial.FrozenTrial) -> int:
     return int(retried) if retried is not None else trial.number
 
 
-def recover_abandoned_trials(study: optuna.Study) -> list[int]:
+def recover_abandoned_trials(study: optuna.Study, storage: optuna.storages.BaseStorage) -> list[int]:
     """Fail the RUNNING trials of dead processes on this host and re-enqueue interrupted trials once.
 
-    Returns the numbers of the trials enqueued again.
+    `storage` is the study's own (`open_storage`): another process's trial is marked through Optuna's
+    public storage API, by study name and trial number. Returns the numbers of the trials enqueued again.
     """
     trials = study.get_trials(deepcopy=False)
-    storage = study._storage
+    study_id = storage.get_study_id_from_name(study.study_name)
     for trial in trials:
         if trial.state == TrialState.RUNNING and not _is_alive(trial.user_attrs.get(WORKER_ATTR, {})):
-            storage.set_trial_user_attr(trial._trial_id, INTERRUPTED_ATTR, "process died")
-            storage.set_trial_state_values(trial._trial_id, TrialState.FAIL)
+            trial_id = storage.get_trial_id_from_study_id_trial_number(study_id, trial.number)
+            storage.set_trial_user_attr(trial_id, INTERRUPTED_ATTR, "process died")
+            storage.set_trial_state_values(trial_id, TrialState.FAIL)
     trials = study.get_trials(deepcopy=False)
     retried = {int(t.user_attrs[RETRY_OF_ATTR]) for t in trials if RETRY_OF_ATTR in t.user_attrs}
     retried |= {n for t in trials if (n := _heartbeat_retry_of(t)) is not None}
@@ -517,9 +529,6 @@ def study_identity(*, base: str, recipe: str, noise: str, corpus: str) -> dict[s
 
 def identity_digest(identity: dict[str, str]) -> str:
     """A short name for an identity (part of the study's name): the same inputs always give the same one."""
-    import hashlib
-    import json
-
     return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:10]
 
 
@@ -537,9 +546,11 @@ def check_identity(study: optuna.Study, identity: dict[str, str], storage_url: s
                              "that study or give another --storage to start a new one")
 
 
-def open_study(name: str, storage_url: str, *, seed: int, pruner: optuna.pruners.BasePruner) -> optuna.Study:
-    """Create or join the study `name` (maximising validation ΔSNR) with a seeded TPE sampler."""
-    storage = open_storage(storage_url)
+def open_study(name: str, storage_url: str, *, seed: int, pruner: optuna.pruners.BasePruner,
+               storage: optuna.storages.BaseStorage | None = None) -> optuna.Study:
+    """Create or join the study `name` (maximising validation ΔSNR) with a seeded TPE sampler, in the
+    storage at `storage_url` (or `storage`, the one `open_storage` already opened there)."""
+    storage = storage or open_storage(storage_url)
     sampler = optuna.samplers.TPESampler(seed=seed, multivariate=True, constant_liar=True, n_startup_trials=4)
     try:
         study = optuna.create_study(study_name=name, storage=storage, sampler=sampler, pruner=pruner,
@@ -553,8 +564,15 @@ def finished_trials(study: optuna.Study) -> int:
     return len(study.get_trials(deepcopy=False, states=FINISHED))
 
 
-def run_study(study: optuna.Study, objective: Callable[[optuna.Trial], float], *, trials: int,
-              timeout_s: float | None = None, callbacks: list | None = None) -> None:
+def running_trial(study: optuna.Study, number: int) -> optuna.trial.FrozenTrial:
+    """The stored record of a trial this process runs (its user and retry attributes as the storage has them)."""
+    found = [t for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)) if t.number == number]
+    assert len(found) == 1, f"trial {number} of {study.study_name} is not running"
+    return found[0]
+
+
+def run_study(study: optuna.Study, storage: optuna.storages.BaseStorage, objective: Callable[[optuna.Trial], float], *,
+              trials: int, timeout_s: float | None = None, callbacks: list | None = None) -> None:
     """Run trials until the study holds `trials` finished ones (all workers together) or time runs out.
 
     With heartbeats (database storages) a worker starts a trial only while the finished and running
@@ -562,11 +580,11 @@ def run_study(study: optuna.Study, objective: Callable[[optuna.Trial], float], *
     one with nothing left to start waits for its peers' running trials. When a peer dies, the heartbeat
     fails its trial and enqueues a retry, which a waiting worker then runs. So every worker returns when
     the study is complete (or its time is up), and all of them have seen the same trials.
-    `callbacks` are Optuna's (called with the study and each finished trial)."""
-
-    recover_abandoned_trials(study)
+    `storage` is the study's (`open_storage`); `callbacks` are Optuna's (called with the study and each
+    finished trial)."""
+    recover_abandoned_trials(study, storage)
     deadline = None if timeout_s is None else time.monotonic() + timeout_s
-    heartbeat = has_heartbeat(study)
+    heartbeat = has_heartbeat(storage)
     # Without heartbeats a dead peer's RUNNING trial would be waited for forever: count finished ones only.
     counted = (*FINISHED, TrialState.RUNNING) if heartbeat else FINISHED
 
@@ -577,10 +595,8 @@ def run_study(study: optuna.Study, objective: Callable[[optuna.Trial], float], *
         except KeyboardInterrupt:
             trial.set_user_attr(INTERRUPTED_ATTR, "Ctrl-C")
             raise
-        except Exception as error:
-            from workbench.tracking import unreachable_server
-
-            if unreachable_server(error) is not None:  # not the trial's fault: the next run retries it
+        except Exception as error:  # any failure of the trial is re-raised; only its cause is recorded here
+            if tracking.unreachable_server(error) is not None:  # not the trial's fault: the next run retries it
                 trial.set_user_attr(INTERRUPTED_ATTR, "tracking server unreachable")
             raise
 
@@ -605,3 +621,160 @@ def run_study(study: optuna.Study, objective: Callable[[optuna.Trial], float], *
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
             optuna.storages.fail_stale_trials(study)
+
+
+# ------------------------------------------------------------------------------------------ the fine-tuning study
+# One study per plan (`workbench.finetune.make_plan`): its trials train the base on the machine's train
+# noise and are scored on its fixed validation mixtures; each trial is a nested MLflow run under the
+# study's run.
+
+STUDY_RUN_ATTR = "mlflow_run_id"  # the study's MLflow run (a study attr), and each trial's (a trial attr)
+STUDY_KEY_ATTR = "workbench_key"  # the study's own id: names its training folders
+
+
+def validation_mixtures(plan: Plan) -> Mixtures:
+    """The machine's fixed validation mixtures (the recipe's mixing, never a trial's), built once."""
+    return recipe_validation_mixtures(plan.recipe, plan.workspace.mixtures_dir, f"validation-{plan.device.id}",
+                                      plan.clean["validation"], plan.noise["validation"])
+
+
+def trial_schedule(plan: Plan, params: dict):
+    """A trial's recipe and Schedule: the recipe with the trial's overrides, the loop's finetune settings."""
+    recipe_changes, loop_changes = trial_overrides(params)
+    recipe = apply_overrides(plan.recipe, recipe_changes) if recipe_changes else plan.recipe
+    freeze = freeze_groups(loop_changes.get("freeze", list(plan.settings.freeze)))
+    schedule = Schedule.from_recipe(recipe, validate_every=plan.settings.validate_every, freeze=freeze,
+                                    l2sp_alpha=float(loop_changes.get("l2sp_alpha", plan.settings.l2sp_alpha)))
+    return recipe, schedule
+
+
+def train_with_params(plan: Plan, params: dict, run_dir: Path, *, base_model, validation, progress: Progress,
+                      stage: str, on_validation=None, log_metrics=None):
+    """Train a copy of the base with one trial's parameters (resuming `run_dir` if it holds a state)."""
+    recipe, schedule = trial_schedule(plan, params)
+    data = recipe["data"]
+    examples = TrainingExamples(plan.clean["train"], plan.noise["train"], round(data["segment_seconds"] * MODEL_SAMPLE_RATE),
+                                MixingSpec.from_recipe(data), data["seed"], data["silence_dbfs"])
+    model = copy.deepcopy(base_model)
+    base_weights = {name: p.detach().clone() for name, p in base_model.named_parameters()} if schedule.l2sp_alpha > 0 else None
+    resume = read_state(run_dir) is not None
+    return train(model, schedule, examples, validation, run_dir, device=plan.accelerator, resume=resume,
+                 num_workers=data["num_workers"], base_weights=base_weights, progress=progress,
+                 log_metrics=log_metrics, on_validation=on_validation, stage=stage), model
+
+
+def trial_objective(plan: Plan, study: optuna.Study, base_model, validation: Mixtures, progress: Progress):
+    """The Optuna objective: train one trial's schedule, report validation ΔSNR, prune or return the best."""
+    def objective(trial: optuna.Trial) -> float:
+        import mlflow  # heavy (≈1.4 s): only a process that runs trials pays for it
+
+        params = {d.name: d.suggest(trial) for d in plan.settings.dimensions}
+        run_dir = plan.study_dir / f"trial-{root_trial_number(running_trial(study, trial.number)):04d}"
+        trial.set_user_attr("run_dir", str(run_dir))
+        saved = read_state(run_dir)
+        for record in (saved[1]["history"] if saved else []):  # a retried trial: the pruner sees its past
+            trial.report(record["val_delta_snr_db"], record["step"])
+        if saved and trial.should_prune():
+            raise optuna.TrialPruned(f"on resume, at step {saved[1]['step']}")
+
+        def on_validation(step: int, record: dict) -> bool:
+            trial.report(record["val_delta_snr_db"], step)
+            return trial.should_prune()
+
+        with tracking.start_run(plan.experiment, run_name=f"trial {trial.number}", nested=True, workspace=plan.workspace,
+                                tags={"optuna.study": plan.study_name, "optuna.trial": str(trial.number),
+                                      "workbench.kind": "finetune-trial", "run_dir": str(run_dir)}) as run:
+            trial.set_user_attr(STUDY_RUN_ATTR, run.info.run_id)
+            mlflow.log_params({k: str(v) for k, v in params.items()})
+            result, _ = train_with_params(plan, params, run_dir, base_model=base_model, validation=validation,
+                                          progress=progress, stage=f"trial {trial.number}", on_validation=on_validation,
+                                          log_metrics=tracking.log_metrics)
+            pruned = result.stopped == "callback"
+            mlflow.set_tag("optuna.state", "PRUNED" if pruned else "COMPLETE")
+            if not pruned:
+                mlflow.log_metrics({"best_val_delta_snr_db": result.best["val_delta_snr_db"],
+                                    "best_val_loss": result.best["val_loss"], "best_step": result.best["step"]})
+        if pruned:
+            raise optuna.TrialPruned(f"at step {result.step}")
+        trial.set_user_attr("best_step", int(result.best["step"]))
+        return float(result.best["val_delta_snr_db"])
+
+    return objective
+
+
+def close_abandoned_runs(study: optuna.Study, client) -> None:
+    """The MLflow runs of trials whose process died stay RUNNING forever: mark them KILLED."""
+    # heavy: mlflow is imported only where runs are touched.
+    from mlflow.exceptions import MlflowException
+
+    silent = heartbeat_failed_trials(study)
+    for trial in study.get_trials(deepcopy=False, states=(TrialState.FAIL,)):
+        run_id = trial.user_attrs.get(STUDY_RUN_ATTR)
+        if run_id and (INTERRUPTED_ATTR in trial.user_attrs or trial.number in silent):
+            try:
+                if client.get_run(run_id).info.status == "RUNNING":
+                    client.set_terminated(run_id, "KILLED")
+            except MlflowException as error:  # the run is gone (deleted, another store): nothing to close
+                if error.get_http_status_code() != 404:
+                    raise
+
+
+def study_run(plan: Plan, study: optuna.Study) -> tuple[str, bool]:
+    """The MLflow run that holds the study's trials, and whether this call created it: the one recorded
+    in the study if it still exists, else a new one. Under the study's lock, so that workers started
+    together share one run."""
+    # heavy: mlflow is imported only where runs are touched.
+    from mlflow.exceptions import MlflowException
+
+    registry = tracking.client(plan.workspace)
+    with study_lock(plan.storage_url, plan.study_name):
+        run_id = study.user_attrs.get(STUDY_RUN_ATTR)  # read from the storage each time: another worker may have set it
+        if run_id:
+            try:
+                registry.get_run(run_id)
+                return run_id, False
+            except MlflowException as error:  # deleted, or recorded in another tracking store: start a new one
+                if error.get_http_status_code() != 404:
+                    raise
+        run = registry.create_run(
+            tracking.experiment_id(plan.experiment, plan.workspace), run_name=plan.study_name,
+            tags={"workbench.kind": "finetune-study", "optuna.study": plan.study_name,
+                  "optuna.storage": describe_storage(plan.storage_url), "device": plan.device.id})
+        study.set_user_attr(STUDY_RUN_ATTR, run.info.run_id)
+        return run.info.run_id, True
+
+
+def open_plan_study(plan: Plan) -> optuna.Study:
+    """Create or join the plan's study; its key (a study attribute) names the trials' training folders."""
+    study = open_study(plan.study_name, plan.storage_url, seed=plan.settings.seed,
+                       pruner=make_pruner(plan.settings.pruner), storage=plan.storage)
+    with study_lock(plan.storage_url, plan.study_name):  # workers started together: the first one sets the key
+        check_identity(study, plan.identity, plan.storage_url)
+        if STUDY_KEY_ATTR not in study.user_attrs:
+            study.set_user_attr(STUDY_KEY_ATTR, uuid.uuid4().hex[:12])
+            study.set_user_attr("device", plan.device.id)
+            study.set_user_attr("speeds", [float(s) for s in plan.speeds])
+        plan.study_key = study.user_attrs[STUDY_KEY_ATTR]
+    return study
+
+
+def tune(plan: Plan, study: optuna.Study, validation: Mixtures, progress: Progress = no_progress) -> None:
+    """Run the study's missing trials (after recovering those of dead workers); at least one must complete."""
+    def study_progress(*_):
+        progress(f"study {plan.study_name}", finished_trials(study), plan.trials)
+
+    recover_abandoned_trials(study, plan.storage)
+    close_abandoned_runs(study, tracking.client(plan.workspace))
+    if BASELINE_ATTR not in study.user_attrs:  # the line every trial must clear, drawn in the report
+        progress("validate the base model", 0, 1)
+        scores = validate(copy.deepcopy(plan.base_model).to(plan.accelerator), validation, plan.accelerator)
+        study.set_user_attr(BASELINE_ATTR, scores["val_delta_snr_db"])
+        progress("validate the base model", 1, 1)
+    study_progress()
+    run_study(study, plan.storage, trial_objective(plan, study, plan.base_model, validation, progress),
+              trials=plan.trials, timeout_s=plan.timeout_s, callbacks=[study_progress])
+    close_abandoned_runs(study, tracking.client(plan.workspace))  # those of peers the heartbeat found dead
+    if not study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
+        counts = {s.name.lower(): n for s in FINISHED if (n := len(study.get_trials(deepcopy=False, states=(s,))))}
+        raise WorkbenchError(f"study {plan.study_name}: no trial completed ({counts or 'none ran'}); widen "
+                             "[finetune.search], loosen [finetune.pruner] or give more --trials / --timeout")
