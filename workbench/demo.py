@@ -126,11 +126,11 @@ def demo_stages(workspace: Workspace, settings: DemoSettings) -> Iterator[Stage]
 
         device = fine_tuned_device(state["manifest"])
         name = model_registry.device_model_name(device)
-        champion = model_registry.get_alias_version(name, "champion", workspace)
+        champion = model_registry.get_alias_version(name, model_registry.CHAMPION, workspace)
         if champion is not None:
             state["device"] = device
             return StageResult("finetune", f"{name} already has a champion (version {champion})",
-                               {"model_uri": model_registry.model_uri(name, alias="champion")}, reused=True)
+                               {"model_uri": model_registry.model_uri(name, alias=model_registry.CHAMPION)}, reused=True)
         result = finetune_device(workspace, device, recipe=settings.recipe, trials=settings.trials, progress=progress)
         state["device"] = device
         verdict = "promoted to champion" if result.promoted else f"not promoted: {result.reason}"

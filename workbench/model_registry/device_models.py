@@ -36,6 +36,7 @@ from workbench.finetune import (
 )
 from workbench.model.checkpoint import save_checkpoint
 from workbench.model_registry.names import (
+    BASE_ALIAS,
     CHAMPION,
     TAG_BASE_MODEL,
     TAG_BASE_URI,
@@ -70,7 +71,7 @@ KIND_FINETUNE_MODEL = "finetune-model"  # the run tag `workbench.kind` of a regi
 
 def paired_tag(rival: str, snr: float) -> str:
     """The version tag holding the paired ΔSNR gain over a rival method at one input SNR."""
-    return paired_gain_tag("base" if rival == BASE_MODEL else CHAMPION, snr)
+    return paired_gain_tag(BASE_ALIAS if rival == BASE_MODEL else CHAMPION, snr)
 
 
 def _verdict(promoted: bool, reason: str) -> str:
