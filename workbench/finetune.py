@@ -39,14 +39,13 @@ from workbench.model_registry import (
     model_uri,
     resolve_base,
 )
+from workbench.model_registry.device_models import RegisteredVersion, register_device_model, registered_version
+from workbench.model_registry.names import BASE_MODEL, CHAMPION_METHOD, FINE_TUNED, rivals
 from workbench.progress import Progress, no_progress
 from workbench.workspace import Workspace
 
 EXPERIMENT_PREFIX = "finetune-"
 NOISY_INPUT = "noisy input"  # = workbench.evaluate.baselines.NOISY_INPUT
-BASE_MODEL = "base model"
-FINE_TUNED = "fine-tuned"
-CHAMPION_METHOD = "champion"
 SPECTRAL_GATING = "spectral gating"  # = workbench.evaluate.baselines.SPECTRAL_GATING
 # Spectral gating is given this much of the machine's train noise as its noise profile.
 GATING_NOISE_SECONDS = 10.0
@@ -421,14 +420,6 @@ def _hum_fundamentals(plan: Plan, sets) -> dict[str, float]:
     return found
 
 
-def _rivals(champion_version: int | None) -> list[tuple[str, str]]:
-    """(method, how the gate names it) of every model the fine-tuned one must beat."""
-    rivals = [(BASE_MODEL, "the base model")]
-    if champion_version is not None:
-        rivals.append((CHAMPION_METHOD, f"champion v{champion_version}"))
-    return rivals
-
-
 def promotion_decision(result, snrs: list[float], champion_version: int | None,
                        min_gain_db: float = 0.0) -> tuple[bool, str]:
     """The gate. Promote only when, at every input SNR (fragments pooled over the machine's speeds):
@@ -443,7 +434,7 @@ def promotion_decision(result, snrs: list[float], champion_version: int | None,
         if not own.lies_above(0.0):
             failures.append(f"may make recordings worse at {snr:g} dB input: its own ΔSNR {own.interval_text()} "
                             "does not lie above 0 dB")
-    for method, shown in _rivals(champion_version):
+    for method, shown in rivals(champion_version):
         for snr in snrs:
             gain = result.paired(FINE_TUNED, method, snr)
             if gain.lies_above(min_gain_db):
@@ -462,7 +453,7 @@ def _paired_summary(result, snrs: list[float], champion_version: int | None) -> 
     """rival method -> str(snr) -> the paired ΔSNR gain of the fine-tuned model over it."""
     return {method: {f"{snr:g}": {k: v for k, v in result.paired(FINE_TUNED, method, snr).to_dict().items()
                                   if k in ("mean", "ci_low", "ci_high", "half_width", "n")} for snr in snrs}
-            for method, _ in _rivals(champion_version)}
+            for method, _ in rivals(champion_version)}
 
 
 def _summary(result, snrs: list[float]) -> dict[str, dict[str, dict]]:
@@ -482,9 +473,6 @@ def finetune_device(workspace: Workspace, device_id: str, *, speed: float | None
 
     from workbench import tracking
     from workbench.evaluate.report import study_summary
-    # device_models builds on this module's Plan and FinetuneResult: imported here, not at the top, so
-    # the dependency runs one way when the modules load.
-    from workbench.model_registry.device_models import register_device_model, registered_result
     from workbench.train.tuning import describe_storage, study_lock
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -511,15 +499,17 @@ def finetune_device(workspace: Workspace, device_id: str, *, speed: float | None
         # Every worker of the study ends here having seen the same trials; one at a time, so the first
         # registers the best trial and the others find its version.
         with study_lock(plan.storage_url, plan.study_name):
-            earlier = registered_result(plan, best.number, info)
+            earlier = registered_version(plan, best.number)
             if earlier is not None:
-                return earlier
+                return _result_from_report(plan, info, earlier)
             model = best_model(plan, best, validation, progress)
             champion = get_alias_version(device_model_name(plan.device.id), CHAMPION, plan.workspace)
             result = evaluate_models(plan, _scored_models(plan, model, champion), progress)
             promoted, reason = promotion_decision(result, list(plan.evaluation.snrs_db), champion,
                                                   plan.evaluation.min_gain_db)
-            return register_device_model(plan, study, info, best, model, result, lineage, champion, promoted, reason)
+            registered = register_device_model(plan, study, info, best, model, result, lineage, champion, promoted,
+                                               reason)
+            return _result_from_evaluation(plan, info, registered, result, champion)
 
 
 def _open_study(plan: Plan):
@@ -595,3 +585,39 @@ def _scored_models(plan: Plan, model, champion: int | None) -> dict:
         path, _ = fetch_checkpoint(model_uri(name, alias=CHAMPION), plan.workspace)
         models[CHAMPION_METHOD] = load_checkpoint(path, device="cpu")[0]
     return models
+
+
+def _result_from_evaluation(plan: Plan, info: dict, registered: RegisteredVersion, result,
+                            champion: int | None) -> FinetuneResult:
+    """The result of a version registered now, summarised from its evaluation."""
+    from workbench.train.tuning import describe_storage
+
+    snrs = list(plan.evaluation.snrs_db)
+    return FinetuneResult(plan.device.id, plan.speeds, plan.study_name, describe_storage(plan.storage_url),
+                          info["counts"], info["best"], registered.model_name, registered.version, registered.promoted,
+                          registered.reason, snrs, _summary(result, snrs), registered.report_html,
+                          registered.report_json, registered.run_id, plan.base, champion,
+                          paired=_paired_summary(result, snrs, champion), min_gain_db=plan.evaluation.min_gain_db,
+                          hum=result.to_dict()["hum"])
+
+
+def _result_from_report(plan: Plan, info: dict, registered: RegisteredVersion) -> FinetuneResult:
+    """The result of a version this study already registered (another worker, or an earlier run), read
+    back from its report.json."""
+    from workbench.evaluate.report import pooled_paired
+    from workbench.train.tuning import describe_storage
+
+    path = registered.report_json
+    report = json.loads(path.read_text()) if path.is_file() else {}
+    summary: dict[str, dict[str, dict]] = {}
+    for row in report.get("evaluation", {}).get("summary", []):
+        if row["set"] == "all" or len(report["evaluation"]["fragment_sets"]) == 1:
+            cell = row["delta_snr"]
+            summary.setdefault(row["method"], {})[f"{row['input_snr_db']:g}"] = {
+                k: cell[k] for k in ("mean", "ci_low", "ci_high", "n")}
+    return FinetuneResult(plan.device.id, plan.speeds, plan.study_name, describe_storage(plan.storage_url),
+                          info["counts"], info["best"], registered.model_name, registered.version, registered.promoted,
+                          registered.reason, list(plan.evaluation.snrs_db), summary, registered.report_html, path,
+                          registered.run_id, plan.base, None, registered_now=False, paired=pooled_paired(report),
+                          min_gain_db=float((report.get("paired") or {}).get("min_gain_db") or 0.0),
+                          hum=report.get("evaluation", {}).get("hum", []))

@@ -5,7 +5,7 @@ registered version, how a reference becomes a local checkpoint, and how people b
     register.py       register_checkpoint / register_checkpoint_file, set_alias, get_alias_version, latest_version
     resolve.py        the one resolver: file, models:/ URI, other artifact URI or device champion -> checkpoint
     browse.py         `models list`, `models show DEVICE`, the `ui` server's command line
-    device_models.py  registering a fine-tuned device model (finetune's last step); import it from there
+    device_models.py  registering a fine-tuned device model: finetune's last step, and what a rerun finds
 
 Experiment and run tracking (the store, runs, metrics, lineage) is `workbench.tracking`.
 """

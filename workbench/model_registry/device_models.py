@@ -1,7 +1,11 @@
 """Registering a fine-tuned device model: `workbench finetune`'s last step, and what a rerun finds of it.
 
-    result = register_device_model(plan, study, info, best, model, evaluation, lineage, champion, promoted, reason)
-    result = registered_result(plan, best.number, info)   # the version this study already registered, or None
+    registered = register_device_model(plan, study, info, best, model, evaluation, lineage, champion, promoted,
+                                       reason)
+    registered = registered_version(plan, best.number)   # the version this study already registered, or None
+
+`plan` is the fine-tune's plan (workbench.finetune.Plan: device, speeds, study, base, recipe, evaluation
+settings, workspace), `evaluation` the EvaluationResult of the models scored on the machine's test noise.
 
 A version of `tape-denoiser-<device>` is registered in a nested run of the study's run, with its tags
 (names.TAG_*: device, speeds, base, study, ΔSNR and its interval per input SNR, the paired gains over
@@ -15,29 +19,21 @@ from __future__ import annotations
 
 import json
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from workbench import tracking
 from workbench.devices import format_speed
 from workbench.evaluate.baselines import NOISY_INPUT
-from workbench.evaluate.report import pooled_paired, write_report
-# The fine-tune's own types and the evaluation's method names: this step builds on them, and finetune
-# imports this module inside finetune_device, so the dependency runs one way at import time.
-from workbench.finetune import (
-    BASE_MODEL,
-    CHAMPION_METHOD,
-    FINE_TUNED,
-    FinetuneResult,
-    Plan,
-    _paired_summary,
-    _rivals,
-    _summary,
-)
+from workbench.evaluate.report import write_report
 from workbench.model.checkpoint import save_checkpoint
 from workbench.model_registry.names import (
     BASE_ALIAS,
+    BASE_MODEL,
     CHAMPION,
+    CHAMPION_METHOD,
+    FINE_TUNED,
     TAG_BASE_MODEL,
     TAG_BASE_URI,
     TAG_BASE_VERSION,
@@ -61,12 +57,28 @@ from workbench.model_registry.names import (
     delta_snr_tag,
     device_model_name,
     paired_gain_tag,
+    rivals,
 )
 from workbench.model_registry.register import get_alias_version, register_checkpoint, set_alias
 from workbench.recipes import recipe_digest
 from workbench.train.tuning import _is_alive, describe_storage, worker_identity
 
 KIND_FINETUNE_MODEL = "finetune-model"  # the run tag `workbench.kind` of a registration run
+EARLIER = " (registered earlier for this study's best trial)"
+
+
+@dataclass
+class RegisteredVersion:
+    """A device model's version as registered, and what the gate decided for it."""
+
+    model_name: str
+    version: int
+    promoted: bool  # promoted by the gate and (still) @champion
+    reason: str
+    report_html: Path  # the workspace's copy of its report
+    report_json: Path
+    run_id: str | None  # the run that registered it
+    registered_now: bool
 
 
 def paired_tag(rival: str, snr: float) -> str:
@@ -78,7 +90,7 @@ def _verdict(promoted: bool, reason: str) -> str:
     return ("promoted to @champion: it " if promoted else "not promoted: it ") + reason
 
 
-def _description(plan: Plan, result, study_info: dict, promoted: bool, reason: str, champion: int | None) -> str:
+def _description(plan, result, study_info: dict, promoted: bool, reason: str, champion: int | None) -> str:
     d = plan.device
     speeds = ", ".join(format_speed(s) for s in plan.speeds)
     settings = plan.evaluation
@@ -87,7 +99,7 @@ def _description(plan: Plan, result, study_info: dict, promoted: bool, reason: s
     for snr in settings.snrs_db:
         parts = [f"{name} {result.summary(name, snr).mean:+.2f}" for name in result.methods if name != NOISY_INPUT]
         paired = [f"over {shown} {result.paired(FINE_TUNED, method, snr).interval_text()}"
-                  for method, shown in _rivals(champion)]
+                  for method, shown in rivals(champion)]
         lines.append(f"Test noise at {snr:g} dB input ({result.summary(FINE_TUNED, snr).n} fragments of "
                      f"{settings.seconds:g} s), ΔSNR in dB: " + ", ".join(parts) + "; paired gain of the "
                      "fine-tuned model (mean [95 % t-interval]) " + ", ".join(paired) + ".")
@@ -105,8 +117,8 @@ def _description(plan: Plan, result, study_info: dict, promoted: bool, reason: s
     return "\n\n".join(lines)
 
 
-def register_device_model(plan: Plan, study, info: dict, best, model, result, lineage: dict, champion: int | None,
-                          promoted: bool, reason: str) -> FinetuneResult:
+def register_device_model(plan, study, info: dict, best, model, result, lineage: dict, champion: int | None,
+                          promoted: bool, reason: str) -> RegisteredVersion:
     """Save the checkpoint, write the report, register the version (tags, description, report) in a nested
     run of its own, copy the report into the workspace, and move @champion if the gate allows."""
     import mlflow  # the fluent API of the run opened here; mlflow costs a second to import
@@ -153,7 +165,7 @@ def register_device_model(plan: Plan, study, info: dict, best, model, result, li
                              lineage=report_lineage, study=study, model=model_facts,
                              decision={"promoted": promoted, "message": _verdict(promoted, reason)},
                              summary_text=description.split("\n\n")[0],
-                             paired=(FINE_TUNED, [method for method, _ in _rivals(champion)]),
+                             paired=(FINE_TUNED, [method for method, _ in rivals(champion)]),
                              min_gain_db=plan.evaluation.min_gain_db,
                              clip_methods=[m for m in (BASE_MODEL, FINE_TUNED, CHAMPION_METHOD) if m in result.methods])
         mlflow.log_artifacts(str(report_dir), "report")
@@ -170,7 +182,7 @@ def register_device_model(plan: Plan, study, info: dict, best, model, result, li
                    for snr in snrs if "delta_peaq" in result.metrics},
                 **{ci_delta_snr_tag(snr): _interval_tag(result.summary(FINE_TUNED, snr)) for snr in snrs},
                 **{paired_tag(method, snr): _interval_tag(result.paired(FINE_TUNED, method, snr))
-                   for method, _ in _rivals(champion) for snr in snrs}}
+                   for method, _ in rivals(champion) for snr in snrs}}
         version = register_checkpoint(checkpoint, model_name, tags=tags, description=description,
                                       artifacts={"report.html": files.html, "report.json": files.json},
                                       workspace=plan.workspace)
@@ -181,11 +193,8 @@ def register_device_model(plan: Plan, study, info: dict, best, model, result, li
         tracking.client(plan.workspace).set_model_version_tag(model_name, str(version), TAG_REPORT, str(local / "report.html"))
         if promoted:
             set_alias(model_name, CHAMPION, version, plan.workspace)
-    return FinetuneResult(plan.device.id, plan.speeds, plan.study_name, storage, info["counts"], info["best"],
-                          model_name, version, promoted, reason, snrs, _summary(result, snrs),
-                          local / "report.html", local / "report.json", run.info.run_id, plan.base, champion,
-                          paired=_paired_summary(result, snrs, champion), min_gain_db=plan.evaluation.min_gain_db,
-                          hum=result.to_dict()["hum"])
+    return RegisteredVersion(model_name, version, promoted, reason, local / "report.html", local / "report.json",
+                             run.info.run_id, registered_now=True)
 
 
 def _interval_tag(summary) -> str:
@@ -193,19 +202,19 @@ def _interval_tag(summary) -> str:
     return f"{summary.mean:+.3f} [{summary.ci_low:+.3f}, {summary.ci_high:+.3f}] n={summary.n}"
 
 
-def registered_result(plan: Plan, trial: int, info: dict) -> FinetuneResult | None:
-    """The result of the version this study already registered from `trial` (another worker, or an earlier
-    run killed after creating it, whose remaining steps are done now); None when there is none.
-    Closes the registration runs of this study whose process died first."""
+def registered_version(plan, trial: int) -> RegisteredVersion | None:
+    """The version this study already registered from `trial` (another worker, or an earlier run killed
+    after creating it, whose remaining steps are done now); None when there is none. Closes the
+    registration runs of this study whose process died first."""
     _close_killed_registrations(plan)
     existing = _registered_for(tracking.client(plan.workspace), plan, trial)
     if existing is None:
         return None
     _finish_registration(plan, existing, trial)
-    return _result_from_version(plan, existing, info)
+    return _earlier_version(plan, existing)
 
 
-def _registered_for(registry, plan: Plan, trial: int) -> Any | None:
+def _registered_for(registry, plan, trial: int) -> Any | None:
     """The version already registered from this trial of this very study (its key, not just its name), if any."""
     name = device_model_name(plan.device.id)
     # Any error here (a store that fails, a server away) must stop the worker, never read as "none yet":
@@ -217,7 +226,7 @@ def _registered_for(registry, plan: Plan, trial: int) -> Any | None:
     return None
 
 
-def _close_killed_registrations(plan: Plan) -> None:
+def _close_killed_registrations(plan) -> None:
     """Registration runs of this study whose process died (SIGKILL, power cut) stay RUNNING: close them,
     FINISHED when their version made it into the registry, else KILLED (the rerun registers it anew)."""
     registry = tracking.client(plan.workspace)
@@ -233,7 +242,7 @@ def _close_killed_registrations(plan: Plan) -> None:
         registry.set_terminated(run.info.run_id, "FINISHED" if registered else "KILLED")
 
 
-def _finish_registration(plan: Plan, version, trial: int) -> None:
+def _finish_registration(plan, version, trial: int) -> None:
     """The steps after a version's creation, done again where a killed run left them undone: the report's
     copy in the workspace and its tag, and @champion for a version its gate promoted (unless a later
     version has been promoted since)."""
@@ -251,25 +260,11 @@ def _finish_registration(plan: Plan, version, trial: int) -> None:
         set_alias(version.name, CHAMPION, int(version.version), plan.workspace)
 
 
-def _result_from_version(plan: Plan, version, info: dict) -> FinetuneResult:
-    """The result of a version this study already registered (another worker, or an earlier run)."""
-    registry, storage = tracking.client(plan.workspace), describe_storage(plan.storage_url)
+def _earlier_version(plan, version) -> RegisteredVersion:
+    """What the registry says of a version registered earlier: its verdict and reason from its tags."""
     tags = version.tags or {}
     html = Path(tags.get(TAG_REPORT) or plan.workspace.reports_dir / plan.device.id / f"v{version.version}" / "report.html")
-    report = json.loads(html.with_name("report.json").read_text()) if html.with_name("report.json").is_file() else {}
-    snrs = list(plan.evaluation.snrs_db)
-    summary: dict[str, dict[str, dict]] = {}
-    for row in report.get("evaluation", {}).get("summary", []):
-        if row["set"] == "all" or len(report["evaluation"]["fragment_sets"]) == 1:
-            cell = row["delta_snr"]
-            summary.setdefault(row["method"], {})[f"{row['input_snr_db']:g}"] = {
-                k: cell[k] for k in ("mean", "ci_low", "ci_high", "n")}
-    aliases = registry.get_registered_model(version.name).aliases or {}
+    aliases = tracking.client(plan.workspace).get_registered_model(version.name).aliases or {}
     promoted = tags.get(TAG_PROMOTED) == "true" and str(aliases.get(CHAMPION)) == str(version.version)
-    return FinetuneResult(plan.device.id, plan.speeds, plan.study_name, storage, info["counts"], info["best"],
-                          version.name, int(version.version), promoted,
-                          tags.get(TAG_REASON, "") + " (registered earlier for this study's best trial)",
-                          snrs, summary,
-                          html, html.with_name("report.json"), version.run_id, plan.base, None, registered_now=False,
-                          paired=pooled_paired(report), min_gain_db=float((report.get("paired") or {}).get("min_gain_db") or 0.0),
-                          hum=report.get("evaluation", {}).get("hum", []))
+    return RegisteredVersion(version.name, int(version.version), promoted, tags.get(TAG_REASON, "") + EARLIER,
+                             html, html.with_name("report.json"), version.run_id, registered_now=False)

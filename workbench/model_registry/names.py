@@ -51,6 +51,12 @@ TAG_LINEAGE_PREFIX = "lineage."
 # Run tag of the process registering a version (host, pid, start), to tell a dead one from a live one.
 WORKER_TAG = "workbench.worker"
 
+# The registered models an evaluation scores a fine-tuned version against, by their method names in the
+# report: the gate promotes a version to @champion only when it beats the @base model and the champion.
+BASE_MODEL = "base model"
+FINE_TUNED = "fine-tuned"
+CHAMPION_METHOD = "champion"
+
 # What `--device ID` uses while the machine has no champion: the general model the device models start from.
 GENERAL_BASE_URI = f"models:/{GENERAL_MODEL}@{BASE_ALIAS}"
 
@@ -112,3 +118,11 @@ def ci_delta_snr_tag(snr_db: float) -> str:
 def paired_gain_tag(rival_alias: str, snr_db: float) -> str:
     """The version tag holding the paired ΔSNR gain over a rival ("base" or "champion") at one input SNR."""
     return f"{PAIRED_GAIN_PREFIX}{rival_alias}_{snr_db:g}db"
+
+
+def rivals(champion_version: int | None) -> list[tuple[str, str]]:
+    """(method, how the gate names it) of every model the fine-tuned one must beat."""
+    found = [(BASE_MODEL, "the base model")]
+    if champion_version is not None:
+        found.append((CHAMPION_METHOD, f"champion v{champion_version}"))
+    return found
