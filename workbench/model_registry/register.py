@@ -72,8 +72,6 @@ class _PyfuncFlavor:
     model from the registry instead.
     """
 
-    __name__ = "mlflow.pyfunc"
-
     @staticmethod
     def save_model(validate_serving_input: bool = True, **kwargs):
         import mlflow.pyfunc
