@@ -56,9 +56,10 @@ def main() -> int:
 
     from scipy import stats
 
-    from workbench import tracking
-    from workbench.evaluate.device_eval import BASE_MODEL, FINE_TUNED, evaluate_models
+    from workbench import model_registry
+    from workbench.evaluate.device_eval import evaluate_models
     from workbench.finetune import make_plan
+    from workbench.model_registry.names import BASE_MODEL, FINE_TUNED
     from workbench.model.checkpoint import load_checkpoint
     from workbench.workspace import Workspace
 
@@ -69,7 +70,7 @@ def main() -> int:
         from workbench.synth.archive import MANIFEST
 
         device = fine_tuned_device(json.loads((workspace.root / "archive" / MANIFEST).read_text()))
-    name = tracking.device_model_name(device)
+    name = model_registry.device_model_name(device)
     plan = make_plan(workspace, device, recipe=args.recipe)
     if args.trial_weights is not None:
         import copy
@@ -80,9 +81,11 @@ def main() -> int:
         fine_tuned = copy.deepcopy(plan.base_model)
         load_weights(fine_tuned, args.trial_weights)
     else:
-        version = tracking.get_alias_version(name, "champion", workspace) or tracking.latest_version(name, workspace)
+        version = (model_registry.get_alias_version(name, model_registry.CHAMPION, workspace)
+                   or model_registry.latest_version(name, workspace))
         assert version is not None, f"{name} has no version: fine-tune {device} first"
-        fine_tuned, _ = load_checkpoint(tracking.fetch_checkpoint(tracking.model_uri(name, version), workspace)[0])
+        uri = model_registry.model_uri(name, version)
+        fine_tuned, _ = load_checkpoint(model_registry.fetch_checkpoint(uri, workspace)[0])
     rows = []
     for seconds in (float(s) for s in args.seconds.split(",")):
         plan.evaluation = dataclasses.replace(plan.evaluation, fragments=args.fragments, seconds=seconds)

@@ -103,7 +103,8 @@ def main() -> int:
     args = parser.parse_args()
 
     from workbench.demo import fine_tuned_device
-    from workbench.evaluate.device_eval import BASE_MODEL, FINE_TUNED, SPECTRAL_GATING
+    from workbench.evaluate.baselines import SPECTRAL_GATING
+    from workbench.model_registry.names import BASE_MODEL, FINE_TUNED
     from workbench.finetune import finetune_device
 
     workspace, manifest, timings = build_up_to_general_model(args.folder, args.recipe, args.fresh)

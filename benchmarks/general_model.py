@@ -37,7 +37,8 @@ def _cell(summary) -> dict:
 
 def score_machine(workspace, machine: str, checkpoint: Path, recipe: str) -> dict:
     """ΔSNR / ΔSI-SDR of the checkpoint (and spectral gating) on one machine's test fragments, pooled over speeds."""
-    from workbench.evaluate.device_eval import SPECTRAL_GATING, evaluate_models
+    from workbench.evaluate.baselines import SPECTRAL_GATING
+    from workbench.evaluate.device_eval import evaluate_models
     from workbench.finetune import make_plan
     from workbench.model.checkpoint import load_checkpoint
 

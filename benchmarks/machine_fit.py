@@ -89,9 +89,11 @@ def variant_machine(workspace, target: str, name: str, speed: float) -> str:
 def measure(workspace, machine: str, recipe: str, general_devices: list[str], specialist: bool = True) -> dict:
     """Fine-tune (a fresh study), train the equal-compute control, pretrain the specialist (unless told
     not to: it costs a whole pretraining), score them all."""
-    from workbench import tracking
-    from workbench.evaluate.device_eval import BASE_MODEL, FINE_TUNED, SPECTRAL_GATING, evaluate_models
+    from workbench import model_registry
+    from workbench.evaluate.baselines import SPECTRAL_GATING
+    from workbench.evaluate.device_eval import evaluate_models
     from workbench.finetune import finetune_device, make_plan
+    from workbench.model_registry.names import BASE_MODEL, FINE_TUNED
     from workbench.model.checkpoint import load_checkpoint
     from workbench.train.pretrain import pretrain
 
@@ -111,8 +113,8 @@ def measure(workspace, machine: str, recipe: str, general_devices: list[str], sp
         started = time.perf_counter()
         scored_models[SPECIALIST] = load_checkpoint(pretrain(workspace, recipe, noise_devices=[machine]).checkpoint)[0]
         timings["specialist"] = time.perf_counter() - started
-    fine_tuned, _ = load_checkpoint(tracking.fetch_checkpoint(tracking.model_uri(fitted.model_name, fitted.version),
-                                                              workspace)[0])
+    uri = model_registry.model_uri(fitted.model_name, fitted.version)
+    fine_tuned, _ = load_checkpoint(model_registry.fetch_checkpoint(uri, workspace)[0])
     started = time.perf_counter()
     scored = evaluate_models(plan, {**scored_models, FINE_TUNED: fine_tuned})
     timings["evaluate"] = time.perf_counter() - started
@@ -168,7 +170,8 @@ def main() -> int:
         parser.error(f"unknown variant(s) {', '.join(unknown)}; known: {', '.join(VARIANTS)}")
 
     from workbench.demo import fine_tuned_device, general_model_devices
-    from workbench.evaluate.device_eval import BASE_MODEL, FINE_TUNED, SPECTRAL_GATING
+    from workbench.evaluate.baselines import SPECTRAL_GATING
+    from workbench.model_registry.names import BASE_MODEL, FINE_TUNED
 
     workspace, manifest, _ = build_up_to_general_model(args.folder, args.recipe)
     target = fine_tuned_device(manifest)

@@ -154,7 +154,7 @@ def random_tiny_checkpoint(tmp_path_factory):
 def archive_with_random_base(tiny_archive_template, tmp_path_factory, name: str):
     """A private copy of the tiny archive, made current, with a random tiny network registered as the
     general model @base (fine-tuning tests need a base, not a good one)."""
-    from workbench import tracking
+    from workbench import model_registry
     from workbench.model.checkpoint import save_checkpoint
     from workbench.model.unet import TwoStageUNet, get_config
 
@@ -167,8 +167,8 @@ def archive_with_random_base(tiny_archive_template, tmp_path_factory, name: str)
         torch.manual_seed(0)
         base = root / "base.safetensors"
         save_checkpoint(base, TwoStageUNet(get_config("tiny")), {"kind": "test base: random weights"})
-        tracking.set_alias(tracking.GENERAL_MODEL, "base",
-                           tracking.register_checkpoint(base, tracking.GENERAL_MODEL, workspace=ws), ws)
+        model_registry.set_alias(model_registry.GENERAL_MODEL, "base",
+                                 model_registry.register_checkpoint(base, model_registry.GENERAL_MODEL, workspace=ws), ws)
         ws.recipes_dir.mkdir(exist_ok=True)
         yield ws
 

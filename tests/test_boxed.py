@@ -8,7 +8,7 @@ import shutil
 
 import pytest
 
-from workbench import tracking
+from workbench import model_registry, tracking
 from workbench.errors import WorkbenchError
 from workbench.model.boxed import BOXED_CHECKPOINT, BOXED_TAG, CARD_FILE, load_card, register_boxed_general
 from workbench.model.checkpoint import load_checkpoint, read_checkpoint_info
@@ -59,12 +59,12 @@ def test_init_registers_the_boxed_model_as_base_once(tmp_path, cli, monkeypatch)
     assert result.code == 0, result.stderr
     assert "tape-denoiser-general version 1 (@base)" in " ".join(result.stdout.split())
     workspace = Workspace(tmp_path / "archive")
-    assert tracking.get_alias_version(tracking.GENERAL_MODEL, "base", workspace) == 1
-    version = tracking.client(workspace).get_model_version(tracking.GENERAL_MODEL, "1")
+    assert model_registry.get_alias_version(model_registry.GENERAL_MODEL, "base", workspace) == 1
+    version = tracking.client(workspace).get_model_version(model_registry.GENERAL_MODEL, "1")
     assert version.tags[BOXED_TAG] == read_checkpoint_info(BOXED_CHECKPOINT)["weights_sha256"]
     again = register_boxed_general(workspace)
     assert again.reused and again.version == 1
-    assert tracking.latest_version(tracking.GENERAL_MODEL, workspace) == 1
+    assert model_registry.latest_version(model_registry.GENERAL_MODEL, workspace) == 1
 
     bare = cli("init", tmp_path / "bare", "--no-general-model")
     assert bare.code == 0, bare.stderr

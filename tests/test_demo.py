@@ -8,7 +8,7 @@ import pytest
 import soundfile as sf
 
 from conftest import tiny_finetune_recipe
-from workbench import tracking
+from workbench import model_registry
 from workbench.demo import DemoSettings, fine_tuned_device, general_model_devices, run_demo
 from workbench.noise.library import NoiseLibrary
 from workbench.workspace import Workspace
@@ -39,16 +39,16 @@ def test_demo_runs_every_stage_and_a_rerun_reuses_them(demo_run):
         for split in ("train", "validation", "test"):
             assert library.snippets(device=tape["device"], speed=tape["speed_ips"], split=split), (tape, split)
 
-    assert tracking.latest_version("tape-denoiser-general", workspace) == 1
-    assert tracking.get_alias_version("tape-denoiser-general", "base", workspace) == 1
+    assert model_registry.latest_version("tape-denoiser-general", workspace) == 1
+    assert model_registry.get_alias_version("tape-denoiser-general", "base", workspace) == 1
     # The boxed general model heard every archive machine's noise but the one the demo fine-tunes.
     heard = general_model_devices(manifest)
     assert device not in heard and set(heard) | {device} == {t["device"] for t in manifest["blank_tapes"]}
     assert results[3].data["card"]["data"]["devices"] == heard and results[3].data["version"] == 1
-    name = tracking.device_model_name(device)
+    name = model_registry.device_model_name(device)
     finetune = results[4].data
-    assert tracking.latest_version(name, workspace) == finetune["version"]
-    champion = tracking.get_alias_version(name, "champion", workspace)
+    assert model_registry.latest_version(name, workspace) == finetune["version"]
+    champion = model_registry.get_alias_version(name, "champion", workspace)
     assert champion == (finetune["version"] if finetune["promoted"] else None)
     report = json.loads(open(finetune["report_json"]).read())
     assert report and (settings.folder / "registry").exists()
@@ -75,4 +75,4 @@ def test_demo_runs_every_stage_and_a_rerun_reuses_them(demo_run):
 
     again = run_demo(settings)
     assert [r.reused for r in again[:-1]] == [True] * 6
-    assert tracking.latest_version(name, workspace) == finetune["version"]
+    assert model_registry.latest_version(name, workspace) == finetune["version"]

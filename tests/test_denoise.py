@@ -261,9 +261,10 @@ def test_refusals_are_one_line_and_write_nothing(tmp_path, cli, tiny_checkpoint,
 
 def test_device_champion_from_the_registry(tmp_path, cli, tiny_checkpoint, workspace):
     """`--device ID` restores with the champion registered in the workspace's MLflow store."""
-    tracking = pytest.importorskip("workbench.tracking")
-    version = tracking.register_checkpoint(tiny_checkpoint, "tape-denoiser-revox-a77", workspace=workspace)
-    tracking.set_alias("tape-denoiser-revox-a77", "champion", version, workspace=workspace)
+    from workbench import model_registry
+
+    version = model_registry.register_checkpoint(tiny_checkpoint, "tape-denoiser-revox-a77", workspace=workspace)
+    model_registry.set_alias("tape-denoiser-revox-a77", "champion", version, workspace=workspace)
     source = tmp_path / "side-a.flac"
     write_audio(source, _tones(22_050, 11_025), 22_050, subtype="PCM_16")
     result = cli("denoise", "--device", "revox-a77", source, "--out", tmp_path / "out", "--json")

@@ -326,6 +326,8 @@ def test_two_finetune_workers_at_once_share_the_study_and_register_once(ft_archi
     answers = [json.loads(stdout) for _, stdout, _ in results]
     assert answers[0]["study"] == answers[1]["study"] and answers[0]["version"] == answers[1]["version"] == 1
     assert sorted(a["registered_now"] for a in answers) == [False, True]  # one registered, the other found it
+    registered, found = sorted(answers, key=lambda a: not a["registered_now"])
+    assert found["reason"] == registered["reason"] + " (registered earlier for this study's best trial)"
     state = registry_state(ft_archive)
     assert len(state["versions"]) == 1 and state["runs"].get("RUNNING", 0) == 0, state
 

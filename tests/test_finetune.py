@@ -278,11 +278,11 @@ def test_a_wild_schedule_is_pruned_and_a_do_nothing_model_is_registered_but_not_
     refuses it: against the base it gains exactly nothing (an interval of zero width at 0 is no gain), and
     the champion (version 1, trained from this same base and made champion by hand, as an archivist may
     in MLflow) is a rival it must beat too."""
-    from workbench import tracking
+    from workbench import model_registry, tracking
     from workbench.train.tuning import open_storage
 
-    tracking.set_alias(MODEL, "champion", 1, archive)
-    champion_before = tracking.get_alias_version(MODEL, "champion", archive)
+    model_registry.set_alias(MODEL, "champion", 1, archive)
+    champion_before = model_registry.get_alias_version(MODEL, "champion", archive)
     name = recipe(archive, "ft-gate", search=(
         '"schedule.learning_rate" = { type = "float", low = 1e-12, high = 1.0, log = true }\n'
         '"schedule.steps" = { type = "int", low = 1, high = 3 }'), trials=2)
@@ -303,10 +303,10 @@ def test_a_wild_schedule_is_pruned_and_a_do_nothing_model_is_registered_but_not_
     # The same network give or take a 1e-12 step: a gain of zero, its interval about zero too.
     assert re.search(r"does not beat the base model at 10 dB input: paired ΔSNR gain [+-]0\.00 dB "
                      r"\[[+-]0\.00, [+-]0\.00\]", said), said
-    newest = tracking.latest_version(MODEL, archive)
+    newest = model_registry.latest_version(MODEL, archive)
     assert newest > champion_before
     assert tracking.client(archive).get_model_version(MODEL, str(newest)).tags["promoted"] == "false"
-    assert tracking.get_alias_version(MODEL, "champion", archive) == champion_before
+    assert model_registry.get_alias_version(MODEL, "champion", archive) == champion_before
     report = json.loads((archive.reports_dir / DEVICE / f"v{newest}" / "report.json").read_text())
     assert report["decision"]["promoted"] is False
     assert {row["method"] for row in report["evaluation"]["summary"]} >= {"champion", "base model", "fine-tuned"}
@@ -336,15 +336,15 @@ def archive_with_untestable_device(archive):
     (("--device", DEVICE, "--speed", "15"), "no speed 15"),
 ])
 def test_bad_input_gives_one_line_and_changes_nothing(archive_with_untestable_device, cli_module, args, message):
-    from workbench import tracking
+    from workbench import model_registry
 
     ws = archive_with_untestable_device
-    versions_before = tracking.latest_version(MODEL, ws)
+    versions_before = model_registry.latest_version(MODEL, ws)
     result = cli_module("finetune", *args, "--recipe", "ft-test")
     assert result.code == 2
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("error:") and message in lines[0], result.stderr
-    assert tracking.latest_version(MODEL, ws) == versions_before
+    assert model_registry.latest_version(MODEL, ws) == versions_before
 
 
 def test_a_storage_that_is_not_a_database_is_refused(archive, cli_module, tmp_path):

@@ -18,7 +18,8 @@ import soundfile as sf
 from scipy import stats
 
 from workbench.evaluate.baselines import NOISY_INPUT, noisy_input
-from workbench.evaluate.device_eval import BASE_MODEL, CHAMPION_METHOD, FINE_TUNED, promotion_decision
+from workbench.evaluate.device_eval import promotion_decision
+from workbench.model_registry.names import BASE_MODEL, CHAMPION_METHOD, FINE_TUNED
 from workbench.evaluate.evaluate import POOLED, EvaluationResult, evaluate_methods
 from workbench.evaluate.fragments import FragmentSet, evaluation_settings
 from workbench.evaluate.metrics import hum_residual, mean_ci, paired_ci
@@ -249,7 +250,7 @@ def test_report_shows_paired_intervals_and_residual_hum(report):
 def test_denoise_device_without_a_champion_uses_the_base_model_and_says_so(tmp_path, cli, workspace):
     import torch
 
-    from workbench import tracking
+    from workbench import model_registry
     from workbench.audio.io import write_audio
     from workbench.model.checkpoint import save_checkpoint
     from workbench.model.unet import TwoStageUNet, get_config
@@ -257,8 +258,8 @@ def test_denoise_device_without_a_champion_uses_the_base_model_and_says_so(tmp_p
     torch.manual_seed(0)
     checkpoint = tmp_path / "general.safetensors"
     save_checkpoint(checkpoint, TwoStageUNet(get_config("tiny")), {"kind": "test general model"})
-    version = tracking.register_checkpoint(checkpoint, tracking.GENERAL_MODEL, workspace=workspace)
-    tracking.set_alias(tracking.GENERAL_MODEL, "base", version, workspace)
+    version = model_registry.register_checkpoint(checkpoint, model_registry.GENERAL_MODEL, workspace=workspace)
+    model_registry.set_alias(model_registry.GENERAL_MODEL, "base", version, workspace)
     source = tmp_path / "reel.wav"
     t = np.arange(22_050) / 44_100
     write_audio(source, (0.3 * np.sin(2 * np.pi * 440 * t)).astype(np.float32)[None], 44_100)
@@ -269,11 +270,11 @@ def test_denoise_device_without_a_champion_uses_the_base_model_and_says_so(tmp_p
     said = [line for line in result.stderr.splitlines() if "no champion" in line]
     assert len(said) == 1 and "revox-a77" in said[0] and "tape-denoiser-general" in said[0], result.stderr
     assert record["model"]["note"] == said[0] and record["model"]["fallback_for_device"] == "revox-a77"
-    assert record["model"]["uri"] == f"models:/{tracking.GENERAL_MODEL}/{version}"
+    assert record["model"]["uri"] == f"models:/{model_registry.GENERAL_MODEL}/{version}"
     sidecar = json.loads((tmp_path / "out" / "reel.denoised.wav.json").read_text())
     assert sidecar["model"]["note"] == said[0]
     # With a champion, no note: the champion is used.
-    tracking.register_checkpoint(checkpoint, "tape-denoiser-revox-a77", workspace=workspace)
-    tracking.set_alias("tape-denoiser-revox-a77", "champion", 1, workspace)
+    model_registry.register_checkpoint(checkpoint, "tape-denoiser-revox-a77", workspace=workspace)
+    model_registry.set_alias("tape-denoiser-revox-a77", "champion", 1, workspace)
     result = cli("denoise", "--device", "revox-a77", source, "--out", tmp_path / "out2", "--json")
     assert result.code == 0 and "no champion" not in result.stderr and "note" not in result.json()[0]["model"]

@@ -259,7 +259,8 @@ def test_report_shows_delta_peaq_and_registry_reads_it(peaq_evaluation, tmp_path
     import json
 
     from workbench.evaluate.report import write_report
-    from workbench.model_registry import _delta_tags, _report_summary, delta_peaq_tag, delta_snr_tag
+    from workbench.model_registry import delta_peaq_tag, delta_snr_tag
+    from workbench.model_registry.browse import _delta_tags, _report_summary
 
     result, _ = peaq_evaluation
     files = write_report(tmp_path, result, title="t", lineage={})

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from workbench import tracking
+from workbench import model_registry, tracking
 from workbench.errors import WorkbenchError
 
 
@@ -101,30 +101,30 @@ def test_register_alias_fetch_and_pyfunc_predict(tiny_archive, checkpoint, tmp_p
 
     path, model = checkpoint
     capfd.readouterr()
-    first = tracking.register_checkpoint(path, tracking.GENERAL_MODEL, tags={"source": "test"}, description="first")
-    second = tracking.register_checkpoint(path, tracking.GENERAL_MODEL, description="second")
+    first = model_registry.register_checkpoint(path, model_registry.GENERAL_MODEL, tags={"source": "test"}, description="first")
+    second = model_registry.register_checkpoint(path, model_registry.GENERAL_MODEL, description="second")
     # MLflow's own "Successfully registered model ..." / "Created version ..." lines stay out of our output.
     printed = capfd.readouterr()
     assert "registered model" not in printed.err + printed.out and "Created version" not in printed.err + printed.out
-    assert (first, second) == (1, 2) and tracking.latest_version(tracking.GENERAL_MODEL) == 2
-    tracking.set_alias(tracking.GENERAL_MODEL, "base", first)
-    assert tracking.get_alias_version(tracking.GENERAL_MODEL, "base") == 1
-    assert tracking.get_alias_version(tracking.GENERAL_MODEL, "champion") is None
-    version = tracking.client().get_model_version(tracking.GENERAL_MODEL, "1")
+    assert (first, second) == (1, 2) and model_registry.latest_version(model_registry.GENERAL_MODEL) == 2
+    model_registry.set_alias(model_registry.GENERAL_MODEL, "base", first)
+    assert model_registry.get_alias_version(model_registry.GENERAL_MODEL, "base") == 1
+    assert model_registry.get_alias_version(model_registry.GENERAL_MODEL, "champion") is None
+    version = tracking.client().get_model_version(model_registry.GENERAL_MODEL, "1")
     assert version.description == "first" and version.tags["source"] == "test"
 
-    fetched, facts = tracking.fetch_checkpoint("models:/tape-denoiser-general@base")
+    fetched, facts = model_registry.fetch_checkpoint("models:/tape-denoiser-general@base")
     assert fetched.suffix == ".safetensors" and fetched.with_suffix(".json").is_file()
-    assert fetched.read_bytes() == path.read_bytes() and fetched.is_relative_to(tiny_archive.registry / tracking.CACHE_DIR)
+    assert fetched.read_bytes() == path.read_bytes() and fetched.is_relative_to(tiny_archive.registry / model_registry.CACHE_DIR)
     assert facts["version"] == 1 and facts["aliases"] == ["base"] and facts["uri"] == "models:/tape-denoiser-general/1"
-    assert tracking.fetch_checkpoint("models:/tape-denoiser-general/latest")[1]["version"] == 2
+    assert model_registry.fetch_checkpoint("models:/tape-denoiser-general/latest")[1]["version"] == 2
 
     for bad, message in (("models:/tape-denoiser-nothing/1", "no registered model"),
                          ("models:/tape-denoiser-general@champion", "no alias @champion"),
                          ("models:/tape-denoiser-general/7", "no version 7"),
                          ("runs:/abc/model", "not a registered-model URI")):
         with pytest.raises(WorkbenchError, match=message) as error:
-            tracking.fetch_checkpoint(bad)
+            model_registry.fetch_checkpoint(bad)
         assert "\n" not in str(error.value)
 
     loaded = mlflow.pyfunc.load_model("models:/tape-denoiser-general/1")
@@ -144,13 +144,23 @@ def test_register_alias_fetch_and_pyfunc_predict(tiny_archive, checkpoint, tmp_p
         assert error_db > 30, f"pyfunc output differs from the CPU float32 path by only {error_db:.1f} dB"
     else:
         assert np.allclose(restored, expected, atol=1e-5)
+    # The signature says what it takes: mono float32 audio at 44.1 kHz, any length; MLflow holds callers to it.
+    signature = loaded.metadata.signature
+    assert signature is not None
+    assert signature.inputs.to_dict() == signature.outputs.to_dict() == [
+        {"type": "tensor", "tensor-spec": {"dtype": "float32", "shape": (-1,)}}]
+    example = loaded.input_example
+    assert example.dtype == np.float32 and example.ndim == 1 and 100 <= example.shape[0] <= 1000
+    assert loaded.predict(example).shape == example.shape
     stereo = np.stack([mono, -mono])
-    assert loaded.predict(stereo).shape == stereo.shape
+    with pytest.raises(mlflow.exceptions.MlflowException, match="does not match expected shape"):
+        loaded.predict(stereo)
+    assert np.stack([loaded.predict(channel) for channel in stereo]).shape == stereo.shape
 
 
 def test_registering_a_missing_checkpoint_is_one_line(workspace, tmp_path):
     with pytest.raises(WorkbenchError, match="no such checkpoint"):
-        tracking.register_checkpoint(tmp_path / "none.safetensors", tracking.GENERAL_MODEL)
+        model_registry.register_checkpoint(tmp_path / "none.safetensors", model_registry.GENERAL_MODEL)
 
 
 def test_register_checkpoint_command_registers_an_outside_checkpoint_with_its_alias(tiny_archive, checkpoint, cli):
@@ -161,10 +171,10 @@ def test_register_checkpoint_command_registers_an_outside_checkpoint_with_its_al
                              "model_uri": "models:/tape-denoiser-general/1"}
     version = tracking.client().get_model_version("tape-denoiser-general", "1")
     assert version.tags["size"] == "tiny" and version.tags["lineage.kind"] == "test"
-    assert tracking.get_alias_version("tape-denoiser-general", "base") == 1
+    assert model_registry.get_alias_version("tape-denoiser-general", "base") == 1
     damaged = path.with_name("damaged.safetensors")
     damaged.write_bytes(path.read_bytes()[:-100])
     path.with_suffix(".json").rename(damaged.with_suffix(".json"))
     refused = cli("register-checkpoint", damaged)
     assert refused.code == 2 and "damaged.safetensors" in refused.stderr
-    assert tracking.latest_version("tape-denoiser-general") == 1
+    assert model_registry.latest_version("tape-denoiser-general") == 1

@@ -31,7 +31,7 @@ def registered(workspace):
     """A workspace whose registry holds one device model (a tiny random checkpoint, registered for real)."""
     import torch
 
-    from workbench import tracking
+    from workbench import model_registry, tracking
     from workbench.model.checkpoint import save_checkpoint
     from workbench.model.unet import TwoStageUNet, get_config
 
@@ -42,8 +42,8 @@ def registered(workspace):
     save_checkpoint(path, TwoStageUNet(get_config("tiny")), {"kind": "test"})
     with tracking.start_run("finetune-revox-a77", run_name="register", workspace=workspace):
         mlflow.log_text(REPORT, "report/report.html")  # as `finetune` logs its report beside the model
-        version = tracking.register_checkpoint(path, MODEL, tags={"device": "revox-a77"}, workspace=workspace)
-    tracking.set_alias(MODEL, "champion", version, workspace)
+        version = model_registry.register_checkpoint(path, MODEL, tags={"device": "revox-a77"}, workspace=workspace)
+    model_registry.set_alias(MODEL, "champion", version, workspace)
     return workspace
 
 

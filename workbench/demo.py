@@ -69,7 +69,7 @@ def prepare_workspace(settings: DemoSettings) -> Workspace:
 
 def demo_stages(workspace: Workspace, settings: DemoSettings) -> Iterator[Stage]:
     """The demo's stages in order; each closes over what the earlier ones produced."""
-    from workbench import tracking
+    from workbench import model_registry
 
     archive_folder = workspace.root / "archive"
     state: dict = {}
@@ -117,20 +117,21 @@ def demo_stages(workspace: Workspace, settings: DemoSettings) -> Iterator[Stage]
         # The demo measures what fitting adds for a machine the general model never heard.
         assert fine_tuned_device(state["manifest"]) not in heard, "the boxed model heard the demo's target machine"
         return StageResult("general", f"{registered.summary()}, trained on the noise of {', '.join(heard)}",
-                           {"version": registered.version, "model_uri": tracking.model_uri(tracking.GENERAL_MODEL,
-                                                                                           registered.version),
+                           {"version": registered.version,
+                            "model_uri": model_registry.model_uri(model_registry.GENERAL_MODEL, registered.version),
                             "card": registered.card}, reused=registered.reused)
 
     def finetune(progress: Progress) -> StageResult:
-        from workbench.finetune import BASE_MODEL, finetune_device
+        from workbench.finetune import finetune_device
+        from workbench.model_registry.names import BASE_MODEL
 
         device = fine_tuned_device(state["manifest"])
-        name = tracking.device_model_name(device)
-        champion = tracking.get_alias_version(name, "champion", workspace)
+        name = model_registry.device_model_name(device)
+        champion = model_registry.get_alias_version(name, model_registry.CHAMPION, workspace)
         if champion is not None:
             state["device"] = device
             return StageResult("finetune", f"{name} already has a champion (version {champion})",
-                               {"model_uri": tracking.model_uri(name, alias="champion")}, reused=True)
+                               {"model_uri": model_registry.model_uri(name, alias=model_registry.CHAMPION)}, reused=True)
         result = finetune_device(workspace, device, recipe=settings.recipe, trials=settings.trials, progress=progress)
         state["device"] = device
         verdict = "promoted to champion" if result.promoted else f"not promoted: {result.reason}"

@@ -58,6 +58,7 @@ from workbench.model.overlap_add import (
     model_grid_frames,
     model_process,
 )
+from workbench.model_registry.resolve import load_device_model, load_model
 from workbench.progress import Progress, no_progress
 
 OUTPUT_TAG = "denoised"
@@ -194,107 +195,7 @@ def denoise_stream(process: Process, input_path: Path, output_path: Path, *, str
 
 
 # ---------------------------------------------------------------------------------------------------
-# The model: where it comes from, and how a chunk goes through it
-
-
-# What `--device ID` uses while the machine has no champion: the general model the device models start from.
-GENERAL_BASE_URI = "models:/tape-denoiser-general@base"
-
-
-def champion_uri(device_id: str) -> str:
-    """The registry URI of a replay machine's current best model."""
-    return f"models:/tape-denoiser-{device_id}@champion"
-
-
-def is_model_uri(ref: str) -> bool:
-    """True for MLflow URIs (models:/..., runs:/..., any scheme of two letters or more); False for paths."""
-    scheme, sep, _ = str(ref).partition(":")
-    return bool(sep) and len(scheme) >= 2 and scheme.replace("-", "").replace("+", "").isalnum() \
-        and str(ref)[len(scheme) + 1 :].startswith("/")
-
-
-def _fetch_checkpoint(uri: str) -> tuple[Path, dict]:
-    """Download a registered model's checkpoint through workbench.tracking; every failure is one line."""
-    try:
-        from workbench.tracking import fetch_checkpoint
-    except ModuleNotFoundError as error:
-        if error.name not in ("workbench.tracking",):
-            raise
-        raise WorkbenchError(f"{uri}: model URIs need the MLflow registry (workbench.tracking), "
-                             "which this installation lacks; pass a checkpoint file instead") from None
-    from mlflow.exceptions import MlflowException
-
-    try:
-        path, facts = fetch_checkpoint(uri)
-    except MlflowException as error:
-        reason = " ".join(str(getattr(error, "message", error)).split())
-        raise WorkbenchError(f"{uri}: unknown model URI ({reason[:300]})") from None
-    return Path(path), dict(facts or {})
-
-
-def resolve_model(ref: str | Path, device: str | torch.device = "cpu") -> tuple[torch.nn.Module, dict]:
-    """Load the model a `--model` REF names: a checkpoint file (X.safetensors beside X.json) or an
-    MLflow registered-model URI (`models:/NAME@ALIAS`, `models:/NAME/VERSION`).
-
-    Returns the model (eval mode, on `device`) and its provenance: name, version, uri, run_id,
-    aliases, checkpoint path and sha256, and the checkpoint's config.
-    """
-    text = str(ref)
-    path, provenance = _registered_checkpoint(text) if is_model_uri(text) else _file_checkpoint(text)
-    return _load(path, provenance, device)
-
-
-def resolve_device_model(device_id: str, device: str | torch.device = "cpu") -> tuple[torch.nn.Module, dict]:
-    """A replay machine's champion model from the workspace's registry (`--device ID`).
-
-    A machine with no champion yet (none fine-tuned, or the gate refused every version) is restored with
-    the general model @base instead, and the provenance says so in `note` (the CLI prints it; the sidecar
-    keeps it), with `fallback_for_device` naming the machine."""
-    from workbench.devices import get_device
-    from workbench.workspace import find_workspace
-
-    get_device(find_workspace(), device_id)  # an unknown machine is its own, clearer error
-    uri = champion_uri(device_id)
-    try:
-        path, provenance = _registered_checkpoint(uri)
-    except WorkbenchError as error:
-        champion_error = error
-    else:
-        return _load(path, provenance, device)
-    try:
-        path, provenance = _registered_checkpoint(GENERAL_BASE_URI)
-    except WorkbenchError:
-        raise WorkbenchError(f"device {device_id} has no champion model yet ({champion_error}) and there is no general "
-                             f"model {GENERAL_BASE_URI} to use instead; fine-tune one with "
-                             f"`workbench finetune --device {device_id}`") from None
-    note = (f"device {device_id} has no champion model yet: restored with the general model {provenance['uri']} "
-            f"(@base), not fitted to this machine (`workbench finetune --device {device_id}` fits one)")
-    return _load(path, {**provenance, "note": note, "fallback_for_device": device_id}, device)
-
-
-def _registered_checkpoint(uri: str) -> tuple[Path, dict]:
-    path, facts = _fetch_checkpoint(uri)
-    return path, {"name": None, "version": None, "run_id": None, "aliases": [], **facts,
-                  "uri": facts.get("uri") or uri, "requested_uri": uri}
-
-
-def _file_checkpoint(text: str) -> tuple[Path, dict]:
-    path = Path(text)
-    if path.suffix != ".safetensors" and path.with_suffix(".safetensors").is_file():
-        path = path.with_suffix(".safetensors")  # `X` or `X.json` for `X.safetensors`
-    if not path.is_file():
-        raise WorkbenchError(f"{path}: no such checkpoint (give X.safetensors, with X.json beside it, "
-                             "or an MLflow URI such as models:/tape-denoiser-revox-a77@champion)")
-    return path, {"name": path.stem, "version": None, "uri": None, "requested_uri": text, "run_id": None,
-                  "aliases": []}
-
-
-def _load(path: Path, provenance: dict, device: str | torch.device) -> tuple[torch.nn.Module, dict]:
-    from workbench.model.checkpoint import load_checkpoint
-
-    model, config = load_checkpoint(path, device=str(device))
-    return model, {**provenance, "checkpoint": str(Path(path).resolve()), "checkpoint_sha256": sha256_file(path),
-                   "config": config}
+# The model: how a chunk goes through it (where it comes from: workbench.model_registry.resolve)
 
 
 def choose_compute(compute: str = "auto") -> torch.device:
@@ -478,8 +379,8 @@ def denoise_files(inputs: Iterable[Path], *, model_ref: str | Path | None = None
         raise WorkbenchError(f"batch {batch}: must be at least 1 chunk per forward call")
     jobs = plan_jobs(inputs, out_dir=out_dir, output=output, format=format, subtype=subtype, overwrite=overwrite)
     device = choose_compute(compute)
-    model, model_record = (resolve_model(model_ref, device) if model_ref is not None
-                           else resolve_device_model(device_id, device))
+    model, model_record = (load_model(model_ref, device) if model_ref is not None
+                           else load_device_model(device_id, device))
     plan = ChunkPlan.from_seconds(chunk_seconds, grid_frames=model_grid_frames(model))
     process = model_process(model, device)
     earlier = {job.output: _earlier_restoration(job, model_record, settings_record(strength, plan)) for job in jobs}

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import copy
 import json
-import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -41,28 +40,31 @@ from workbench.corpus import corpus_digest, corpus_files
 from workbench.devices import format_speed, get_device
 from workbench.errors import WorkbenchError
 from workbench.evaluate.device_eval import (
-    BASE_MODEL,
-    CHAMPION_METHOD,
-    FINE_TUNED,
-    NOISY_INPUT,
     evaluate_models,
+    paired_summary,
     promotion_decision,
+    summary_by_method,
 )
-
-# The registration below (slice A of issue 13 moves it into model_registry.py) still calls these by
-# their former private names.
-from workbench.evaluate.device_eval import paired_summary as _paired_summary
-from workbench.evaluate.device_eval import rivals as _rivals
-from workbench.evaluate.device_eval import summary_by_method as _summary
 from workbench.evaluate.fragments import evaluation_settings
-from workbench.evaluate.report import study_summary
+from workbench.evaluate.report import pooled_paired, study_summary
 from workbench.model.checkpoint import config_path_for, load_checkpoint
+from workbench.model_registry import (
+    CHAMPION,
+    device_model_name,
+    fetch_checkpoint,
+    get_alias_version,
+    model_uri,
+    resolve_base,
+)
+from workbench.model_registry.device_models import RegisteredVersion, register_device_model, registered_version
+from workbench.model_registry.names import BASE_MODEL, CHAMPION_METHOD, FINE_TUNED
 from workbench.noise.library import NoiseLibrary
 from workbench.progress import Progress, no_progress
 from workbench.recipes import load_recipe, recipe_digest
 from workbench.train.loop import BEST_FILE, load_weights
 from workbench.train.pretrain import default_device, select_noise
 from workbench.train.tuning import (
+    describe_storage,
     finetune_settings,
     identity_digest,
     open_plan_study,
@@ -79,7 +81,6 @@ from workbench.train.tuning import (
 from workbench.workspace import Workspace
 
 EXPERIMENT_PREFIX = "finetune-"
-WORKER_TAG = "workbench.worker"  # the process registering a version (host, pid, start), to tell a dead one
 
 
 @dataclass
@@ -121,7 +122,7 @@ class FinetuneResult:
     def to_dict(self) -> dict:
         data = asdict(self)
         data["report_html"], data["report_json"] = str(self.report_html), str(self.report_json)
-        data["model_uri"] = f"models:/{self.model_name}/{self.version}"
+        data["model_uri"] = model_uri(self.model_name, self.version)
         return data
 
 
@@ -165,60 +166,6 @@ class Plan:
 
     def noise_minutes(self, split: str) -> float:
         return round(sum(s.frames / s.sample_rate for s in self.noise[split]) / 60, 3)
-
-
-def resolve_base(workspace: Workspace, ref: str | None) -> tuple[Path, dict]:
-    """The base checkpoint: a file, any MLflow model URI, or (default) the general model @base / latest."""
-    from workbench import tracking
-
-    if ref is None:
-        version = tracking.get_alias_version(tracking.GENERAL_MODEL, "base", workspace)
-        if version is None:
-            version = tracking.latest_version(tracking.GENERAL_MODEL, workspace)
-        if version is None:
-            raise WorkbenchError(f"no general model is registered ({tracking.GENERAL_MODEL}): run `workbench pretrain`, "
-                                 "import the published one with `workbench import-checkpoint`, or pass --base FILE")
-        ref = tracking.model_uri(tracking.GENERAL_MODEL, version)
-    if ref.startswith("models:/"):
-        path, facts = tracking.fetch_checkpoint(ref, workspace)
-        return path, {"ref": ref, "name": facts["name"], "version": facts["version"], "uri": facts["uri"],
-                      "run_id": facts["run_id"]}
-    if "://" in ref or ref.startswith("runs:/"):
-        return _download_checkpoint(workspace, ref)
-    from workbench.model.checkpoint import weights_path_for
-
-    path = weights_path_for(Path(ref).expanduser())
-    if not path.is_file():
-        raise WorkbenchError(f"--base {ref}: no such checkpoint file (give X.safetensors with X.json beside it, or models:/NAME/VERSION)")
-    return path.resolve(), {"ref": ref, "name": path.name, "version": None, "uri": str(path.resolve()), "run_id": None}
-
-
-def _download_checkpoint(workspace: Workspace, uri: str) -> tuple[Path, dict]:
-    """A checkpoint inside any other MLflow artifact URI (runs:/RUN/model, a logged model's URI...)."""
-    import hashlib
-    import tempfile
-
-    from workbench import tracking
-
-    mlflow = tracking.configure(workspace)
-    target = workspace.registry / tracking.CACHE_DIR / "uris" / hashlib.sha256(uri.encode()).hexdigest()[:16]
-    found = [p for p in target.rglob("*.safetensors") if p.with_suffix(".json").is_file()] if target.is_dir() else []
-    if len(found) != 1:
-        target.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=".download.", dir=target.parent))
-        try:
-            mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(staging))
-        except Exception as error:
-            shutil.rmtree(staging, ignore_errors=True)
-            raise WorkbenchError(f"--base {uri}: cannot download ({type(error).__name__}: {str(error).splitlines()[0][:200]})") from None
-        found = [p for p in staging.rglob("*.safetensors") if p.with_suffix(".json").is_file()]
-        if len(found) != 1:
-            shutil.rmtree(staging, ignore_errors=True)
-            raise WorkbenchError(f"--base {uri}: holds {len(found)} workbench checkpoints (X.safetensors + X.json); need exactly one")
-        shutil.rmtree(target, ignore_errors=True)
-        staging.rename(target)
-        found = [p for p in target.rglob("*.safetensors") if p.with_suffix(".json").is_file()]
-    return found[0], {"ref": uri, "name": uri, "version": None, "uri": uri, "run_id": None}
 
 
 def study_name(device_id: str, speed: float | None, identity: dict[str, str]) -> str:
@@ -290,41 +237,6 @@ def make_plan(workspace: Workspace, device_id: str, *, speed: float | None = Non
 # ------------------------------------------------------------------------------------------ evaluation
 
 
-def paired_tag(rival: str, snr: float) -> str:
-    """The version tag holding the paired ΔSNR gain over a rival at one input SNR."""
-    return f"gain_vs_{'base' if rival == BASE_MODEL else 'champion'}_{snr:g}db"
-
-
-def _verdict(promoted: bool, reason: str) -> str:
-    return ("promoted to @champion: it " if promoted else "not promoted: it ") + reason
-
-
-def _description(plan: Plan, result, study_info: dict, promoted: bool, reason: str, champion: int | None) -> str:
-    d = plan.device
-    speeds = ", ".join(format_speed(s) for s in plan.speeds)
-    settings = plan.evaluation
-    lines = [f"Fine-tuned to {d.id} ({d.make} {d.model}, {d.format}) at {speeds} ips from "
-             f"{plan.base['uri']} on {plan.noise_minutes('train'):g} min of its train noise."]
-    for snr in settings.snrs_db:
-        parts = [f"{name} {result.summary(name, snr).mean:+.2f}" for name in result.methods if name != NOISY_INPUT]
-        paired = [f"over {shown} {result.paired(FINE_TUNED, method, snr).interval_text()}"
-                  for method, shown in _rivals(champion)]
-        lines.append(f"Test noise at {snr:g} dB input ({result.summary(FINE_TUNED, snr).n} fragments of "
-                     f"{settings.seconds:g} s), ΔSNR in dB: " + ", ".join(parts) + "; paired gain of the "
-                     "fine-tuned model (mean [95 % t-interval]) " + ", ".join(paired) + ".")
-        if "delta_peaq" in result.metrics:
-            lines[-1] += " ΔPEAQ (ODG): " + ", ".join(
-                f"{name} {result.summary(name, snr, 'delta_peaq').mean:+.2f}" for name in result.methods
-                if name != NOISY_INPUT) + "."
-    best = study_info["best"]
-    counts = ", ".join(f"{n} {s.lower()}" for s, n in sorted(study_info["counts"].items()))
-    lines.append(f"Optuna study {plan.study_name} ({counts}); best trial #{best['number']} "
-                 f"(validation ΔSNR {best['value']:+.2f} dB): "
-                 + ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in best["params"].items()) + ".")
-    lines.append(("Promoted to @champion: it " if promoted else "Not promoted: it ") + reason
-                 + (f" (previous champion v{champion})." if champion else "."))
-    return "\n\n".join(lines)
-
 
 # ------------------------------------------------------------------------------------------ the command
 
@@ -350,20 +262,20 @@ def finetune_device(workspace: Workspace, device_id: str, *, speed: float | None
         # Every worker of the study ends here having seen the same trials; one at a time, so the first
         # registers the best trial and the others find its version.
         with study_lock(plan.storage_url, plan.study_name):
-            _close_killed_registrations(plan)
-            existing = _registered_for(tracking.client(plan.workspace), plan, best.number)
-            if existing is not None:
-                _finish_registration(plan, existing, best.number)
-                return _result_from_version(plan, existing, info)
-            # 3. The best model.
+            # 3. The best model (unless this study registered it already).
+            earlier = registered_version(plan, best.number)
+            if earlier is not None:
+                return _result_from_report(plan, info, earlier)
             model = best_model(plan, best, validation, progress)
             # 4. The evaluation: beside the baselines, the base model and the champion; the gate.
-            champion = tracking.get_alias_version(tracking.device_model_name(plan.device.id), "champion", plan.workspace)
+            champion = get_alias_version(device_model_name(plan.device.id), CHAMPION, plan.workspace)
             result = evaluate_models(plan, _scored_models(plan, model, champion), progress)
             promoted, reason = promotion_decision(result, list(plan.evaluation.snrs_db), champion,
                                                   plan.evaluation.min_gain_db)
             # 5. The registration: report, version, tags, @champion if the gate allows.
-            return _register(plan, study, info, best, model, result, lineage, champion, promoted, reason)
+            registered = register_device_model(plan, study, info, best, model, result, lineage, champion, promoted,
+                                               reason)
+            return _result_from_evaluation(plan, info, registered, result, champion)
 
 
 def _log_study_inputs(plan: Plan, validation, created: bool) -> dict:
@@ -397,184 +309,38 @@ def _scored_models(plan: Plan, model, champion: int | None) -> dict:
     """The networks evaluated beside the baselines: base, fine-tuned and (if there is one) the champion."""
     models = {BASE_MODEL: plan.base_model.eval(), FINE_TUNED: model}
     if champion is not None:
-        name = tracking.device_model_name(plan.device.id)
-        path, _ = tracking.fetch_checkpoint(tracking.model_uri(name, alias="champion"), plan.workspace)
+        name = device_model_name(plan.device.id)
+        path, _ = fetch_checkpoint(model_uri(name, alias=CHAMPION), plan.workspace)
         models[CHAMPION_METHOD] = load_checkpoint(path, device="cpu")[0]
     return models
 
 
-def _register(plan: Plan, study, info: dict, best, model, result, lineage: dict, champion: int | None,
-              promoted: bool, reason: str) -> FinetuneResult:
-    """Save the checkpoint, write the report, register the version (tags, description, report) in a nested
-    run of its own, copy the report into the workspace, and move @champion if the gate allows."""
-    import mlflow
-
-    from workbench import tracking
-    from workbench.evaluate.report import write_report
-    from workbench.model.checkpoint import save_checkpoint
-    from workbench.model_registry import CHAMPION, TAG_GATE, TAG_PROMOTED, TAG_REPORT, delta_peaq_tag, delta_snr_tag
-    from workbench.recipes import recipe_digest
-    from workbench.train.tuning import describe_storage, worker_identity
-
-    model_name = tracking.device_model_name(plan.device.id)
+def _result_from_evaluation(plan: Plan, info: dict, registered: RegisteredVersion, result,
+                            champion: int | None) -> FinetuneResult:
+    """The result of a version registered now, summarised from its evaluation."""
     snrs = list(plan.evaluation.snrs_db)
-    storage = describe_storage(plan.storage_url)
-    checkpoint = plan.study_dir / f"{model_name}-trial-{best.number:04d}.safetensors"
-    save_checkpoint(checkpoint, model, {
-        "kind": "finetune", "device": plan.device.id, "speeds": plan.speeds, "base": plan.base,
-        "study": plan.study_name, "trial": best.number, "params": best.params, "recipe": plan.recipe["name"],
-        "recipe_digest": recipe_digest(plan.recipe), "noise_digest": lineage["noise"]["training"]["digest"],
-        "corpus_digest": lineage["corpus"]["training"]["digest"]})
-    description = _description(plan, result, info, promoted, reason, champion)
-    splits = (("train", "training"), ("validation", "validation"), ("test", "test"))
-    with tracking.start_run(plan.experiment, run_name=f"evaluate and register trial {best.number}", nested=True,
-                            workspace=plan.workspace, tags={"workbench.kind": "finetune-model",
-                                                            WORKER_TAG: json.dumps(worker_identity()),
-                                                            "optuna.study": plan.study_name,
-                                                            "optuna.trial": str(best.number)}) as run:
-        for snr in snrs:
-            for method in result.methods:
-                key = method.replace(" ", "_").replace("-", "_")
-                mlflow.log_metric(f"test_delta_snr_{snr:g}db_{key}", result.summary(method, snr).mean)
-                mlflow.log_metric(f"test_delta_si_sdr_{snr:g}db_{key}", result.summary(method, snr, "delta_si_sdr").mean)
-                if "delta_peaq" in result.metrics:
-                    mlflow.log_metric(f"test_delta_peaq_{snr:g}db_{key}", result.summary(method, snr, "delta_peaq").mean)
-        report_lineage = {
-            "noise_snippets": {split: {k: lineage["noise"][ctx][k] for k in ("digest", "minutes", "sha256")}
-                               for split, ctx in splits},
-            "clean_corpus": {split: {k: v for k, v in lineage["corpus"][ctx].items() if k != "sha256"}
-                             for split, ctx in splits},
-            "base_model": plan.base, "recipe": plan.recipe, "validation_mixtures": lineage.get("validation_mixtures"),
-            "evaluation_fragments": [{"label": s["label"], "digest": s["digest"], "path": s["path"]} for s in result.sets],
-            "mlflow_run_id": run.info.run_id, "study_storage": storage,
-        }
-        model_facts = {"registered_model": model_name, "device": plan.device.id,
-                       "speeds_ips": [format_speed(s) for s in plan.speeds], "base": plan.base["uri"],
-                       "best_trial": best.number, "best_params": best.params,
-                       "previous_champion": f"v{champion}" if champion else "none",
-                       "weights_sha256": json.loads(checkpoint.with_suffix(".json").read_text())["weights_sha256"]}
-        report_dir = plan.study_dir / f"report-trial-{best.number:04d}"
-        files = write_report(report_dir, result, title=f"{model_name}: fine-tuned to {plan.device.id}",
-                             lineage=report_lineage, study=study, model=model_facts,
-                             decision={"promoted": promoted, "message": _verdict(promoted, reason)},
-                             summary_text=description.split("\n\n")[0],
-                             paired=(FINE_TUNED, [method for method, _ in _rivals(champion)]),
-                             min_gain_db=plan.evaluation.min_gain_db,
-                             clip_methods=[m for m in (BASE_MODEL, FINE_TUNED, CHAMPION_METHOD) if m in result.methods])
-        mlflow.log_artifacts(str(report_dir), "report")
-        tags = {"device": plan.device.id, "speeds": ",".join(format_speed(s) for s in plan.speeds),
-                "base_model": plan.base.get("name") or plan.base["uri"], "base_version": plan.base.get("version") or "",
-                "base_uri": plan.base["uri"], "study": plan.study_name, "study_storage": storage,
-                "study_key": plan.study_key,
-                "best_trial": best.number, "recipe": plan.recipe["name"], "noise_minutes": plan.noise_minutes("train"),
-                "noise_minutes_test": plan.noise_minutes("test"), TAG_PROMOTED: str(promoted).lower(),
-                TAG_GATE: _verdict(promoted, reason)[:4900], "min_gain_db": f"{plan.evaluation.min_gain_db:g}",
-                **{delta_snr_tag(snr): f"{result.summary(FINE_TUNED, snr).mean:.3f}" for snr in snrs},
-                **{delta_peaq_tag(snr): f"{result.summary(FINE_TUNED, snr, 'delta_peaq').mean:.3f}"
-                   for snr in snrs if "delta_peaq" in result.metrics},
-                **{f"ci_delta_snr_{snr:g}db": _interval_tag(result.summary(FINE_TUNED, snr)) for snr in snrs},
-                **{paired_tag(method, snr): _interval_tag(result.paired(FINE_TUNED, method, snr))
-                   for method, _ in _rivals(champion) for snr in snrs}}
-        version = tracking.register_checkpoint(checkpoint, model_name, tags=tags, description=description,
-                                               artifacts={"report.html": files.html, "report.json": files.json},
-                                               workspace=plan.workspace)
-        local = plan.workspace.reports_dir / plan.device.id / f"v{version}"
-        local.mkdir(parents=True, exist_ok=True)
-        for path in (files.html, files.json):
-            shutil.copy2(path, local / path.name)
-        tracking.client(plan.workspace).set_model_version_tag(model_name, str(version), TAG_REPORT, str(local / "report.html"))
-        if promoted:
-            tracking.set_alias(model_name, CHAMPION, version, plan.workspace)
-    return FinetuneResult(plan.device.id, plan.speeds, plan.study_name, storage, info["counts"], info["best"],
-                          model_name, version, promoted, reason, snrs, _summary(result, snrs),
-                          local / "report.html", local / "report.json", run.info.run_id, plan.base, champion,
-                          paired=_paired_summary(result, snrs, champion), min_gain_db=plan.evaluation.min_gain_db,
+    return FinetuneResult(plan.device.id, plan.speeds, plan.study_name, describe_storage(plan.storage_url),
+                          info["counts"], info["best"], registered.model_name, registered.version, registered.promoted,
+                          registered.reason, snrs, summary_by_method(result, snrs), registered.report_html,
+                          registered.report_json, registered.run_id, plan.base, champion,
+                          paired=paired_summary(result, snrs, champion), min_gain_db=plan.evaluation.min_gain_db,
                           hum=result.to_dict()["hum"])
 
 
-def _interval_tag(summary) -> str:
-    """A mean and its 95 % interval as one tag value: "+0.490 [+0.120, +0.860] n=40"."""
-    return f"{summary.mean:+.3f} [{summary.ci_low:+.3f}, {summary.ci_high:+.3f}] n={summary.n}"
-
-
-def _registered_for(registry, plan: Plan, trial: int) -> Any | None:
-    """The version already registered from this trial of this very study (its key, not just its name), if any."""
-    from workbench import tracking
-
-    name = tracking.device_model_name(plan.device.id)
-    # Any error here (a store that fails, a server away) must stop the worker, never read as "none yet":
-    # that would register the trial a second time.
-    for version in registry.search_model_versions(f"name = '{name}'", max_results=1000):
-        tags = version.tags or {}
-        if tags.get("study_key") == plan.study_key and tags.get("best_trial") == str(trial):
-            return version
-    return None
-
-
-def _close_killed_registrations(plan: Plan) -> None:
-    """Registration runs of this study whose process died (SIGKILL, power cut) stay RUNNING: close them,
-    FINISHED when their version made it into the registry, else KILLED (the rerun registers it anew)."""
-    from workbench import tracking
-    from workbench.train.tuning import _is_alive
-
-    registry = tracking.client(plan.workspace)
-    experiment = registry.get_experiment_by_name(plan.experiment)
-    if experiment is None:
-        return
-    runs = registry.search_runs([experiment.experiment_id], f"tags.`optuna.study` = '{plan.study_name}' and "
-                                "tags.`workbench.kind` = 'finetune-model' and attributes.status = 'RUNNING'")
-    for run in runs:
-        if _is_alive(json.loads(run.data.tags.get(WORKER_TAG, "{}"))):
-            continue  # a worker sharing the study is registering right now
-        registered = registry.search_model_versions(f"run_id = '{run.info.run_id}'")
-        registry.set_terminated(run.info.run_id, "FINISHED" if registered else "KILLED")
-
-
-def _finish_registration(plan: Plan, version, trial: int) -> None:
-    """The steps after a version's creation, done again where a killed run left them undone: the report's
-    copy in the workspace and its tag, and @champion for a version its gate promoted (unless a later
-    version has been promoted since)."""
-    from workbench import tracking
-    from workbench.model_registry import CHAMPION, TAG_PROMOTED, TAG_REPORT
-
-    registry, tags = tracking.client(plan.workspace), version.tags or {}
-    local = plan.workspace.reports_dir / plan.device.id / f"v{version.version}"
-    written = plan.study_dir / f"report-trial-{trial:04d}"
-    if not (local / "report.html").is_file() and (written / "report.html").is_file():
-        local.mkdir(parents=True, exist_ok=True)
-        for name in ("report.html", "report.json"):
-            shutil.copy2(written / name, local / name)
-    if TAG_REPORT not in tags and (local / "report.html").is_file():
-        registry.set_model_version_tag(version.name, str(version.version), TAG_REPORT, str(local / "report.html"))
-    champion = tracking.get_alias_version(version.name, CHAMPION, plan.workspace)
-    if tags.get(TAG_PROMOTED) == "true" and (champion is None or champion < int(version.version)):
-        tracking.set_alias(version.name, CHAMPION, int(version.version), plan.workspace)
-
-
-def _result_from_version(plan: Plan, version, info: dict) -> FinetuneResult:
-    """The result of a version this study already registered (another worker, or an earlier run)."""
-    from workbench import tracking
-    from workbench.evaluate.report import pooled_paired
-    from workbench.model_registry import CHAMPION, TAG_GATE, TAG_PROMOTED, TAG_REPORT
-    from workbench.train.tuning import describe_storage
-
-    registry, storage = tracking.client(plan.workspace), describe_storage(plan.storage_url)
-    tags = version.tags or {}
-    html = Path(tags.get(TAG_REPORT) or plan.workspace.reports_dir / plan.device.id / f"v{version.version}" / "report.html")
-    report = json.loads(html.with_name("report.json").read_text()) if html.with_name("report.json").is_file() else {}
-    snrs = list(plan.evaluation.snrs_db)
+def _result_from_report(plan: Plan, info: dict, registered: RegisteredVersion) -> FinetuneResult:
+    """The result of a version this study already registered (another worker, or an earlier run), read
+    back from its report.json."""
+    path = registered.report_json
+    report = json.loads(path.read_text()) if path.is_file() else {}
     summary: dict[str, dict[str, dict]] = {}
     for row in report.get("evaluation", {}).get("summary", []):
         if row["set"] == "all" or len(report["evaluation"]["fragment_sets"]) == 1:
             cell = row["delta_snr"]
             summary.setdefault(row["method"], {})[f"{row['input_snr_db']:g}"] = {
                 k: cell[k] for k in ("mean", "ci_low", "ci_high", "n")}
-    aliases = registry.get_registered_model(version.name).aliases or {}
-    promoted = tags.get(TAG_PROMOTED) == "true" and str(aliases.get(CHAMPION)) == str(version.version)
-    return FinetuneResult(plan.device.id, plan.speeds, plan.study_name, storage, info["counts"], info["best"],
-                          version.name, int(version.version), promoted,
-                          tags.get(TAG_GATE, "").split(": it ", 1)[-1] + " (registered earlier for this study's best trial)",
-                          snrs, summary,
-                          html, html.with_name("report.json"), version.run_id, plan.base, None, registered_now=False,
-                          paired=pooled_paired(report), min_gain_db=float((report.get("paired") or {}).get("min_gain_db") or 0.0),
+    return FinetuneResult(plan.device.id, plan.speeds, plan.study_name, describe_storage(plan.storage_url),
+                          info["counts"], info["best"], registered.model_name, registered.version, registered.promoted,
+                          registered.reason, list(plan.evaluation.snrs_db), summary, registered.report_html, path,
+                          registered.run_id, plan.base, None, registered_now=False, paired=pooled_paired(report),
+                          min_gain_db=float((report.get("paired") or {}).get("min_gain_db") or 0.0),
                           hum=report.get("evaluation", {}).get("hum", []))

@@ -5,10 +5,13 @@ the workbench package installed. Nothing is pickled: the weights are the checkpo
 file and JSON sidecar, logged as the model's artifacts "weights" and "config".
 
     model = mlflow.pyfunc.load_model("models:/tape-denoiser-general/3")
-    restored = model.predict(waveform)   # (T,) or (C, T) float numpy at 44.1 kHz -> same shape
+    restored = model.predict(waveform)   # (T,) float32 numpy, mono at 44.1 kHz -> the same shape
 
-Each channel is denoised on its own, in the same crossfaded chunks as `workbench denoise`
-(`workbench.model.overlap_add.denoise_samples`), so any length works and the output has exactly the input's shape.
+The logged model's signature (`workbench.model_registry.register.model_signature`) says so, and MLflow
+holds callers to it: a stereo transfer goes through one channel at a time. The wrapper itself also takes
+(C, T) (`model.unwrap_python_model().predict(None, waveform)`). Each channel is denoised on its own, in
+the same crossfaded chunks as `workbench denoise` (`workbench.model.overlap_add.denoise_samples`), so any length
+works and the output has exactly the input's shape.
 """
 
 from __future__ import annotations

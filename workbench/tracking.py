@@ -1,4 +1,4 @@
-"""Everything MLflow: the store, runs, recipes as params, lineage as dataset inputs, the model registry.
+"""MLflow experiment tracking: the store, runs, recipes as params, metrics, system facts, lineage as dataset inputs.
 
 The store is `workspace.tracking_uri()`: the workspace's own SQLite file (`registry/mlflow.db`, artifacts
 in `registry/artifacts/`) unless `MLFLOW_TRACKING_URI` points elsewhere (a tracking server for many
@@ -6,12 +6,8 @@ machines). `import mlflow` costs over a second, so it happens inside these funct
 
 A training run logs the whole resolved recipe as params, the training metrics per step, system facts as
 tags, and its data as MLflow dataset inputs (noise-library selection and clean corpus, each with its
-digest, so the lineage says exactly what trained a model). The result is registered as a pyfunc model
-whose artifacts are the checkpoint's safetensors weights and JSON sidecar (see `pyfunc_model.py`):
-
-    version = register_checkpoint(path, "tape-denoiser-general", tags={...}, description="...")
-    set_alias("tape-denoiser-general", "base", version)
-    path, facts = fetch_checkpoint("models:/tape-denoiser-general@base")
+digest, so the lineage says exactly what trained a model). Registering the trained model, and finding
+one, is `workbench.model_registry`'s job.
 """
 
 from __future__ import annotations
@@ -21,27 +17,21 @@ import fcntl
 import logging
 import os
 import platform
-import re
-import shutil
-import tempfile
 import time
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from workbench.audio.io import MODEL_RATE
 from workbench.errors import WorkbenchError, database_locked
 from workbench.workspace import Workspace, find_workspace
 
-GENERAL_MODEL = "tape-denoiser-general"
-PYFUNC_CODE = Path(__file__).resolve().parent / "pyfunc_model.py"
-MODEL_ARTIFACT = "model"  # the logged model's name inside a run
-CACHE_DIR = "models-cache"  # registry/models-cache/<name>/<version>/: downloaded registered checkpoints
+# Run tags every workbench run may carry: what kind of run it is, and the Optuna study and trial it belongs to.
+TAG_RUN_KIND = "workbench.kind"
+TAG_OPTUNA_STUDY = "optuna.study"
+TAG_OPTUNA_TRIAL = "optuna.trial"
 _configured: dict[str, str] = {}
-
-
-def device_model_name(device_id: str) -> str:
-    return f"tape-denoiser-{device_id}"
 
 
 def _is_server(uri: str) -> bool:
@@ -110,9 +100,14 @@ def experiment_id(name: str, workspace: Workspace | None = None) -> str:
     if found is not None:
         return found.experiment_id
     location = None if _is_server(workspace.tracking_uri()) else (workspace.mlflow_artifacts / name).as_uri()
+    from mlflow.exceptions import MlflowException
+    from mlflow.protos.databricks_pb2 import RESOURCE_ALREADY_EXISTS, ErrorCode
+
     try:
         return mlflow.create_experiment(name, artifact_location=location)
-    except Exception:  # another process created it meanwhile
+    except MlflowException as error:  # another process created it meanwhile
+        if error.error_code != ErrorCode.Name(RESOURCE_ALREADY_EXISTS):
+            raise
         found = mlflow.get_experiment_by_name(name)
         if found is None:
             raise
@@ -289,7 +284,7 @@ def log_lineage(workspace: Workspace, noise_snippets: dict[str, list], clean_fil
     for context, snippets in noise_snippets.items():
         digest = library.digest(snippets)
         summary = {"digest": digest, "snippets": len(snippets),
-                   "minutes": round(sum(s.frames for s in snippets) / 44_100 / 60, 3),
+                   "minutes": round(sum(s.frames for s in snippets) / MODEL_RATE / 60, 3),
                    "devices": sorted({s.device for s in snippets}),
                    "speeds": sorted({float(s.speed_ips) for s in snippets}),
                    "splits": sorted({s.split for s in snippets})}
@@ -303,165 +298,3 @@ def log_lineage(workspace: Workspace, noise_snippets: dict[str, list], clean_fil
                     {k: v for k, v in summary.items() if k not in ("digest", "roots")})
     mlflow.log_dict(lineage, "lineage.json")
     return lineage
-
-
-# ------------------------------------------------------------------------------------------ the registry
-
-def _pip_requirements() -> list[str]:
-    import workbench
-
-    return [f"workbench=={workbench.__version__}", "torch==2.11.*", "torchaudio==2.11.*", "numpy", "soundfile",
-            "safetensors", "scipy"]
-
-
-def register_checkpoint(checkpoint_path: str | Path, name: str, *, tags: dict[str, Any] | None = None,
-                        description: str | None = None, artifacts: dict[str, str | Path] | None = None,
-                        experiment: str = "imports", workspace: Workspace | None = None) -> int:
-    """Log a checkpoint (X.safetensors + X.json) as a pyfunc model and register it as a new version of `name`.
-
-    Logs into the active run if there is one, else into a new run of `experiment` (e.g. an imported
-    published checkpoint). `artifacts` adds files to the logged model (a report, ...). Returns the version.
-    """
-    from workbench.model.checkpoint import config_path_for, weights_path_for
-
-    weights = weights_path_for(Path(checkpoint_path)).resolve()
-    sidecar = config_path_for(weights)
-    for path in (weights, sidecar):
-        if not path.is_file():
-            raise WorkbenchError(f"{path}: no such checkpoint file (a checkpoint is X.safetensors with X.json beside it)")
-    workspace = workspace or find_workspace()
-    mlflow = configure(workspace)
-    model_artifacts = {"weights": str(weights), "config": str(sidecar), **{k: str(v) for k, v in (artifacts or {}).items()}}
-    with contextlib.ExitStack() as stack:
-        if mlflow.active_run() is None:
-            stack.enter_context(start_run(experiment, run_name=f"register {weights.name}", workspace=workspace))
-        info = mlflow.pyfunc.log_model(name=MODEL_ARTIFACT, python_model=str(PYFUNC_CODE), artifacts=model_artifacts,
-                                       pip_requirements=_pip_requirements())
-    # Registered through the client, not log_model(registered_model_name=...): the fluent path prints
-    # "Successfully registered model ..." lines to stderr between our progress bars. The version and its
-    # tags are created in one transaction, so a process killed here leaves either no version or one whose
-    # tags say where it came from (a rerun recognises it, never registers twice).
-    registry = mlflow.MlflowClient()
-    _ensure_registered_model(registry, name)
-    version = int(registry.create_model_version(name, source=info.model_uri, run_id=info.run_id, model_id=info.model_id,
-                                                description=description or None,
-                                                tags={key: str(value) for key, value in (tags or {}).items()}).version)
-    if not registry.get_registered_model(name).description:
-        registry.update_registered_model(name, description=_model_description(name))
-    return version
-
-
-def _ensure_registered_model(registry, name: str) -> None:
-    from mlflow.exceptions import MlflowException
-    from mlflow.protos.databricks_pb2 import RESOURCE_ALREADY_EXISTS, ErrorCode
-
-    try:
-        registry.create_registered_model(name)
-    except MlflowException as error:  # another worker registered it first
-        if error.error_code != ErrorCode.Name(RESOURCE_ALREADY_EXISTS):
-            raise
-
-
-def _model_description(name: str) -> str:
-    if name == GENERAL_MODEL:
-        return ("General tape-noise denoiser (two-stage U-Net, Moliner & Välimäki 2022; tape noise per Irigaray et al. "
-                "2023), the base every device model is fine-tuned from.")
-    return f"Denoiser fine-tuned to one replay machine ({name.removeprefix('tape-denoiser-')})."
-
-
-def set_alias(name: str, alias: str, version: int, workspace: Workspace | None = None) -> None:
-    client(workspace).set_registered_model_alias(name, alias, str(version))
-
-
-def get_alias_version(name: str, alias: str, workspace: Workspace | None = None) -> int | None:
-    """The version `alias` points at, or None when the model or the alias does not exist."""
-    registry = client(workspace)
-    try:
-        return int(registry.get_model_version_by_alias(name, alias).version)
-    except Exception:
-        return None
-
-
-def latest_version(name: str, workspace: Workspace | None = None) -> int | None:
-    """The highest version number of registered model `name`, or None when it has none."""
-    registry = client(workspace)
-    versions = registry.search_model_versions(f"name = '{name}'", max_results=1000)
-    return max((int(v.version) for v in versions), default=None)
-
-
-def model_uri(name: str, version: int | None = None, alias: str | None = None) -> str:
-    assert (version is None) != (alias is None), "a model URI names a version or an alias"
-    return f"models:/{name}/{version}" if version is not None else f"models:/{name}@{alias}"
-
-
-_MODELS_URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:/(?P<version>[^/@]+)|@(?P<alias>[^/@]+))/?$")
-
-
-def resolve_model_version(model_uri: str, workspace: Workspace | None = None):
-    """The registry's ModelVersion for `models:/NAME/VERSION`, `models:/NAME/latest` or `models:/NAME@ALIAS`."""
-    match = _MODELS_URI.match(model_uri.strip())
-    if not match:
-        raise WorkbenchError(f"{model_uri}: not a registered-model URI (models:/NAME/VERSION or models:/NAME@ALIAS)")
-    name, version, alias = match["name"], match["version"], match["alias"]
-    registry = client(workspace)
-    try:
-        model = registry.get_registered_model(name)
-    except Exception:
-        known = [m.name for m in registry.search_registered_models(max_results=50)]
-        raise WorkbenchError(f"{model_uri}: no registered model {name!r} (registered: {', '.join(known) or 'none'})") from None
-    if alias is not None:
-        if alias not in (model.aliases or {}):
-            have = ", ".join(f"@{a}" for a in sorted(model.aliases or {})) or "none"
-            raise WorkbenchError(f"{model_uri}: model {name} has no alias @{alias} (aliases: {have})")
-        return registry.get_model_version_by_alias(name, alias)
-    if version == "latest":
-        newest = latest_version(name, workspace)
-        if newest is None:
-            raise WorkbenchError(f"{model_uri}: model {name} has no versions")
-        version = str(newest)
-    if not version.isdigit():
-        raise WorkbenchError(f"{model_uri}: version {version!r} is not a number (or 'latest', or use @alias)")
-    try:
-        return registry.get_model_version(name, version)
-    except Exception:
-        newest = latest_version(name, workspace)
-        raise WorkbenchError(f"{model_uri}: model {name} has no version {version} "
-                             f"({'latest is ' + str(newest) if newest else 'it has none'})") from None
-
-
-def fetch_checkpoint(model_uri: str, workspace: Workspace | None = None) -> tuple[Path, dict]:
-    """Download a registered model's checkpoint: (local X.safetensors with X.json beside it, registry facts).
-
-    The facts are name, version, uri (models:/NAME/VERSION), requested_uri, run_id, aliases, tags and
-    description. Versions never change, so each is downloaded once into `registry/models-cache/`.
-    """
-    workspace = workspace or find_workspace()
-    mlflow = configure(workspace)
-    version = resolve_model_version(model_uri, workspace)
-    name, number = version.name, int(version.version)
-    registry = mlflow.MlflowClient()
-    aliases = sorted(a for a, v in (registry.get_registered_model(name).aliases or {}).items() if int(v) == number)
-    facts = {"name": name, "version": number, "uri": f"models:/{name}/{number}", "requested_uri": model_uri,
-             "run_id": version.run_id, "aliases": aliases, "tags": dict(version.tags or {}),
-             "description": version.description or ""}
-    target = workspace.registry / CACHE_DIR / name / str(number)
-    if not _cached_weights(target):
-        target.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=f".{number}.", dir=target.parent))
-        try:
-            mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{name}/{number}", dst_path=str(staging))
-            if not _cached_weights(staging):
-                raise WorkbenchError(f"{facts['uri']}: the registered model holds no workbench checkpoint "
-                                     "(no .safetensors with its .json in its artifacts)")
-            shutil.rmtree(target, ignore_errors=True)
-            os.replace(staging, target)
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
-    return _cached_weights(target), facts
-
-
-def _cached_weights(folder: Path) -> Path | None:
-    if not folder.is_dir():
-        return None
-    found = [p for p in folder.rglob("*.safetensors") if p.with_suffix(".json").is_file()]
-    return found[0] if len(found) == 1 else None

@@ -156,13 +156,12 @@ def register_checkpoint_command(
         workbench import-checkpoint tape/checkpoint.index --out general.safetensors
         workbench register-checkpoint general.safetensors --alias base
     """
-    from workbench import tracking
-    from workbench.train.pretrain import register_checkpoint_file
+    from workbench.model_registry import model_uri, register_checkpoint_file
     from workbench.workspace import find_workspace
 
     workspace = find_workspace()
     version = register_checkpoint_file(workspace, checkpoint, name=name, alias=alias, description=description)
-    uri = tracking.model_uri(name, version)
+    uri = model_uri(name, version)
     if as_json:
         print_json({"name": name, "version": version, "model_uri": uri, "alias": alias})
         return

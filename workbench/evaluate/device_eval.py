@@ -27,16 +27,13 @@ from workbench.evaluate.baselines import (
 from workbench.evaluate.evaluate import PerSet, evaluate_methods
 from workbench.evaluate.fragments import evaluation_fragments
 from workbench.model.overlap_add import denoise_samples
+from workbench.model_registry.names import FINE_TUNED, rivals
 from workbench.noise.library import NoiseLibrary
 from workbench.progress import Progress, no_progress
 
 if TYPE_CHECKING:  # the plan is finetune's; finetune imports this module
     from workbench.finetune import Plan
 
-# The methods of a device evaluation, as the report and the registry name them.
-BASE_MODEL = "base model"
-FINE_TUNED = "fine-tuned"
-CHAMPION_METHOD = "champion"
 # Spectral gating is given this much of the machine's train noise as its noise profile.
 GATING_NOISE_SECONDS = 10.0
 
@@ -83,14 +80,6 @@ def _hum_fundamentals(plan: Plan, sets) -> dict[str, float]:
         if profile is not None and profile.hum is not None:
             found[fragment_set.label] = profile.hum.fundamental_hz
     return found
-
-
-def rivals(champion_version: int | None) -> list[tuple[str, str]]:
-    """(method, how the gate names it) of every model the fine-tuned one must beat."""
-    rivals = [(BASE_MODEL, "the base model")]
-    if champion_version is not None:
-        rivals.append((CHAMPION_METHOD, f"champion v{champion_version}"))
-    return rivals
 
 
 def promotion_decision(result, snrs: list[float], champion_version: int | None,

@@ -17,13 +17,28 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from workbench import tracking
 from workbench.errors import WorkbenchError
+from workbench.model_registry import (
+    BASE_ALIAS,
+    GENERAL_MODEL,
+    get_alias_version,
+    register_checkpoint_file,
+    set_alias,
+)
+from workbench.model_registry.names import TAG_KIND, TAG_RECIPE, TAG_RECIPE_DIGEST
 from workbench.workspace import PACKAGE_ROOT, Workspace
 
 BOXED_DIR = PACKAGE_ROOT.parent / "models" / "general"
 BOXED_CHECKPOINT = BOXED_DIR / "general.safetensors"
 CARD_FILE = BOXED_DIR / "card.json"
-BOXED_TAG = "boxed_sha256"  # model-version tag holding the weights' sha256: how a rerun knows it is registered
+# Version tags of the boxed model: BOXED_TAG holds the weights' sha256, how a rerun knows it is registered.
+BOXED_TAG = "boxed_sha256"
+TAG_BOXED = "boxed"
+TAG_STEPS = "steps"
+TAG_DEVICES = "devices"
+TAG_NOISE_DIGEST = "noise_digest"
+TAG_CORPUS_DIGEST = "corpus_digest"
 
 
 @dataclass
@@ -38,7 +53,7 @@ class BoxedRegistration:
         where = "already registered as" if self.reused else "registered as"
         alias = f" (@{self.alias})" if self.alias else ""
         return (f"the boxed general model (recipe {recipe}, {steps} steps) {where} "
-                f"tape-denoiser-general version {self.version}{alias}")
+                f"{GENERAL_MODEL} version {self.version}{alias}")
 
 
 def load_card(card_path: Path = CARD_FILE) -> dict:
@@ -60,41 +75,33 @@ def load_card(card_path: Path = CARD_FILE) -> dict:
 
 def _registered_version(workspace: Workspace, sha256: str) -> int | None:
     """The version of the general model that holds these weights, if any."""
-    from workbench import tracking
-
-    registry = tracking.client(workspace)
-    try:
-        versions = registry.search_model_versions(f"name = '{tracking.GENERAL_MODEL}'", max_results=1000)
-    except Exception:  # no such registered model yet
-        return None
+    # A model not registered yet has no versions: MLflow's search answers [] (no "not found" to catch).
+    versions = tracking.client(workspace).search_model_versions(f"name = '{GENERAL_MODEL}'", max_results=1000)
     matching = [int(v.version) for v in versions if (v.tags or {}).get(BOXED_TAG) == sha256]
     return max(matching, default=None)
 
 
-def register_boxed_general(workspace: Workspace, alias: str | None = "base", card_path: Path = CARD_FILE
+def register_boxed_general(workspace: Workspace, alias: str | None = BASE_ALIAS, card_path: Path = CARD_FILE
                            ) -> BoxedRegistration:
     """Register the boxed checkpoint as tape-denoiser-general (alias `base`), or find it registered."""
-    from workbench import tracking
-    from workbench.train.pretrain import register_checkpoint_file
-
     card = load_card(card_path)
     sha256 = card["weights_sha256"]
     version = _registered_version(workspace, sha256)
     reused = version is not None
     if version is None:
         version = register_checkpoint_file(workspace, card_path.parent / card["checkpoint"],
-                                           name=tracking.GENERAL_MODEL, description=card_description(card))
+                                           name=GENERAL_MODEL, description=card_description(card))
         registry = tracking.client(workspace)
-        tags = {BOXED_TAG: sha256, "kind": "pretrain", "boxed": "true", "recipe": card["recipe"]["name"],
-                "recipe_digest": card["recipe"]["digest"], "steps": card["steps"],
-                "devices": ",".join(card["data"]["devices"]), "noise_digest": card["data"]["noise_digest"],
-                "corpus_digest": card["data"]["corpus_digest"]}
+        tags = {BOXED_TAG: sha256, TAG_KIND: "pretrain", TAG_BOXED: "true", TAG_RECIPE: card["recipe"]["name"],
+                TAG_RECIPE_DIGEST: card["recipe"]["digest"], TAG_STEPS: card["steps"],
+                TAG_DEVICES: ",".join(card["data"]["devices"]), TAG_NOISE_DIGEST: card["data"]["noise_digest"],
+                TAG_CORPUS_DIGEST: card["data"]["corpus_digest"]}
         for key, value in tags.items():
-            registry.set_model_version_tag(tracking.GENERAL_MODEL, str(version), key, str(value))
+            registry.set_model_version_tag(GENERAL_MODEL, str(version), key, str(value))
     # A fresh registration takes the alias; a found one takes it only if nothing holds it (an archive that
     # moved @base to its own general model keeps it there).
-    if alias and (not reused or tracking.get_alias_version(tracking.GENERAL_MODEL, alias, workspace) is None):
-        tracking.set_alias(tracking.GENERAL_MODEL, alias, version, workspace)
+    if alias and (not reused or get_alias_version(GENERAL_MODEL, alias, workspace) is None):
+        set_alias(GENERAL_MODEL, alias, version, workspace)
     return BoxedRegistration(version, reused, alias, card)
 
 

@@ -33,6 +33,7 @@ from workbench.errors import WorkbenchError
 from workbench.model.checkpoint import save_checkpoint
 from workbench.model.unet import TwoStageUNet, count_parameters, get_config
 from workbench.noise.library import NoiseLibrary
+from workbench.model_registry import GENERAL_MODEL, model_uri, register_checkpoint, set_alias
 from workbench.progress import Progress, no_progress
 from workbench.recipes import load_recipe, recipe_digest, validation_seconds
 from workbench.train.data import MixingSpec, Mixtures, TrainingExamples, recipe_validation_mixtures
@@ -231,11 +232,11 @@ class _MainRank:
                 "devices": ",".join(lineage["noise"]["training"]["devices"]),
                 "noise_digest": lineage["noise"]["training"]["digest"],
                 "corpus_digest": lineage["corpus"]["training"]["digest"], "run_id": self.run_id}
-        version = tracking.register_checkpoint(checkpoint, tracking.GENERAL_MODEL, tags=tags,
-                                               description=description, workspace=self.workspace)
+        version = register_checkpoint(checkpoint, GENERAL_MODEL, tags=tags,
+                                      description=description, workspace=self.workspace)
         if alias:
-            tracking.set_alias(tracking.GENERAL_MODEL, alias, version, self.workspace)
-        uri = tracking.model_uri(tracking.GENERAL_MODEL, version)
+            set_alias(GENERAL_MODEL, alias, version, self.workspace)
+        uri = model_uri(GENERAL_MODEL, version)
         info = json.loads((self.run_dir / RUN_FILE).read_text())
         atomic_write_json(self.run_dir / RUN_FILE, {**info, "finished": True, "version": version, "model_uri": uri})
         return version, checkpoint, uri
@@ -283,20 +284,3 @@ def pretrain(workspace: Workspace, recipe_ref: str | Path, *, resume: bool = Fal
     return PretrainResult(main.run_id if main else None, version, uri, checkpoint, run_dir, result.step, result.stopped,
                           result.history, result.best, result.steps_per_s, recipe["name"], main.lineage if main else {})
 
-
-def register_checkpoint_file(workspace: Workspace, checkpoint: Path, *, name: str, alias: str | None = None,
-                             description: str | None = None) -> int:
-    """Register a checkpoint made elsewhere (e.g. `import-checkpoint`): its sidecar's facts become version tags."""
-    from workbench import tracking
-    from workbench.model.checkpoint import load_checkpoint
-
-    _, info = load_checkpoint(Path(checkpoint))  # refuses a damaged or mismatched file before it is registered
-    lineage = info.get("lineage") or {}
-    tags = {"kind": str(lineage.get("kind", "imported")), "size": str(info.get("size", "")),
-            **{f"lineage.{k}": str(v)[:5000] for k, v in lineage.items() if not isinstance(v, (dict, list))}}
-    description = description or (f"{info.get('size', '?')}-size checkpoint registered from {Path(checkpoint).name}"
-                                  + (f" ({lineage['source']})" if "source" in lineage else "") + ".")
-    version = tracking.register_checkpoint(checkpoint, name, tags=tags, description=description, workspace=workspace)
-    if alias:
-        tracking.set_alias(name, alias, version, workspace)
-    return version

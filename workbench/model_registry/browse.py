@@ -13,28 +13,24 @@ import sys
 from datetime import datetime, timezone
 from pathlib import Path
 
+from workbench import tracking
 from workbench.errors import WorkbenchError
+from workbench.model_registry.names import (
+    BASE_ALIAS,
+    CHAMPION,
+    DELTA_PEAQ_PREFIX,
+    DELTA_SNR_PREFIX,
+    MODEL_PREFIX,
+    PAIRED_GAIN_PREFIX,
+    REPORT_ARTIFACT_DIR,
+    TAG_GATE,
+    TAG_PROMOTED,
+    TAG_REPORT,
+    device_model_name,
+    device_of,
+)
+from workbench.model_registry.register import is_not_found
 from workbench.workspace import Workspace
-
-MODEL_PREFIX = "tape-denoiser-"
-CHAMPION = "champion"
-BASE_ALIAS = "base"
-REPORT_ARTIFACT_DIR = "report"
-# Version tags written by `workbench finetune` (the ΔSNR ones are "delta_snr_<snr>db", one per input SNR;
-# the ΔPEAQ ones "delta_peaq_<snr>db" beside them when the evaluation computed PEAQ).
-TAG_DEVICE = "device"
-TAG_SPEEDS = "speeds"
-TAG_PROMOTED = "promoted"
-TAG_GATE = "gate"
-TAG_REPORT = "report"
-
-
-def delta_snr_tag(snr_db: float) -> str:
-    return f"delta_snr_{snr_db:g}db"
-
-
-def delta_peaq_tag(snr_db: float) -> str:
-    return f"delta_peaq_{snr_db:g}db"
 
 
 def _date(timestamp_ms: int | None) -> str:
@@ -43,7 +39,7 @@ def _date(timestamp_ms: int | None) -> str:
     return datetime.fromtimestamp(timestamp_ms / 1000, tz=timezone.utc).isoformat(timespec="seconds")
 
 
-def _delta_tags(tags: dict, prefix: str = "delta_snr_") -> dict[str, float]:
+def _delta_tags(tags: dict, prefix: str = DELTA_SNR_PREFIX) -> dict[str, float]:
     out = {}
     for key, value in tags.items():
         if key.startswith(prefix) and key.endswith("db"):
@@ -56,7 +52,7 @@ def _delta_tags(tags: dict, prefix: str = "delta_snr_") -> dict[str, float]:
 
 def _paired_tags(tags: dict) -> dict[str, str]:
     """The paired-gain tags of `workbench finetune` ("gain_vs_base_10db": "+0.490 [+0.120, +0.860] n=40")."""
-    return {key: value for key, value in sorted(tags.items()) if key.startswith("gain_vs_")}
+    return {key: value for key, value in sorted(tags.items()) if key.startswith(PAIRED_GAIN_PREFIX)}
 
 
 def _versions(registry, name: str) -> list[dict]:
@@ -70,7 +66,7 @@ def _versions(registry, name: str) -> list[dict]:
         number = int(version.version)
         versions.append({
             "version": number, "aliases": sorted(aliases_of.get(number, [])), "created": _date(version.creation_timestamp),
-            "delta_snr_db": _delta_tags(tags), "delta_peaq": _delta_tags(tags, "delta_peaq_"),
+            "delta_snr_db": _delta_tags(tags), "delta_peaq": _delta_tags(tags, DELTA_PEAQ_PREFIX),
             "paired_gain_db": _paired_tags(tags),
             "promoted": tags.get(TAG_PROMOTED), "gate": tags.get(TAG_GATE, ""),
             "run_id": version.run_id, "description": version.description or "", "tags": tags,
@@ -80,8 +76,6 @@ def _versions(registry, name: str) -> list[dict]:
 
 def list_models(workspace: Workspace) -> list[dict]:
     """Every `tape-denoiser-*` model: versions, aliases, the champion's ΔSNR, last change."""
-    from workbench import tracking
-
     registry = tracking.client(workspace)
     found = registry.search_registered_models(filter_string=f"name LIKE '{MODEL_PREFIX}%'", max_results=1000)
     models = []
@@ -92,7 +86,7 @@ def list_models(workspace: Workspace) -> list[dict]:
         shown_version = next((v for v in versions if v["version"] == shown), None)
         models.append({
             "name": model.name,
-            "device": model.name.removeprefix(MODEL_PREFIX),
+            "device": device_of(model.name),
             "versions": len(versions),
             "latest": versions[-1]["version"] if versions else None,
             "aliases": aliases,
@@ -129,26 +123,33 @@ def _load_report(registry, version: dict, workspace: Workspace) -> tuple[dict | 
     if version["run_id"]:
         import tempfile
 
+        from mlflow.exceptions import MlflowException
+
         try:
             with tempfile.TemporaryDirectory() as folder:
                 path = registry.download_artifacts(version["run_id"], f"{REPORT_ARTIFACT_DIR}/report.json", folder)
                 return json.loads(Path(path).read_text()), None, artifact_uri
-        except Exception:  # a version registered without a report (an import): nothing to summarise
+        except MlflowException as error:  # a version registered without a report (an import): nothing to summarise
+            if not is_not_found(error):
+                raise
             return None, None, artifact_uri
     return None, None, None
 
 
 def show_model(workspace: Workspace, device_id: str) -> dict:
     """One device's model: every version, the champion, and the summary of its report (champion's, else latest)."""
-    from workbench import tracking
+    from mlflow.exceptions import MlflowException
+
     from workbench.devices import get_device
 
     get_device(workspace, device_id)
-    name = tracking.device_model_name(device_id)
+    name = device_model_name(device_id)
     registry = tracking.client(workspace)
     try:
         registry.get_registered_model(name)
-    except Exception:
+    except MlflowException as error:
+        if not is_not_found(error):
+            raise
         raise WorkbenchError(f"device {device_id} has no registered model {name} yet "
                              f"(run `workbench finetune --device {device_id}`)") from None
     versions = _versions(registry, name)
@@ -171,8 +172,6 @@ def ui_command(workspace: Workspace, host: str = "127.0.0.1", port: int = 5000) 
         raise WorkbenchError(f"MLFLOW_TRACKING_URI={uri} is already a tracking server: open it in a browser")
     if not (1 <= int(port) <= 65535):
         raise WorkbenchError(f"--port {port}: not a TCP port (1..65535)")
-    from workbench import tracking
-
     tracking.configure(workspace)  # creates the store once, safely, before the server opens it
     workspace.mlflow_artifacts.mkdir(parents=True, exist_ok=True)
     return [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", uri,
