@@ -85,7 +85,7 @@ def demo_stages(workspace: Workspace, settings: DemoSettings) -> Iterator[Stage]
         music = sum(c["seconds"] for c in result.manifest["corpus"].values()) / 60
         return StageResult("archive", f"{len(result.manifest['blank_tapes'])} blank tapes ({minutes:.1f} min), "
                            f"{music:.1f} min of clean music, {len(result.manifest['transfers'])} transfers "
-                           f"in {archive_folder}", result.to_json(), result.reused)
+                           f"in {archive_folder}", result.to_dict(), result.reused)
 
     def capture(progress: Progress) -> StageResult:
         from workbench.noise.ingest import capture_noise
@@ -96,7 +96,7 @@ def demo_stages(workspace: Workspace, settings: DemoSettings) -> Iterator[Stage]
             report = capture_noise(workspace, [archive_folder / tape["path"]], tape["device"], tape["speed_ips"],
                                    tape="synthetic", snippet_seconds=snippet_seconds, split=split,
                                    progress=progress)
-            reports.append(report.to_json())
+            reports.append(report.to_dict())
             added += sum(f.added for f in report.files)
         return StageResult("capture-noise", f"{len(reports)} recordings ingested, {added} new snippets",
                            {"reports": reports}, reused=added == 0)

@@ -58,7 +58,7 @@ def capture_noise(
         report = run_capture(workspace, paths, device, speed, tape=tape, notes=notes, snippet_seconds=snippet_seconds,
                              split=proportions, replace=replace, progress=progress)
     if as_json:
-        print_json(report.to_json())
+        print_json(report.to_dict())
         return
     _render_report(report)
 
@@ -180,6 +180,6 @@ def noise_profile(
     json_path, png_path = library.profile_paths(device, speed_ips)
     if as_json:
         print_json({"device": device, "speed_ips": speed_ips, "json": str(json_path), "png": str(png_path),
-                    **profile.to_json()})
+                    **profile.to_dict()})
         return
     _render_profile(device, speed_ips, profile, json_path, png_path)

@@ -62,7 +62,7 @@ def blank_tape(
         render = render_blank_tape(entry, speed, minutes * 60.0, out, seed=seed, sample_rate=sample_rate,
                                    defects=defects, progress=progress)
     if as_json:
-        print_json(render.to_json())
+        print_json(render.to_dict())
         return
     kinds = Counter(e.kind for e in render.events)
     events = ", ".join(f"{n} {kind}{'s' if n > 1 else ''}" for kind, n in sorted(kinds.items())) or "no defects"
@@ -96,7 +96,7 @@ def music(
         render = render_music(out_dir, minutes, seed=seed, channels=2 if stereo else 1, piece_seconds=piece_seconds,
                               progress=progress)
     if as_json:
-        print_json(render.to_json())
+        print_json(render.to_dict())
         return
     table = Table(title=f"{len(render.pieces)} pieces in {render.folder}" + (" (reused)" if render.reused else ""))
     for column in ("file", "length", "key", "tempo", "lead", "others", "loudness", "peak"):
@@ -133,7 +133,7 @@ def archive(
     with progress_bars() as progress:
         result = build_archive(out_dir, devices, seed=seed, scale=scale, progress=progress)
     if as_json:
-        print_json(result.to_json())
+        print_json(result.to_dict())
         return
     m = result.manifest
     if result.reused:
