@@ -17,7 +17,7 @@ library, a minute of synthetic music), all with the same segment length and batc
    the speed-up is after's best samples/s over before's.
 
     .venv/bin/python benchmarks/train.py [--sizes tiny,small,paper] [--segment 1.0] [--batch 4]
-                                          [--steps 12] [--paper-steps 3] [--workers 2] [--device cpu|cuda]
+                                          [--steps 12] [--paper-steps 3] [--workers 2] [--accelerator cpu|cuda]
                                           [--repeats 1]
 
 Timings are wall-clock on whatever else the machine is doing; on a shared machine, run it twice.
@@ -163,7 +163,7 @@ def main() -> None:
     parser.add_argument("--paper-steps", type=int, default=3)
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--data-batches", type=int, default=40)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--accelerator", dest="device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--repeats", type=int, default=1, help="children per variant in the before/after table")
     parser.add_argument("--skip-pipeline", action="store_true", help="only the before/after table")
     args = parser.parse_args()

@@ -22,7 +22,7 @@ def test_two_gloo_processes_train_like_one_and_register_once(tiny_archive, tmp_p
     recipe.write_text(tiny_recipe("ddp-tiny", seed=8, schedule_extra="learning_rate = 3e-3"))
     env = {**os.environ, "WORKBENCH_HOME": str(tiny_archive.root), "OMP_NUM_THREADS": "1"}
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-               "-m", "workbench", "pretrain", "--recipe", str(recipe), "--device", "cpu", "--json"]
+               "-m", "workbench", "pretrain", "--recipe", str(recipe), "--accelerator", "cpu", "--json"]
     finished = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600, cwd=tmp_path)
     assert finished.returncode == 0, finished.stderr[-3000:]
     distributed = json.loads(finished.stdout)  # only rank 0 prints
@@ -30,7 +30,7 @@ def test_two_gloo_processes_train_like_one_and_register_once(tiny_archive, tmp_p
 
     from workbench.train.pretrain import pretrain
 
-    single = pretrain(tiny_archive, recipe, device="cpu", num_workers=0)
+    single = pretrain(tiny_archive, recipe, accelerator="cpu", num_workers=0)
     assert single.version == 2
     assert distributed["initial"]["val_loss"] == pytest.approx(single.initial["val_loss"], rel=1e-6)
     assert distributed["last"]["val_loss"] == pytest.approx(single.history[-1]["val_loss"], rel=1e-4)

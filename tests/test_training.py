@@ -294,7 +294,7 @@ def test_pretrain_learns_is_tracked_registers_and_the_registered_model_denoises_
     from workbench.evaluate.metrics import snr_db
 
     recipe = write_recipe(tmp_path, steps=PRETRAIN_STEPS, validate_every=PRETRAIN_STEPS // 2)
-    result = cli("pretrain", "--recipe", recipe, "--device", "cpu", "--workers", "1", "--json")
+    result = cli("pretrain", "--recipe", recipe, "--accelerator", "cpu", "--workers", "1", "--json")
     assert result.code == 0, result.stderr
     report = result.json()
     initial, best, last = report["initial"], report["best"], report["last"]
@@ -365,7 +365,7 @@ def test_pretrain_saves_on_ctrl_c_resumes_exactly_and_refuses_what_it_cannot(tin
     # A real Ctrl-C (SIGINT) to a real `workbench pretrain` with a DataLoader worker.
     env = {**os.environ, "WORKBENCH_HOME": str(tiny_archive.root)}
     process = subprocess.Popen([sys.executable, "-m", "workbench", "pretrain", "--recipe", str(recipe), "--workers", "1",
-                                "--device", "cpu", "--json"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                "--accelerator", "cpu", "--json"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                text=True)
     deadline = time.monotonic() + 300
     while not list(tiny_archive.runs_dir.glob("pretrain-test-tiny-*/state.safetensors")) and time.monotonic() < deadline:
@@ -379,13 +379,13 @@ def test_pretrain_saves_on_ctrl_c_resumes_exactly_and_refuses_what_it_cannot(tin
     saved = json.loads((run_dir / "state.json").read_text())
     assert 2 <= saved["step"] < 12
 
-    resumed = pretrain(tiny_archive, recipe, device="cpu", num_workers=0, resume=True)
+    resumed = pretrain(tiny_archive, recipe, accelerator="cpu", num_workers=0, resume=True)
     assert resumed.step == 12 and resumed.run_dir == run_dir and resumed.version == 1
     assert [h["step"] for h in resumed.history] == [0, 6, 12]
     history = tracking_client(tiny_archive).get_metric_history(resumed.run_id, "train_loss")
     assert sorted(m.step for m in history) == list(range(1, 13))  # one MLflow run across the interruption
     with pytest.raises(WorkbenchError, match="no interrupted pretrain run"):
-        pretrain(tiny_archive, recipe, device="cpu", resume=True)
+        pretrain(tiny_archive, recipe, accelerator="cpu", resume=True)
     bad = cli("pretrain", "--recipe", tmp_path / "missing.toml")
     assert bad.code == 2 and "no such recipe" in bad.stderr
     (tmp_path / "wrong.toml").write_text("[data]\ndevices = ['no-such-deck']\n")

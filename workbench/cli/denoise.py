@@ -41,8 +41,9 @@ def denoise(
                                        help="Output sample type, e.g. PCM_16, PCM_24, FLOAT (default: the input's)."),
     chunk_seconds: float = typer.Option(5.0, "--chunk-seconds", min=0.1,
                                         help="Length of the pieces the model sees (rounded to its grid)."),
-    compute: str = typer.Option("auto", "--compute", metavar="auto|cpu|cuda",
-                                help="Where the network runs; auto picks CUDA (bf16) when torch sees a GPU."),
+    accelerator: str = typer.Option("auto", "--accelerator", metavar="TORCH_DEVICE",
+                                    help="Where the network runs: auto (CUDA, bf16, when torch sees a GPU), cpu, "
+                                         "cuda, cuda:1."),
     batch: int | None = typer.Option(None, "--batch", min=1, metavar="N",
                                      help="Chunks per forward pass of the network (default: as many as fit "
                                           "1 GiB on the CPU, 60 % of free GPU memory); the output does not "
@@ -85,7 +86,7 @@ def denoise(
     with progress_bars() as progress:
         records = denoise_files(inputs, model_ref=model, device_id=device, out_dir=out, output=output,
                                 strength=1.0 if strength is None else strength, chunk_seconds=chunk_seconds,
-                                format=format, subtype=subtype, compute=compute, overwrite=overwrite,
+                                format=format, subtype=subtype, accelerator=accelerator, overwrite=overwrite,
                                 batch=batch, progress=progress)
     note = records[0]["model"].get("note") if records else None
     if note:  # on stderr, so that --json's stdout stays clean; the sidecars keep it too

@@ -88,7 +88,8 @@ def pretrain_command(
                                help="Recipe name (recipes/NAME.toml in the workspace or bundled) or path to a TOML file."),
     resume: bool = typer.Option(False, "--resume", help="Continue the last interrupted run of this recipe exactly."),
     steps: int = typer.Option(None, "--steps", min=1, help="Train this many steps instead of the recipe's."),
-    device: str = typer.Option(None, "--device", help="cpu or cuda (default: cuda when available)."),
+    accelerator: str = typer.Option("auto", "--accelerator", metavar="TORCH_DEVICE",
+                                    help="Where to train: auto (CUDA when present), cpu, cuda, cuda:1."),
     workers: int = typer.Option(None, "--workers", min=0, help="DataLoader worker processes (default: the recipe's)."),
     alias: str = typer.Option(None, "--alias", help="Point this alias (e.g. base) at the new version."),
     noise_from: list[str] = typer.Option(None, "--noise-from", metavar="ID",
@@ -106,7 +107,7 @@ def pretrain_command(
     Examples:
 
         workbench pretrain --recipe quickstart
-        workbench pretrain --recipe pretrain-paper --device cuda
+        workbench pretrain --recipe pretrain-paper --accelerator cuda
         workbench pretrain --noise-from uher-4000-l --noise-from revox-a77 --alias base
         torchrun --nproc-per-node 4 -m workbench pretrain --recipe pretrain-paper
     """
@@ -119,7 +120,7 @@ def pretrain_command(
     show = not as_json and int(os.environ.get("RANK", "0")) == 0
     try:
         with progress_bars(show) as progress:
-            result = pretrain(workspace, recipe, resume=resume, steps=steps, device=device, num_workers=workers,
+            result = pretrain(workspace, recipe, resume=resume, steps=steps, accelerator=accelerator, num_workers=workers,
                               alias=alias, noise_devices=noise_from or None, progress=progress)
     except KeyboardInterrupt:
         err_console.print(f"interrupted: state saved; continue with `workbench pretrain --recipe {recipe} --resume`")

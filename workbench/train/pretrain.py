@@ -97,7 +97,7 @@ def _find_resumable(workspace: Workspace, recipe_name: str) -> Path:
 
 
 def pretrain(workspace: Workspace, recipe_ref: str | Path, *, resume: bool = False, steps: int | None = None,
-             device: str | None = None, num_workers: int | None = None, alias: str | None = None,
+             accelerator: str | None = None, num_workers: int | None = None, alias: str | None = None,
              noise_devices: list[str] | None = None, progress: Progress = no_progress) -> PretrainResult:
     """Train and register the general model; see the module docstring.
 
@@ -118,9 +118,9 @@ def pretrain(workspace: Workspace, recipe_ref: str | Path, *, resume: bool = Fal
     if noise_devices:
         overrides["data.devices"] = list(noise_devices)
     recipe = load_recipe(recipe_ref, workspace, overrides=overrides or None)
-    device = device or default_device()
+    device = default_device() if accelerator in (None, "", "auto") else accelerator
     if device.startswith("cuda") and not torch.cuda.is_available():
-        raise WorkbenchError("--device cuda: no CUDA GPU is available here (use --device cpu)")
+        raise WorkbenchError(f"--accelerator {device}: no CUDA GPU is available here (use cpu)")
     dist = init_distributed(device)
     if dist.enabled and device == "cuda":
         device = f"cuda:{dist.local_rank}"
