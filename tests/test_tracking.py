@@ -155,7 +155,7 @@ def test_registering_a_missing_checkpoint_is_one_line(workspace, tmp_path):
 
 def test_register_checkpoint_command_registers_an_outside_checkpoint_with_its_alias(tiny_archive, checkpoint, cli):
     path, _ = checkpoint
-    result = cli("register-checkpoint", path, "--alias", "base", "--json")
+    result = cli("checkpoint", "register", path, "--alias", "base", "--json")
     assert result.code == 0, result.stderr
     assert result.json() == {"name": "tape-denoiser-general", "version": 1, "alias": "base",
                              "model_uri": "models:/tape-denoiser-general/1"}
@@ -165,6 +165,6 @@ def test_register_checkpoint_command_registers_an_outside_checkpoint_with_its_al
     damaged = path.with_name("damaged.safetensors")
     damaged.write_bytes(path.read_bytes()[:-100])
     path.with_suffix(".json").rename(damaged.with_suffix(".json"))
-    refused = cli("register-checkpoint", damaged)
+    refused = cli("checkpoint", "register", damaged)
     assert refused.code == 2 and "damaged.safetensors" in refused.stderr
     assert tracking.latest_version("tape-denoiser-general") == 1

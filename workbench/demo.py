@@ -15,6 +15,7 @@ the device's champion → list the registry.
 from __future__ import annotations
 
 import shutil
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -46,6 +47,11 @@ class StageResult:
     summary: str  # one line for people
     data: dict = field(default_factory=dict)  # everything for --json
     reused: bool = False
+    seconds: float = 0.0  # wall time of the stage, set by run_demo
+
+    def to_dict(self) -> dict:
+        return {"name": self.name, "summary": self.summary, "reused": self.reused, "seconds": round(self.seconds, 1),
+                "data": self.data}
 
 
 @dataclass
@@ -196,12 +202,19 @@ def general_model_devices(manifest: dict) -> list[str]:
 
 
 def run_demo(settings: DemoSettings, progress: Progress = no_progress,
-             on_stage: Callable[[Stage], None] | None = None) -> list[StageResult]:
-    """Run every stage; `on_stage` is called before each (the CLI prints a heading)."""
+             on_stage: Callable[[Stage], None] | None = None,
+             on_result: Callable[[StageResult], None] | None = None) -> list[StageResult]:
+    """Run every stage, timing each; `on_stage` is called before each (the CLI prints a heading) and
+    `on_result` after it (the CLI prints its summary)."""
     workspace = prepare_workspace(settings)
     results = []
     for stage in demo_stages(workspace, settings):
         if on_stage:
             on_stage(stage)
-        results.append(stage.run(progress))
+        started = time.perf_counter()
+        result = stage.run(progress)
+        result.seconds = time.perf_counter() - started
+        results.append(result)
+        if on_result:
+            on_result(result)
     return results

@@ -8,9 +8,8 @@ import typer
 from rich.table import Table
 
 from workbench.cli._app import app
-from workbench.cli._render import console, err_console, print_json, progress_bars
+from workbench.cli._render import console, err_console, json_option, progress_bars, render
 from workbench.errors import WorkbenchError
-
 
 
 @app.command("denoise", rich_help_panel="Restore")
@@ -49,7 +48,7 @@ def denoise(
                                           "1 GiB on the CPU, 60 % of free GPU memory); the output does not "
                                           "depend on it."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace outputs that already exist."),
-    as_json: bool = typer.Option(False, "--json", help="Print the provenance records as JSON for scripts."),
+    as_json: bool = json_option("the provenance records"),
 ) -> None:
     """Restore transfers of any length with a denoising model, keeping every sample accounted for.
 
@@ -91,9 +90,10 @@ def denoise(
     note = records[0]["model"].get("note") if records else None
     if note:  # on stderr, so that --json's stdout stays clean; the sidecars keep it too
         err_console.print(note, soft_wrap=True, markup=False, highlight=False)
-    if as_json:
-        print_json(records)
-        return
+    render(records, as_json, _show_records)
+
+
+def _show_records(records: list[dict]) -> None:
     table = Table(title="denoise")
     for column in ("input", "output", "rate", "ch", "length", "real time ×", "clipped"):
         table.add_column(column, justify="left" if column in ("input", "output") else "right")

@@ -54,7 +54,7 @@ class PretrainResult:
         """The validation before any training (step 0) when this run started fresh."""
         return self.history[0] if self.history and self.history[0]["step"] == 0 else None
 
-    def as_dict(self) -> dict:
+    def to_dict(self) -> dict:
         return {"run_id": self.run_id, "version": self.version, "model_uri": self.model_uri,
                 "checkpoint": str(self.checkpoint) if self.checkpoint else None, "run_dir": str(self.run_dir),
                 "step": self.step, "stopped": self.stopped, "steps_per_s": round(self.steps_per_s, 4),
@@ -234,7 +234,7 @@ def pretrain(workspace: Workspace, recipe_ref: str | Path, *, resume: bool = Fal
 
 def register_checkpoint_file(workspace: Workspace, checkpoint: Path, *, name: str, alias: str | None = None,
                              description: str | None = None) -> int:
-    """Register a checkpoint made elsewhere (e.g. `import-checkpoint`): its sidecar's facts become version tags."""
+    """Register a checkpoint made elsewhere (e.g. `checkpoint import`): its sidecar's facts become version tags."""
     from workbench import tracking
     from workbench.model.checkpoint import load_checkpoint
 
