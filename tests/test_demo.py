@@ -1,15 +1,17 @@
-"""The demo pipeline end to end at reduced size: every stage's result is checked, then a rerun reuses them."""
+"""The demo pipeline end to end at reduced size, run as `workbench demo --json` itself: every stage's result is
+checked, then a rerun through the library (`run_demo`, what the command calls) reuses them."""
 
 from __future__ import annotations
 
 import json
+from types import SimpleNamespace
 
 import pytest
 import soundfile as sf
 
 from conftest import tiny_finetune_recipe
 from workbench import tracking
-from workbench.demo import DemoSettings, fine_tuned_device, general_model_devices, run_demo
+from workbench.demo import DemoSettings, demo_stages, fine_tuned_device, general_model_devices, run_demo
 from workbench.noise.library import NoiseLibrary
 from workbench.workspace import Workspace
 
@@ -17,16 +19,23 @@ from workbench.workspace import Workspace
 
 
 @pytest.fixture
-def demo_run(tmp_path, monkeypatch):
+def demo_run(tmp_path, monkeypatch, cli):
     monkeypatch.delenv("WORKBENCH_HOME", raising=False)
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     recipe = tmp_path / "demo-test.toml"
     recipe.write_text(tiny_finetune_recipe("demo-test", trials=2, steps=4, validate_every=2, segment_seconds=0.5))
     settings = DemoSettings(folder=tmp_path / "demo", scale="small", recipe=str(recipe))
-    return settings, run_demo(settings)
+    shown = cli("demo", "--folder", settings.folder, "--scale", "small", "--recipe", recipe, "--json")
+    assert shown.code == 0, shown.stderr[-3000:]
+    printed = shown.json()
+    stages = [SimpleNamespace(**stage) for stage in printed["stages"]]
+    # The timings come from the library's run: each stage timed, the total their sum.
+    assert all(stage.seconds >= 0 for stage in stages)
+    assert printed["seconds"] == pytest.approx(sum(stage.seconds for stage in stages), abs=0.1 * len(stages))
+    return settings, stages
 
 
-def test_demo_runs_every_stage_and_a_rerun_reuses_them(demo_run):
+def test_demo_runs_every_stage_and_a_rerun_reuses_them(demo_run, cli):
     settings, results = demo_run
     assert [r.name for r in results] == ["archive", "capture-noise", "corpus", "general", "finetune", "denoise",
                                          "registry"]
@@ -76,3 +85,9 @@ def test_demo_runs_every_stage_and_a_rerun_reuses_them(demo_run):
     again = run_demo(settings)
     assert [r.reused for r in again[:-1]] == [True] * 6
     assert tracking.latest_version(name, workspace) == finetune["version"]
+    # For people: a heading and a summary per stage on stderr, the tables on stdout.
+    shown = cli("demo", "--folder", settings.folder, "--scale", "small", "--recipe", settings.recipe)
+    assert shown.code == 0, shown.stderr[-3000:]
+    assert all(stage.title in shown.stderr for stage in demo_stages(workspace, settings))
+    assert shown.stderr.count("(reused)") == 6
+    assert "Registered models" in shown.stdout and "Finished in" in shown.stdout
