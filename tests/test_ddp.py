@@ -17,6 +17,7 @@ from conftest import tiny_recipe
 from workbench import tracking
 
 
+@pytest.mark.slow  # end to end: two torchrun-style pretrain processes
 def test_two_gloo_processes_train_like_one_and_register_once(tiny_archive, tmp_path):
     recipe = tmp_path / "ddp-tiny.toml"
     recipe.write_text(tiny_recipe("ddp-tiny", seed=8, schedule_extra="learning_rate = 3e-3"))

@@ -35,6 +35,7 @@ def demo_run(tmp_path, monkeypatch, cli):
     return settings, stages
 
 
+@pytest.mark.slow  # end to end: the whole demo through the CLI, then again
 def test_demo_runs_every_stage_and_a_rerun_reuses_them(demo_run, cli):
     settings, results = demo_run
     assert [r.name for r in results] == ["archive", "capture-noise", "corpus", "general", "finetune", "denoise",

@@ -160,7 +160,7 @@ def test_training_and_evaluation_never_see_a_non_finite_value(tmp_path):
         read_crop(Source, 0, 44_100)
 
     clean = np.random.default_rng(0).normal(0, 0.1, (2, 4410)).astype(np.float32)
-    fragments = FragmentSet(device="d", speed=None, snrs_db=(10.0,), clean=clean, noise=clean[::-1].copy(), manifest={})
+    fragments = FragmentSet(device="d", speed=None, snrs_db=(10.0,), clean=clean, noise=clean[::-1].copy(), manifest=whole finetune processes)
 
     def diverged(noisy: np.ndarray) -> np.ndarray:
         out = noisy.copy()
@@ -316,6 +316,7 @@ def finetune(ws, recipe: str, **popen) -> subprocess.Popen:
     return workbench_process("finetune", "--device", FT_DEVICE, "--recipe", recipe, "--json", workspace=ws.root, **popen)
 
 
+@pytest.mark.slow  # end to end: whole finetune processes
 def test_two_finetune_workers_at_once_share_the_study_and_register_once(ft_archive):
     import json
 
@@ -337,6 +338,7 @@ def test_two_finetune_workers_at_once_share_the_study_and_register_once(ft_archi
     assert registry_state(ft_archive) == state
 
 
+@pytest.mark.slow  # end to end: whole finetune processes
 def test_a_kill_during_registration_is_completed_by_a_rerun_once(ft_archive):
     """Another recipe is another question: its own study (not the ft-a version back). Its first run is killed
     while it registers; the rerun closes the dead run, trains nothing and registers exactly one version."""

@@ -136,6 +136,7 @@ def cli_module(archive):
 
 # ------------------------------------------------------------------------------------- study and resume
 
+@pytest.mark.slow  # end to end: a finetune process killed, then a whole study run (the `resumed` fixture)
 def test_killed_study_resumes_without_redoing_finished_trials(archive, resumed):
     trials = optuna_trials(archive)
     finished = [t for t in trials if t.state in (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)]
@@ -163,6 +164,7 @@ def test_killed_study_resumes_without_redoing_finished_trials(archive, resumed):
     assert resumed["result"]["trials"].get("COMPLETE", 0) + resumed["result"]["trials"].get("PRUNED", 0) == 2
 
 
+@pytest.mark.slow  # end to end: a finetune process killed, then a whole study run (the `resumed` fixture)
 def test_each_trial_is_a_nested_mlflow_run_under_the_study_run(archive, resumed):
     from workbench import tracking
 
@@ -181,6 +183,7 @@ def test_each_trial_is_a_nested_mlflow_run_under_the_study_run(archive, resumed)
 
 # ------------------------------------------------------------------------------------- registration
 
+@pytest.mark.slow  # end to end: a finetune process killed, then a whole study run (the `resumed` fixture)
 def test_finetune_registers_a_version_with_tags_description_and_report_but_not_a_harmful_one(archive, resumed):
     import mlflow
 
@@ -209,7 +212,7 @@ def test_finetune_registers_a_version_with_tags_description_and_report_but_not_a
     assert tags["gain_vs_base_10db"] == f"{gain['mean']:+.3f} [{gain['ci_low']:+.3f}, {gain['ci_high']:+.3f}] n=2"
     assert tags["gate"].startswith("not promoted: it may make recordings worse")
     assert DEVICE in version.description and "ΔSNR" in version.description and "paired gain" in version.description
-    assert client.get_registered_model(MODEL).aliases == {}
+    assert client.get_registered_model(MODEL).aliases == a finetune process killed, then a whole study run (the `resumed` fixture)
     # The report is in the version's run, downloadable with the MLflow client, and on disk.
     downloaded = Path(client.download_artifacts(version.run_id, "report/report.html", str(archive.root / "dl")))
     page = downloaded.read_text()
@@ -228,6 +231,7 @@ def test_finetune_registers_a_version_with_tags_description_and_report_but_not_a
     assert Path(data["report_html"]).is_file() and Path(data["report_html"]).read_text() == page
 
 
+@pytest.mark.slow  # end to end: a finetune process killed, then a whole study run (the `resumed` fixture)
 def test_device_model_loads_with_pyfunc_and_holds_safetensors_weights(archive, resumed):
     import mlflow
 
@@ -244,11 +248,12 @@ def test_device_model_loads_with_pyfunc_and_holds_safetensors_weights(archive, r
     assert not np.allclose(restored, waveform)
 
 
+@pytest.mark.slow  # end to end: a finetune process killed, then a whole study run (the `resumed` fixture)
 def test_models_list_and_show(archive, resumed, cli_module):
     listed = cli_module("models", "list", "--json")
     assert listed.code == 0, listed.stderr
     by_name = {m["name"]: m for m in listed.json()}
-    assert by_name[MODEL]["aliases"] == {} and by_name[MODEL]["versions"] >= 1
+    assert by_name[MODEL]["aliases"] == a finetune process killed, then a whole study run (the `resumed` fixture) and by_name[MODEL]["versions"] >= 1
     assert set(by_name[MODEL]["delta_snr_db"]) == {"10", "16"}
     assert "tape-denoiser-general" in by_name
     shown = cli_module("models", "show", DEVICE, "--json")
@@ -270,6 +275,7 @@ def test_models_list_and_show(archive, resumed, cli_module):
 
 # ------------------------------------------------------------------------------------- pruning and the gate
 
+@pytest.mark.slow  # end to end: a finetune process killed, then a whole study run (the `resumed` fixture)
 def test_a_wild_schedule_is_pruned_and_a_do_nothing_model_is_registered_but_not_promoted(archive, resumed, cli_module,
                                                                                           tmp_path):
     """A study in a journal file with two enqueued schedules: one whose learning rate is too small to move
@@ -396,10 +402,10 @@ def test_search_space_is_recipe_data_with_one_line_errors():
             search_space(_space(search))
         assert message in str(error.value) and "r.toml" in str(error.value), str(error.value)
     with pytest.raises(WorkbenchError, match="not an argument of the median pruner"):
-        finetune_settings(_space({}, pruner={"type": "median", "min_resource": 3}))
+        finetune_settings(_space(a finetune process killed, then a whole study run (the `resumed` fixture), pruner={"type": "median", "min_resource": 3}))
     with pytest.raises(WorkbenchError, match=r"\[finetune\] trials must be an integer >= 1"):
-        finetune_settings(_space({}, trials=0))
-    assert finetune_settings(_space({}, pruner={"type": "hyperband", "min_resource": 2})).validate_every == 10
+        finetune_settings(_space(a finetune process killed, then a whole study run (the `resumed` fixture), trials=0))
+    assert finetune_settings(_space(a finetune process killed, then a whole study run (the `resumed` fixture), pruner={"type": "hyperband", "min_resource": 2})).validate_every == 10
 
 
 def test_durations_parse_like_people_write_them():

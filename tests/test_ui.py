@@ -67,6 +67,7 @@ def listening_addresses(port: int) -> set[str]:
     return found
 
 
+@pytest.mark.slow  # end to end: a real MLflow server process
 def test_ui_serves_the_registry_over_http_on_localhost(registered):
     port = free_port()
     env = {**os.environ, "WORKBENCH_HOME": str(registered.root)}
