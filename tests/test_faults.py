@@ -160,7 +160,7 @@ def test_training_and_evaluation_never_see_a_non_finite_value(tmp_path):
         read_crop(Source, 0, 44_100)
 
     clean = np.random.default_rng(0).normal(0, 0.1, (2, 4410)).astype(np.float32)
-    fragments = FragmentSet(device="d", speed=None, snrs_db=(10.0,), clean=clean, noise=clean[::-1].copy(), manifest=whole finetune processes)
+    fragments = FragmentSet(device="d", speed=None, snrs_db=(10.0,), clean=clean, noise=clean[::-1].copy(), manifest={})
 
     def diverged(noisy: np.ndarray) -> np.ndarray:
         out = noisy.copy()

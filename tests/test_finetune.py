@@ -212,7 +212,7 @@ def test_finetune_registers_a_version_with_tags_description_and_report_but_not_a
     assert tags["gain_vs_base_10db"] == f"{gain['mean']:+.3f} [{gain['ci_low']:+.3f}, {gain['ci_high']:+.3f}] n=2"
     assert tags["gate"].startswith("not promoted: it may make recordings worse")
     assert DEVICE in version.description and "ΔSNR" in version.description and "paired gain" in version.description
-    assert client.get_registered_model(MODEL).aliases == a finetune process killed, then a whole study run (the `resumed` fixture)
+    assert client.get_registered_model(MODEL).aliases == {}
     # The report is in the version's run, downloadable with the MLflow client, and on disk.
     downloaded = Path(client.download_artifacts(version.run_id, "report/report.html", str(archive.root / "dl")))
     page = downloaded.read_text()
@@ -253,7 +253,7 @@ def test_models_list_and_show(archive, resumed, cli_module):
     listed = cli_module("models", "list", "--json")
     assert listed.code == 0, listed.stderr
     by_name = {m["name"]: m for m in listed.json()}
-    assert by_name[MODEL]["aliases"] == a finetune process killed, then a whole study run (the `resumed` fixture) and by_name[MODEL]["versions"] >= 1
+    assert by_name[MODEL]["aliases"] == {} and by_name[MODEL]["versions"] >= 1
     assert set(by_name[MODEL]["delta_snr_db"]) == {"10", "16"}
     assert "tape-denoiser-general" in by_name
     shown = cli_module("models", "show", DEVICE, "--json")
@@ -402,10 +402,10 @@ def test_search_space_is_recipe_data_with_one_line_errors():
             search_space(_space(search))
         assert message in str(error.value) and "r.toml" in str(error.value), str(error.value)
     with pytest.raises(WorkbenchError, match="not an argument of the median pruner"):
-        finetune_settings(_space(a finetune process killed, then a whole study run (the `resumed` fixture), pruner={"type": "median", "min_resource": 3}))
+        finetune_settings(_space({}, pruner={"type": "median", "min_resource": 3}))
     with pytest.raises(WorkbenchError, match=r"\[finetune\] trials must be an integer >= 1"):
-        finetune_settings(_space(a finetune process killed, then a whole study run (the `resumed` fixture), trials=0))
-    assert finetune_settings(_space(a finetune process killed, then a whole study run (the `resumed` fixture), pruner={"type": "hyperband", "min_resource": 2})).validate_every == 10
+        finetune_settings(_space({}, trials=0))
+    assert finetune_settings(_space({}, pruner={"type": "hyperband", "min_resource": 2})).validate_every == 10
 
 
 def test_durations_parse_like_people_write_them():

@@ -61,15 +61,16 @@ def blank_tape(
     entry = get_device(find_workspace(), device)
     with progress_bars() as progress:
         rendered = render_blank_tape(entry, speed, minutes * 60.0, out, seed=seed, sample_rate=sample_rate,
-                                   defects=defects, progress=progress)
+                                     defects=defects, progress=progress)
     render(rendered, as_json, _show_blank_tape)
 
 
 def _show_blank_tape(rendered) -> None:
     kinds = Counter(e.kind for e in rendered.events)
     events = ", ".join(f"{n} {kind}{'s' if n > 1 else ''}" for kind, n in sorted(kinds.items())) or "no defects"
+    assumed = ", assumed" if rendered.playback_eq_assumed else ""
     console.print(f"rendered {_minutes(rendered.seconds / 60)} of blank tape on [bold]{rendered.device_id}[/] at "
-                  f"{rendered.speed_ips:g} ips ({rendered.playback_eq}{', assumed' if rendered.playback_eq_assumed else ''}), "
+                  f"{rendered.speed_ips:g} ips ({rendered.playback_eq}{assumed}), "
                   f"{rendered.channels} ch, {rendered.sample_rate} Hz -> {rendered.path}")
     console.print(f"injected: {events}; the truth is in {rendered.sidecar}")
 
@@ -95,8 +96,8 @@ def music(
     from workbench.synth.music import render_music
 
     with progress_bars() as progress:
-        rendered = render_music(out_dir, minutes, seed=seed, channels=2 if stereo else 1, piece_seconds=piece_seconds,
-                              progress=progress)
+        rendered = render_music(out_dir, minutes, seed=seed, channels=2 if stereo else 1,
+                                piece_seconds=piece_seconds, progress=progress)
     render(rendered, as_json, _show_music)
 
 

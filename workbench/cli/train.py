@@ -119,8 +119,8 @@ def pretrain_command(
     show = not as_json and is_main_process()
     try:
         with progress_bars(show) as progress:
-            result = pretrain(workspace, recipe, resume=resume, steps=steps, accelerator=accelerator, num_workers=workers,
-                              alias=alias, noise_devices=noise_from or None, progress=progress)
+            result = pretrain(workspace, recipe, resume=resume, steps=steps, accelerator=accelerator,
+                              num_workers=workers, alias=alias, noise_devices=noise_from or None, progress=progress)
     except KeyboardInterrupt:
         err_console.print(f"interrupted: state saved; continue with `workbench pretrain --recipe {recipe} --resume`")
         raise
