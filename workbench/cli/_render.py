@@ -50,7 +50,7 @@ def paired_table(title: str, paired: dict[str, dict[str, dict]], snrs: list[floa
     for snr in snrs:
         table.add_column(f"input {snr:g} dB", justify="right")
     for rival, cells in paired.items():
-        table.add_row(rival, *[ci_text(cells[f"{snr:g}"]["mean"], cells[f"{snr:g}"]["ci_low"], cells[f"{snr:g}"]["ci_high"])
+        table.add_row(rival, *[ci_text(*(cells[f"{snr:g}"][key] for key in ("mean", "ci_low", "ci_high")))
                                if f"{snr:g}" in cells else "" for snr in snrs])
     return table
 

@@ -24,7 +24,8 @@ def demo(
 
     Renders blank tapes for three machines and a clean corpus, ingests the noise, registers the boxed
     general model (models/general/) as @base, fine-tunes one machine with a small Optuna study, registers it
-    in the model registry (MLflow), restores a sample transfer with its champion and lists the model registry. A second run reuses what is done.
+    in the model registry (MLflow), restores a sample transfer with its champion and lists the model registry.
+    A second run reuses what is done.
     """
     from workbench.demo import DemoSettings, run_demo
 

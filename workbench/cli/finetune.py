@@ -29,7 +29,7 @@ def finetune(
                                     help="Where to train: auto (CUDA when present), cpu, cuda, cuda:1."),
     as_json: bool = json_option(),
 ) -> None:
-    """Fine-tune the general model to one replay machine and register it as tape-denoiser-ID in the model registry (MLflow).
+    """Fine-tune the general model to one replay machine; register it as tape-denoiser-ID in the model registry.
 
     An Optuna study (TPE, pruned on validation ΔSNR of the machine's validation noise) searches the
     recipe's schedule space; the best trial is evaluated on the machine's `test` noise with the research

@@ -92,8 +92,9 @@ def _show_model(shown: dict) -> None:
             summary.add_column(column)
         for row in report["table"]:
             peaq = [ci_text(row["delta_peaq"], *row["delta_peaq_ci"]) if "delta_peaq" in row else ""] if report_peaq else []
-            summary.add_row(f"{row['input_snr_db']:g} dB", row["method"], ci_text(row["delta_snr_db"], *row["delta_snr_ci"]),
-                            f"{row['delta_si_sdr_db']:+.2f}", *peaq, str(row["fragments"]))
+            summary.add_row(f"{row['input_snr_db']:g} dB", row["method"],
+                            ci_text(row["delta_snr_db"], *row["delta_snr_ci"]), f"{row['delta_si_sdr_db']:+.2f}", *peaq,
+                            str(row["fragments"]))
         console.print(summary)
         if report.get("paired"):
             snrs = sorted({float(snr) for cells in report["paired"].values() for snr in cells})
