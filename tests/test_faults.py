@@ -173,6 +173,7 @@ def test_training_and_evaluation_never_see_a_non_finite_value(tmp_path):
 
 # --- a full disk --------------------------------------------------------------------------------------------
 
+@pytest.mark.slow  # end to end: a workbench process run under a file-size limit
 def test_a_full_disk_while_writing_is_one_line_and_leaves_no_partial_file(tmp_path, random_tiny_checkpoint):
     source = tmp_path / "long.wav"
     sf.write(source, hiss(12.0), 48_000, subtype="PCM_24")  # 3.5 MB: past the 1 MB limit
@@ -187,6 +188,7 @@ def test_a_full_disk_while_writing_is_one_line_and_leaves_no_partial_file(tmp_pa
 
 # --- kills --------------------------------------------------------------------------------------------------
 
+@pytest.mark.slow  # end to end: a workbench process killed, then run again
 def test_a_killed_denoise_of_a_folder_is_finished_by_a_rerun_without_partial_files(tmp_path, random_tiny_checkpoint):
     transfers = tmp_path / "transfers"
     transfers.mkdir()
@@ -254,6 +256,7 @@ def hold_exclusive_lock(database: Path, seconds: float) -> threading.Event:
     return release
 
 
+@pytest.mark.slow  # end to end: workbench processes waiting out a held SQLite lock
 def test_a_locked_mlflow_store_is_waited_for_then_refused_in_one_line(workspace, cli):
     from workbench import tracking
 

@@ -25,6 +25,7 @@ def checkpoint(tmp_path):
     return path, model
 
 
+@pytest.mark.slow  # end to end: processes racing to create the store
 def test_store_is_the_workspace_sqlite_and_is_created_once_by_concurrent_processes(workspace):
     script = ("import sys; from pathlib import Path; from workbench.workspace import Workspace; from workbench import tracking; "
               "tracking.experiment_id('race', Workspace(Path(sys.argv[1])))")

@@ -218,6 +218,7 @@ def _tiny_run(sources, tmp_path, **schedule):
     return model, Schedule(**{**settings, **schedule}), examples, validation
 
 
+@pytest.mark.slow  # end to end: whole runs of the training loop
 def test_interrupted_and_resumed_run_reproduces_the_uninterrupted_losses(sources, tmp_path):
     model, schedule, examples, validation = _tiny_run(sources, tmp_path)
     whole = train(model, schedule, examples, validation, tmp_path / "whole")
@@ -246,6 +247,7 @@ def test_interrupted_and_resumed_run_reproduces_the_uninterrupted_losses(sources
         train(*_tiny_run(sources, tmp_path), tmp_path / "never-ran", resume=True)
 
 
+@pytest.mark.slow  # end to end: whole runs of the training loop
 def test_frozen_groups_stay_put_and_l2sp_pulls_toward_the_base(sources, tmp_path):
     model, schedule, examples, validation = _tiny_run(sources, tmp_path, steps=3, validate_every=3, freeze=("stage1",))
     before = {k: v.clone() for k, v in model.state_dict().items()}
@@ -265,6 +267,7 @@ def test_frozen_groups_stay_put_and_l2sp_pulls_toward_the_base(sources, tmp_path
     assert distances[1e4] < distances[0.0]
 
 
+@pytest.mark.slow  # end to end: whole runs of the training loop
 def test_validation_callback_and_plateau_stop_the_run(sources, tmp_path):
     model, schedule, examples, validation = _tiny_run(sources, tmp_path, steps=8)
     seen = []
