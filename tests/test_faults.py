@@ -215,6 +215,7 @@ def test_a_killed_denoise_of_a_folder_is_finished_by_a_rerun_without_partial_fil
     assert code == 2 and "already exists" in error_line(stderr)
 
 
+@pytest.mark.slow  # end to end: a workbench process killed, then run again
 def test_a_killed_corpus_add_leaves_the_registry_as_it_was(workspace, cli, tmp_path):
     from workbench.corpus import registry_path
 
