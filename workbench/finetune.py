@@ -142,7 +142,7 @@ def resolve_base(workspace: Workspace, ref: str | None) -> tuple[Path, dict]:
             version = tracking.latest_version(tracking.GENERAL_MODEL, workspace)
         if version is None:
             raise WorkbenchError(f"no general model is registered ({tracking.GENERAL_MODEL}): run `workbench pretrain`, "
-                                 "import the published one with `workbench checkpoint import`, or pass --base FILE")
+                                 "import the published one with `workbench import-checkpoint`, or pass --base FILE")
         ref = tracking.model_uri(tracking.GENERAL_MODEL, version)
     if ref.startswith("models:/"):
         path, facts = tracking.fetch_checkpoint(ref, workspace)

@@ -234,7 +234,7 @@ def pretrain(workspace: Workspace, recipe_ref: str | Path, *, resume: bool = Fal
 
 def register_checkpoint_file(workspace: Workspace, checkpoint: Path, *, name: str, alias: str | None = None,
                              description: str | None = None) -> int:
-    """Register a checkpoint made elsewhere (e.g. `checkpoint import`): its sidecar's facts become version tags."""
+    """Register a checkpoint made elsewhere (e.g. `import-checkpoint`): its sidecar's facts become version tags."""
     from workbench import tracking
     from workbench.model.checkpoint import load_checkpoint
 
