@@ -23,6 +23,11 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
+# For the edit-test loop: everything but the end-to-end runs (marked slow), with the property tests' quick
+# profile (10 examples each, tests/conftest.py). `make test` runs it all, with the full profile.
+test-fast: $(STAMP)
+	HYPOTHESIS_PROFILE=dev $(BIN)/python -m pytest -q -m "not slow" $(PYTEST_ARGS)
+
 bench: $(STAMP)
 	for script in benchmarks/*.py; do $(BIN)/python $$script || exit 1; done
 

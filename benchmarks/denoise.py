@@ -17,7 +17,7 @@ that run's own:
    Peak RSS must not grow with length; the child's RSS after imports is printed as the floor.
 
     .venv/bin/python benchmarks/denoise.py [--sizes tiny,small,paper] [--seconds 60] [--paper-seconds 15]
-                                            [--short-minutes 5] [--long-minutes 60] [--compute auto]
+                                            [--short-minutes 5] [--long-minutes 60] [--accelerator auto]
 
 Timings are wall-clock on whatever else the machine is doing: on a shared machine, run it twice.
 The 60-minute run takes (60 min / the tiny model's real-time factor); --long-minutes shortens it.
@@ -61,7 +61,7 @@ CHILD = textwrap.dedent("""
         # "before": the landed main's path (plain network code, glibc's allocator, one chunk per call).
         with reference_path() if args.get("before") else contextlib.nullcontext():
             [record] = denoise_files([Path(args["audio"])], model_ref=checkpoint, out_dir=Path(args["folder"]) / "out",
-                                     compute=args["compute"], overwrite=True, batch=1 if args.get("before") else None)
+                                     accelerator=args["accelerator"], overwrite=True, batch=1 if args.get("before") else None)
         wall = time.perf_counter() - started
         result = {"wall_s": wall, "audio_s": record["input"]["seconds"], "rtf": record["real_time_factor"],
                   "device": record["compute"]["device"], "chunks": record["chunks"],
@@ -130,7 +130,7 @@ def main() -> None:
                         help="excerpt the paper size runs on (extrapolated to --seconds); 0 = full length")
     parser.add_argument("--short-minutes", type=float, default=5.0)
     parser.add_argument("--long-minutes", type=float, default=60.0, help="0 skips the streaming runs")
-    parser.add_argument("--compute", default="auto")
+    parser.add_argument("--accelerator", default="auto", help="auto, cpu, cuda or cuda:N")
     parser.add_argument("--json", action="store_true", help="print the raw results as JSON too")
     parser.add_argument("--before", action="store_true", help="also time each size as the landed main ran it")
     options = parser.parse_args()
@@ -155,10 +155,10 @@ def main() -> None:
                 write_transfer(source, options.paper_seconds, seed=1)
             if options.before:
                 before = run_child("model", size=size, audio=str(source), folder=str(folder / f"{size}-before"),
-                                   compute=options.compute, before=True)
+                                   accelerator=options.accelerator, before=True)
                 print(f"{size:>6} before (plain code, default allocator, 1 chunk per call): {before['rtf']:.2f}x "
                       f"real time, peak RSS {before['rss_peak_kb'] / 1024:.0f} MB", flush=True)
-            run = run_child("model", size=size, audio=str(source), folder=str(folder / size), compute=options.compute)
+            run = run_child("model", size=size, audio=str(source), folder=str(folder / size), accelerator=options.accelerator)
             if options.before:
                 print(f"{size:>6} after: {run['rtf']:.2f}x real time, {run['rtf'] / before['rtf']:.2f}x the before "
                       f"rate, {run['chunks_per_forward']} chunks per forward call", flush=True)
@@ -180,7 +180,7 @@ def main() -> None:
             path = folder / f"transfer-{minutes:g}min.wav"
             write_transfer(path, minutes * 60, seed=3)
             run = run_child("model", size="tiny", audio=str(path), folder=str(folder / f"stream-{label}"),
-                            compute=options.compute)
+                            accelerator=options.accelerator)
             path.unlink()
             results["streaming"][f"{minutes:g} min"] = run
             print(f"streaming, tiny, {minutes:g} min: peak RSS {run['rss_peak_kb'] / 1024:.0f} MB "

@@ -72,7 +72,7 @@ def variant_machine(workspace, target: str, name: str, speed: float) -> str:
     deck = get_device(workspace, target)
     # Every parameter of the deck's own signature, so that only the fault differs (a new id alone would
     # draw new derived values).
-    signature = device_signature(deck).to_json()
+    signature = device_signature(deck).to_dict()
     simulation = {key: signature[key] for key in SIMULATION_KEYS if key in signature}
     simulation |= {"clicks_per_minute": 0.0, "dropouts_per_minute": 0.0, **VARIANTS[name]}
     machine = dataclasses.replace(deck, id=f"{target}-{name}", notes=f"benchmark variant of {target}: {name}",

@@ -17,7 +17,7 @@ library, a minute of synthetic music), all with the same segment length and batc
    the speed-up is after's best samples/s over before's.
 
     .venv/bin/python benchmarks/train.py [--sizes tiny,small,paper] [--segment 1.0] [--batch 4]
-                                          [--steps 12] [--paper-steps 3] [--workers 2] [--device cpu|cuda]
+                                          [--steps 12] [--paper-steps 3] [--workers 2] [--accelerator cpu|cuda]
                                           [--repeats 1]
 
 Timings are wall-clock on whatever else the machine is doing; on a shared machine, run it twice.
@@ -163,7 +163,7 @@ def main() -> None:
     parser.add_argument("--paper-steps", type=int, default=3)
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--data-batches", type=int, default=40)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--accelerator", dest="device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--repeats", type=int, default=1, help="children per variant in the before/after table")
     parser.add_argument("--skip-pipeline", action="store_true", help="only the before/after table")
     args = parser.parse_args()
@@ -210,7 +210,7 @@ def main() -> None:
                   f"{'the model' if ratio > 1 else 'the data pipeline'}", flush=True)
         compare(root, args, args.sizes.split(","))
         print("\nSeconds of audio per second of training = samples/s × segment; "
-              f"the paper trained at about 1.85 steps/s × 16 × 5 s = 148 s/s on one RTX 3090.")
+              "the paper trained at about 1.85 steps/s × 16 × 5 s = 148 s/s on one RTX 3090.")
     finally:
         shutil.rmtree(root, ignore_errors=True)
 

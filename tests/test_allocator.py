@@ -56,6 +56,7 @@ def forward_faults(*modes: str) -> list[dict]:
     return results
 
 
+@pytest.mark.slow  # end to end: CLI processes probed for their page faults
 @pytest.mark.skipif(not is_glibc(), reason="the setting is glibc's; elsewhere it is a no-op")
 def test_cli_process_forward_pass_does_not_page_fault_its_activations():
     tuned, plain = forward_faults("cli", "plain")

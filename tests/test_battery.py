@@ -22,7 +22,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import soundfile as sf
-import torch
 from hypothesis import event, given, reject, settings
 from hypothesis import strategies as st
 
@@ -166,7 +165,7 @@ def test_denoise_keeps_rate_channels_length_subtype_or_refuses_with_nothing_writ
     out = folder / "out"
     try:
         [record] = denoise_files([path], model_ref=random_tiny_checkpoint, out_dir=out, strength=strength,
-                                 chunk_seconds=0.1, compute="cpu")
+                                 chunk_seconds=0.1, accelerator="cpu")
     except WorkbenchError as error:
         message = refusal(error, path)
         honest = case.frames == 0 or case.lie == "cut" or "too costly to resample" in message
@@ -192,7 +191,7 @@ def test_denoise_keeps_rate_channels_length_subtype_or_refuses_with_nothing_writ
             # The same restoration as floats (no clipping): the count the sidecar reports is exactly the
             # samples of it outside what the subtype holds.
             [unclipped] = denoise_files([path], model_ref=random_tiny_checkpoint, out_dir=folder / "float",
-                                        subtype="FLOAT", format="W64", chunk_seconds=0.1, compute="cpu")
+                                        subtype="FLOAT", format="W64", chunk_seconds=0.1, accelerator="cpu")
             floats = sf.read(unclipped["output"]["path"], dtype="float64", always_2d=True)[0]
             outside = int(np.count_nonzero((floats < limits[0]) | (floats > limits[1])))
             assert record["output"]["clipped_samples"] == outside, (case, outside)

@@ -330,6 +330,7 @@ def test_unknown_device_or_speed_is_refused(workspace, cli, tmp_path):
 
 # --- a kill in the middle -----------------------------------------------------------------------------------
 
+@pytest.mark.slow  # end to end: a workbench process killed, then run again
 def test_a_killed_ingest_leaves_the_library_as_it_was(workspace, cli, tmp_path):
     assert ingest(cli, write(tmp_path / "first.wav", blank_tape(6, seed=12))).code == 0
     before = library_state(workspace)

@@ -17,12 +17,13 @@ from conftest import tiny_recipe
 from workbench import tracking
 
 
+@pytest.mark.slow  # end to end: two torchrun-style pretrain processes
 def test_two_gloo_processes_train_like_one_and_register_once(tiny_archive, tmp_path):
     recipe = tmp_path / "ddp-tiny.toml"
     recipe.write_text(tiny_recipe("ddp-tiny", seed=8, schedule_extra="learning_rate = 3e-3"))
     env = {**os.environ, "WORKBENCH_HOME": str(tiny_archive.root), "OMP_NUM_THREADS": "1"}
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-               "-m", "workbench", "pretrain", "--recipe", str(recipe), "--device", "cpu", "--json"]
+               "-m", "workbench", "pretrain", "--recipe", str(recipe), "--accelerator", "cpu", "--json"]
     finished = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600, cwd=tmp_path)
     assert finished.returncode == 0, finished.stderr[-3000:]
     distributed = json.loads(finished.stdout)  # only rank 0 prints
@@ -30,7 +31,7 @@ def test_two_gloo_processes_train_like_one_and_register_once(tiny_archive, tmp_p
 
     from workbench.train.pretrain import pretrain
 
-    single = pretrain(tiny_archive, recipe, device="cpu", num_workers=0)
+    single = pretrain(tiny_archive, recipe, accelerator="cpu", num_workers=0)
     assert single.version == 2
     assert distributed["initial"]["val_loss"] == pytest.approx(single.initial["val_loss"], rel=1e-6)
     assert distributed["last"]["val_loss"] == pytest.approx(single.history[-1]["val_loss"], rel=1e-4)

@@ -173,6 +173,7 @@ def test_training_and_evaluation_never_see_a_non_finite_value(tmp_path):
 
 # --- a full disk --------------------------------------------------------------------------------------------
 
+@pytest.mark.slow  # end to end: a workbench process run under a file-size limit
 def test_a_full_disk_while_writing_is_one_line_and_leaves_no_partial_file(tmp_path, random_tiny_checkpoint):
     source = tmp_path / "long.wav"
     sf.write(source, hiss(12.0), 48_000, subtype="PCM_24")  # 3.5 MB: past the 1 MB limit
@@ -187,6 +188,7 @@ def test_a_full_disk_while_writing_is_one_line_and_leaves_no_partial_file(tmp_pa
 
 # --- kills --------------------------------------------------------------------------------------------------
 
+@pytest.mark.slow  # end to end: a workbench process killed, then run again
 def test_a_killed_denoise_of_a_folder_is_finished_by_a_rerun_without_partial_files(tmp_path, random_tiny_checkpoint):
     transfers = tmp_path / "transfers"
     transfers.mkdir()
@@ -213,6 +215,7 @@ def test_a_killed_denoise_of_a_folder_is_finished_by_a_rerun_without_partial_fil
     assert code == 2 and "already exists" in error_line(stderr)
 
 
+@pytest.mark.slow  # end to end: a workbench process killed, then run again
 def test_a_killed_corpus_add_leaves_the_registry_as_it_was(workspace, cli, tmp_path):
     from workbench.corpus import registry_path
 
@@ -254,6 +257,7 @@ def hold_exclusive_lock(database: Path, seconds: float) -> threading.Event:
     return release
 
 
+@pytest.mark.slow  # end to end: workbench processes waiting out a held SQLite lock
 def test_a_locked_mlflow_store_is_waited_for_then_refused_in_one_line(workspace, cli):
     from workbench import tracking
 
@@ -316,6 +320,7 @@ def finetune(ws, recipe: str, **popen) -> subprocess.Popen:
     return workbench_process("finetune", "--device", FT_DEVICE, "--recipe", recipe, "--json", workspace=ws.root, **popen)
 
 
+@pytest.mark.slow  # end to end: whole finetune processes
 def test_two_finetune_workers_at_once_share_the_study_and_register_once(ft_archive):
     import json
 
@@ -339,6 +344,7 @@ def test_two_finetune_workers_at_once_share_the_study_and_register_once(ft_archi
     assert registry_state(ft_archive) == state
 
 
+@pytest.mark.slow  # end to end: whole finetune processes
 def test_a_kill_during_registration_is_completed_by_a_rerun_once(ft_archive):
     """Another recipe is another question: its own study (not the ft-a version back). Its first run is killed
     while it registers; the rerun closes the dead run, trains nothing and registers exactly one version."""

@@ -136,6 +136,7 @@ def cli_module(archive):
 
 # ------------------------------------------------------------------------------------- study and resume
 
+@pytest.mark.slow  # end to end: a finetune process killed, then a whole study run (the `resumed` fixture)
 def test_killed_study_resumes_without_redoing_finished_trials(archive, resumed):
     trials = optuna_trials(archive)
     finished = [t for t in trials if t.state in (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)]
@@ -163,6 +164,7 @@ def test_killed_study_resumes_without_redoing_finished_trials(archive, resumed):
     assert resumed["result"]["trials"].get("COMPLETE", 0) + resumed["result"]["trials"].get("PRUNED", 0) == 2
 
 
+@pytest.mark.slow  # end to end: a finetune process killed, then a whole study run (the `resumed` fixture)
 def test_each_trial_is_a_nested_mlflow_run_under_the_study_run(archive, resumed):
     from workbench import tracking
 
@@ -181,6 +183,7 @@ def test_each_trial_is_a_nested_mlflow_run_under_the_study_run(archive, resumed)
 
 # ------------------------------------------------------------------------------------- registration
 
+@pytest.mark.slow  # end to end: a finetune process killed, then a whole study run (the `resumed` fixture)
 def test_finetune_registers_a_version_with_tags_description_and_report_but_not_a_harmful_one(archive, resumed):
     import mlflow
 
@@ -228,6 +231,7 @@ def test_finetune_registers_a_version_with_tags_description_and_report_but_not_a
     assert Path(data["report_html"]).is_file() and Path(data["report_html"]).read_text() == page
 
 
+@pytest.mark.slow  # end to end: a finetune process killed, then a whole study run (the `resumed` fixture)
 def test_device_model_loads_with_pyfunc_and_holds_safetensors_weights(archive, resumed):
     import mlflow
 
@@ -244,6 +248,7 @@ def test_device_model_loads_with_pyfunc_and_holds_safetensors_weights(archive, r
     assert not np.allclose(restored, waveform)
 
 
+@pytest.mark.slow  # end to end: a finetune process killed, then a whole study run (the `resumed` fixture)
 def test_models_list_and_show(archive, resumed, cli_module):
     listed = cli_module("models", "list", "--json")
     assert listed.code == 0, listed.stderr
@@ -270,6 +275,7 @@ def test_models_list_and_show(archive, resumed, cli_module):
 
 # ------------------------------------------------------------------------------------- pruning and the gate
 
+@pytest.mark.slow  # end to end: a finetune process killed, then a whole study run (the `resumed` fixture)
 def test_a_wild_schedule_is_pruned_and_a_do_nothing_model_is_registered_but_not_promoted(archive, resumed, cli_module,
                                                                                           tmp_path):
     """A study in a journal file with two enqueued schedules: one whose learning rate is too small to move

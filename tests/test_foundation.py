@@ -13,7 +13,7 @@ from workbench.audio.dsp import StreamingResampler, resample, resampled_length
 from workbench.audio.io import atomic_path, audio_info, iter_blocks, read_ahead, write_audio
 from workbench.devices import get_device, load_devices, parse_playback_eq
 from workbench.errors import WorkbenchError
-from workbench.workspace import find_workspace, init_workspace
+from workbench.workspace import find_workspace
 
 
 def test_version_and_help_list_every_command(cli):

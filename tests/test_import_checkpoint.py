@@ -1,5 +1,5 @@
 """Importing Keras `save_weights` checkpoints without TensorFlow: the bundle reader, the variable map,
-layer conventions, refusals, and the `import-checkpoint` / `checkpoint-info` commands.
+layer conventions, refusals, and the `checkpoint import` / `checkpoint info` commands.
 
 Checkpoints are written by tests/tf_bundle.py (TF's tensor-bundle format, from a model's state with the
 reference's key names and layouts), mostly for reduced sizes: the key structure is the same for any size.
@@ -231,20 +231,20 @@ def test_snappy_blocks_decode():
 def test_cli_imports_and_shows_a_checkpoint(tiny_bundle, tmp_path, cli):
     index, _, _ = tiny_bundle
     out = tmp_path / "models" / "general.safetensors"
-    result = cli("import-checkpoint", index, "--out", out, "--size", "tiny", "--json")
+    result = cli("checkpoint", "import", index, "--out", out, "--size", "tiny", "--json")
     assert result.code == 0, result.stderr
     assert result.json()["variables"] == len(keras_variable_map(SIZES["tiny"]))
-    shown = cli("checkpoint-info", out, "--json")
+    shown = cli("checkpoint", "info", out, "--json")
     assert shown.code == 0 and shown.json()["size"] == "tiny"
     assert shown.json()["lineage"]["source"] == "keras-checkpoint"
-    table = cli("checkpoint-info", out)
+    table = cli("checkpoint", "info", out)
     assert table.code == 0 and "keras-checkpoint" in table.stdout
 
 
 def test_cli_refusal_is_one_line_and_writes_nothing(tiny_bundle, tmp_path, cli):
     index, _, _ = tiny_bundle
     out = tmp_path / "paper.safetensors"
-    result = cli("import-checkpoint", index, "--out", out)  # a tiny checkpoint is not the paper network
+    result = cli("checkpoint", "import", index, "--out", out)  # a tiny checkpoint is not the paper network
     assert result.code == 2
     assert result.stderr.strip().startswith("error:") and "does not match the 'paper'" in result.stderr
     assert not out.exists()

@@ -99,7 +99,7 @@ def test_separate_streams_and_very_short_input():
 
 def test_json_round_trip_and_plot(tmp_path):
     profile = noise_profile(hiss_with_hum(50.0), SR)
-    data = json.loads(json.dumps(profile.to_json()))
+    data = json.loads(json.dumps(profile.to_dict()))
     again = NoiseProfile.from_json(data)
     assert again.hum.mains_hz == 50 and again.hum.fundamental_hz == pytest.approx(profile.hum.fundamental_hz)
     assert again.tilt_db_per_octave == profile.tilt_db_per_octave

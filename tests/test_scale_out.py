@@ -134,7 +134,7 @@ def study_runs(client, device: str) -> tuple[list, list]:
 def general_model(archive, server) -> dict:
     """`workbench pretrain` over HTTP: the general model every scenario fine-tunes (@base)."""
     pretrain = workbench(environment(archive, server.uri), "pretrain", "--recipe", "pt-scale", "--noise-from",
-                         "uher-4000-l", "--alias", "base", "--device", "cpu", "--workers", "0", "--json")
+                         "uher-4000-l", "--alias", "base", "--accelerator", "cpu", "--workers", "0", "--json")
     code, out, err = finish(pretrain)
     assert code == 0, err[-3000:]
     return json.loads(out)
@@ -209,7 +209,7 @@ def test_artifacts_go_through_the_server_and_the_model_loads_from_another_folder
     audio = (0.05 * np.random.default_rng(1).standard_normal((44_100, 2))).astype(np.float32)
     sf.write(transfer, audio, 44_100, subtype="PCM_24")
     restored = cli("denoise", "--device", "technics-tr575-a", transfer, "--out", tmp_path / "restored",
-                   "--compute", "cpu", "--json")
+                   "--accelerator", "cpu", "--json")
     assert restored.code == 0, restored.stderr
     record = restored.json()[0]
     assert record["model"]["uri"] == "models:/tape-denoiser-technics-tr575-a/1"

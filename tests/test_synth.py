@@ -150,7 +150,7 @@ def test_injected_events_are_in_the_audio_and_the_sidecar(tmp_path):
     kinds = [e.kind for e in render.events]
     assert {"click", "dropout", "splice"} <= set(kinds) and kinds.count("splice") == 1
     truth = json.loads(sidecar_path(path).read_text())
-    assert truth["events"] == [e.to_json() for e in render.events] and truth["device"] == "uher-4000-l"
+    assert truth["events"] == [e.to_dict() for e in render.events] and truth["device"] == "uher-4000-l"
     audio, _ = read_audio(path)
     level = lambda a, b: 20 * math.log10(np.std(audio[0, int(a * SR): int(b * SR)]))  # noqa: E731
     typical = level(0, 20)

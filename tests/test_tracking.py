@@ -25,6 +25,7 @@ def checkpoint(tmp_path):
     return path, model
 
 
+@pytest.mark.slow  # end to end: processes racing to create the store
 def test_store_is_the_workspace_sqlite_and_is_created_once_by_concurrent_processes(workspace):
     script = ("import sys; from pathlib import Path; from workbench.workspace import Workspace; from workbench import tracking; "
               "tracking.experiment_id('race', Workspace(Path(sys.argv[1])))")
@@ -165,7 +166,7 @@ def test_registering_a_missing_checkpoint_is_one_line(workspace, tmp_path):
 
 def test_register_checkpoint_command_registers_an_outside_checkpoint_with_its_alias(tiny_archive, checkpoint, cli):
     path, _ = checkpoint
-    result = cli("register-checkpoint", path, "--alias", "base", "--json")
+    result = cli("checkpoint", "register", path, "--alias", "base", "--json")
     assert result.code == 0, result.stderr
     assert result.json() == {"name": "tape-denoiser-general", "version": 1, "alias": "base",
                              "model_uri": "models:/tape-denoiser-general/1"}
@@ -175,6 +176,6 @@ def test_register_checkpoint_command_registers_an_outside_checkpoint_with_its_al
     damaged = path.with_name("damaged.safetensors")
     damaged.write_bytes(path.read_bytes()[:-100])
     path.with_suffix(".json").rename(damaged.with_suffix(".json"))
-    refused = cli("register-checkpoint", damaged)
+    refused = cli("checkpoint", "register", damaged)
     assert refused.code == 2 and "damaged.safetensors" in refused.stderr
     assert model_registry.latest_version("tape-denoiser-general") == 1

@@ -218,6 +218,7 @@ def _tiny_run(sources, tmp_path, **schedule):
     return model, Schedule(**{**settings, **schedule}), examples, validation
 
 
+@pytest.mark.slow  # end to end: whole runs of the training loop
 def test_interrupted_and_resumed_run_reproduces_the_uninterrupted_losses(sources, tmp_path):
     model, schedule, examples, validation = _tiny_run(sources, tmp_path)
     whole = train(model, schedule, examples, validation, tmp_path / "whole")
@@ -246,6 +247,7 @@ def test_interrupted_and_resumed_run_reproduces_the_uninterrupted_losses(sources
         train(*_tiny_run(sources, tmp_path), tmp_path / "never-ran", resume=True)
 
 
+@pytest.mark.slow  # end to end: whole runs of the training loop
 def test_frozen_groups_stay_put_and_l2sp_pulls_toward_the_base(sources, tmp_path):
     model, schedule, examples, validation = _tiny_run(sources, tmp_path, steps=3, validate_every=3, freeze=("stage1",))
     before = {k: v.clone() for k, v in model.state_dict().items()}
@@ -265,6 +267,7 @@ def test_frozen_groups_stay_put_and_l2sp_pulls_toward_the_base(sources, tmp_path
     assert distances[1e4] < distances[0.0]
 
 
+@pytest.mark.slow  # end to end: whole runs of the training loop
 def test_validation_callback_and_plateau_stop_the_run(sources, tmp_path):
     model, schedule, examples, validation = _tiny_run(sources, tmp_path, steps=8)
     seen = []
@@ -286,6 +289,7 @@ def test_validation_callback_and_plateau_stop_the_run(sources, tmp_path):
 PRETRAIN_STEPS = 40
 
 
+@pytest.mark.slow  # end to end: whole pretrain runs
 def test_pretrain_learns_is_tracked_registers_and_the_registered_model_denoises_a_file(tiny_archive, tmp_path, cli):
     import mlflow
     import soundfile as sf
@@ -294,7 +298,7 @@ def test_pretrain_learns_is_tracked_registers_and_the_registered_model_denoises_
     from workbench.evaluate.metrics import snr_db
 
     recipe = write_recipe(tmp_path, steps=PRETRAIN_STEPS, validate_every=PRETRAIN_STEPS // 2)
-    result = cli("pretrain", "--recipe", recipe, "--device", "cpu", "--workers", "1", "--json")
+    result = cli("pretrain", "--recipe", recipe, "--accelerator", "cpu", "--workers", "1", "--json")
     assert result.code == 0, result.stderr
     report = result.json()
     initial, best, last = report["initial"], report["best"], report["last"]
@@ -351,6 +355,7 @@ def read_mixture(workspace) -> dict:
     return {"noisy": tensors["noisy"][0], "clean": tensors["clean"][0]}
 
 
+@pytest.mark.slow  # end to end: whole pretrain runs
 def test_pretrain_saves_on_ctrl_c_resumes_exactly_and_refuses_what_it_cannot(tiny_archive, tmp_path, cli):
     import os
     import signal
@@ -365,7 +370,7 @@ def test_pretrain_saves_on_ctrl_c_resumes_exactly_and_refuses_what_it_cannot(tin
     # A real Ctrl-C (SIGINT) to a real `workbench pretrain` with a DataLoader worker.
     env = {**os.environ, "WORKBENCH_HOME": str(tiny_archive.root)}
     process = subprocess.Popen([sys.executable, "-m", "workbench", "pretrain", "--recipe", str(recipe), "--workers", "1",
-                                "--device", "cpu", "--json"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                "--accelerator", "cpu", "--json"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                text=True)
     deadline = time.monotonic() + 300
     while not list(tiny_archive.runs_dir.glob("pretrain-test-tiny-*/state.safetensors")) and time.monotonic() < deadline:
@@ -379,13 +384,13 @@ def test_pretrain_saves_on_ctrl_c_resumes_exactly_and_refuses_what_it_cannot(tin
     saved = json.loads((run_dir / "state.json").read_text())
     assert 2 <= saved["step"] < 12
 
-    resumed = pretrain(tiny_archive, recipe, device="cpu", num_workers=0, resume=True)
+    resumed = pretrain(tiny_archive, recipe, accelerator="cpu", num_workers=0, resume=True)
     assert resumed.step == 12 and resumed.run_dir == run_dir and resumed.version == 1
     assert [h["step"] for h in resumed.history] == [0, 6, 12]
     history = tracking_client(tiny_archive).get_metric_history(resumed.run_id, "train_loss")
     assert sorted(m.step for m in history) == list(range(1, 13))  # one MLflow run across the interruption
     with pytest.raises(WorkbenchError, match="no interrupted pretrain run"):
-        pretrain(tiny_archive, recipe, device="cpu", resume=True)
+        pretrain(tiny_archive, recipe, accelerator="cpu", resume=True)
     bad = cli("pretrain", "--recipe", tmp_path / "missing.toml")
     assert bad.code == 2 and "no such recipe" in bad.stderr
     (tmp_path / "wrong.toml").write_text("[data]\ndevices = ['no-such-deck']\n")

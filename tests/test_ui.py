@@ -67,6 +67,7 @@ def listening_addresses(port: int) -> set[str]:
     return found
 
 
+@pytest.mark.slow  # end to end: a real MLflow server process
 def test_ui_serves_the_registry_over_http_on_localhost(registered):
     port = free_port()
     env = {**os.environ, "WORKBENCH_HOME": str(registered.root)}
@@ -105,7 +106,12 @@ def test_ui_serves_the_registry_over_http_on_localhost(registered):
             except subprocess.TimeoutExpired:
                 os.killpg(server.pid, signal.SIGKILL)
                 server.wait()
-    assert server.returncode is not None
+    # Our SIGTERM stopped it cleanly (not the SIGKILL fallback, not a crash), and nothing listens on the port any more.
+    assert server.returncode == 0, (server.returncode, server.stdout.read().decode(errors="replace")[-2000:])
+    deadline = time.monotonic() + 10
+    while listening_addresses(port) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not listening_addresses(port), listening_addresses(port)
 
 
 def test_ui_refuses_a_tracking_server_uri_and_a_bad_port(workspace, cli, monkeypatch):

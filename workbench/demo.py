@@ -15,6 +15,7 @@ the device's champion → list the registry.
 from __future__ import annotations
 
 import shutil
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -46,6 +47,11 @@ class StageResult:
     summary: str  # one line for people
     data: dict = field(default_factory=dict)  # everything for --json
     reused: bool = False
+    seconds: float = 0.0  # wall time of the stage, set by run_demo
+
+    def to_dict(self) -> dict:
+        return {"name": self.name, "summary": self.summary, "reused": self.reused, "seconds": round(self.seconds, 1),
+                "data": self.data}
 
 
 @dataclass
@@ -85,7 +91,7 @@ def demo_stages(workspace: Workspace, settings: DemoSettings) -> Iterator[Stage]
         music = sum(c["seconds"] for c in result.manifest["corpus"].values()) / 60
         return StageResult("archive", f"{len(result.manifest['blank_tapes'])} blank tapes ({minutes:.1f} min), "
                            f"{music:.1f} min of clean music, {len(result.manifest['transfers'])} transfers "
-                           f"in {archive_folder}", result.to_json(), result.reused)
+                           f"in {archive_folder}", result.to_dict(), result.reused)
 
     def capture(progress: Progress) -> StageResult:
         from workbench.noise.ingest import capture_noise
@@ -96,7 +102,7 @@ def demo_stages(workspace: Workspace, settings: DemoSettings) -> Iterator[Stage]
             report = capture_noise(workspace, [archive_folder / tape["path"]], tape["device"], tape["speed_ips"],
                                    tape="synthetic", snippet_seconds=snippet_seconds, split=split,
                                    progress=progress)
-            reports.append(report.to_json())
+            reports.append(report.to_dict())
             added += sum(f.added for f in report.files)
         return StageResult("capture-noise", f"{len(reports)} recordings ingested, {added} new snippets",
                            {"reports": reports}, reused=added == 0)
@@ -197,12 +203,19 @@ def general_model_devices(manifest: dict) -> list[str]:
 
 
 def run_demo(settings: DemoSettings, progress: Progress = no_progress,
-             on_stage: Callable[[Stage], None] | None = None) -> list[StageResult]:
-    """Run every stage; `on_stage` is called before each (the CLI prints a heading)."""
+             on_stage: Callable[[Stage], None] | None = None,
+             on_result: Callable[[StageResult], None] | None = None) -> list[StageResult]:
+    """Run every stage, timing each; `on_stage` is called before each (the CLI prints a heading) and
+    `on_result` after it (the CLI prints its summary)."""
     workspace = prepare_workspace(settings)
     results = []
     for stage in demo_stages(workspace, settings):
         if on_stage:
             on_stage(stage)
-        results.append(stage.run(progress))
+        started = time.perf_counter()
+        result = stage.run(progress)
+        result.seconds = time.perf_counter() - started
+        results.append(result)
+        if on_result:
+            on_result(result)
     return results

@@ -198,15 +198,15 @@ def denoise_stream(process: Process, input_path: Path, output_path: Path, *, str
 # The model: how a chunk goes through it (where it comes from: workbench.model_registry.resolve)
 
 
-def choose_compute(compute: str = "auto") -> torch.device:
-    """`auto`: CUDA when torch sees a GPU, else the CPU."""
-    if compute == "auto":
+def choose_accelerator(accelerator: str = "auto") -> torch.device:
+    """The torch device: `auto` is CUDA when torch sees a GPU, else the CPU; or cpu, cuda, cuda:N."""
+    if accelerator == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if compute == "cuda" and not torch.cuda.is_available():
-        raise WorkbenchError("compute cuda: torch sees no CUDA device here (use --compute cpu or auto)")
-    if compute not in ("cpu", "cuda"):
-        raise WorkbenchError(f"compute {compute!r}: choose auto, cpu or cuda")
-    return torch.device(compute)
+    if not re.fullmatch(r"cpu|cuda(:\d+)?", accelerator):
+        raise WorkbenchError(f"--accelerator {accelerator!r}: choose auto, cpu, cuda or cuda:N")
+    if accelerator.startswith("cuda") and not torch.cuda.is_available():
+        raise WorkbenchError(f"--accelerator {accelerator}: torch sees no CUDA device here (use cpu or auto)")
+    return torch.device(accelerator)
 
 
 def compute_facts(device: torch.device) -> dict:
@@ -364,7 +364,7 @@ def settings_record(strength: float, plan: ChunkPlan) -> dict:
 def denoise_files(inputs: Iterable[Path], *, model_ref: str | Path | None = None, device_id: str | None = None,
                   out_dir: Path = Path("denoised"), output: Path | None = None, strength: float = 1.0,
                   chunk_seconds: float = DEFAULT_CHUNK_SECONDS, format: str | None = None,
-                  subtype: str | None = None, compute: str = "auto", overwrite: bool = False,
+                  subtype: str | None = None, accelerator: str = "auto", overwrite: bool = False,
                   batch: int | None = None, progress: Progress = no_progress) -> list[dict]:
     """Restore transfers with a model; returns each output's provenance record (also its sidecar JSON).
 
@@ -378,7 +378,7 @@ def denoise_files(inputs: Iterable[Path], *, model_ref: str | Path | None = None
     if batch is not None and batch < 1:
         raise WorkbenchError(f"batch {batch}: must be at least 1 chunk per forward call")
     jobs = plan_jobs(inputs, out_dir=out_dir, output=output, format=format, subtype=subtype, overwrite=overwrite)
-    device = choose_compute(compute)
+    device = choose_accelerator(accelerator)
     model, model_record = (load_model(model_ref, device) if model_ref is not None
                            else load_device_model(device_id, device))
     plan = ChunkPlan.from_seconds(chunk_seconds, grid_frames=model_grid_frames(model))

@@ -42,6 +42,18 @@ def parse_playback_eq(text: str) -> PlaybackEq:
     return PlaybackEq(match["standard"].strip(), float(low) if low else None, float(match["high"]))
 
 
+def playback_eq_by_speed(items: list[str]) -> dict[str, str]:
+    """`["7.5=NAB 3180+50 µs", ...]` (SPEED=CURVE, as `devices add --eq` takes them) -> {format_speed: curve}."""
+    playback_eq = {}
+    for item in items:
+        key, _, curve = item.partition("=")
+        try:
+            playback_eq[format_speed(float(key))] = curve.strip()
+        except ValueError:
+            raise WorkbenchError(f"--eq {item!r} is not SPEED=CURVE, e.g. '7.5=NAB 3180+50 µs'") from None
+    return playback_eq
+
+
 def format_speed(speed_ips: float) -> str:
     """7.5 -> '7.5', 15.0 -> '15', 1.875 -> '1.875': the spelling used in keys, names and tables."""
     return f"{speed_ips:g}"

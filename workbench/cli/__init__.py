@@ -12,11 +12,12 @@ from workbench.cli._app import app
 from workbench.cli import workspace as _workspace  # noqa: F401  (registers init, devices)
 from workbench.cli import noise as _noise  # noqa: F401  (capture-noise, noise)
 from workbench.cli import synth as _synth  # noqa: F401  (synth)
-from workbench.cli import model as _model  # noqa: F401  (import-checkpoint)
+from workbench.cli import checkpoint as _checkpoint  # noqa: F401  (checkpoint import|info|register)
 from workbench.cli import denoise as _denoise  # noqa: F401  (denoise)
 from workbench.cli import evaluate as _evaluate  # noqa: F401  (evaluate)
 from workbench.cli import train as _train  # noqa: F401  (corpus, pretrain)
-from workbench.cli import registry as _registry  # noqa: F401  (finetune, models, ui)
+from workbench.cli import finetune as _finetune  # noqa: F401  (finetune)
+from workbench.cli import models as _models  # noqa: F401  (models, ui)
 from workbench.cli import demo as _demo  # noqa: F401  (demo)
 from workbench.cli._render import err_console
 from workbench.errors import WorkbenchError, database_locked
@@ -39,6 +40,9 @@ def main(argv: list[str] | None = None) -> int:
         err_console.print("interrupted")
         return 130
     except Exception as error:
+        # Broad on purpose: a server that went away or a locked SQLite store reaches us wrapped in whatever
+        # the layer above raised (MlflowException, Optuna's StorageInternalError, SQLAlchemy's
+        # OperationalError, ...); those two are recognised by their cause chain, anything else re-raises.
         from workbench.tracking import unreachable_server
 
         uri = unreachable_server(error)

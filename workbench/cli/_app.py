@@ -7,9 +7,11 @@ app = typer.Typer(
     help=(
         "Fine-tune a tape-noise denoiser to each replay machine of a sound archive.\n\n"
         "The usual flow: record blank tape on each machine and `capture-noise` it into the noise library; "
-        "`pretrain` (or `import-checkpoint`) a general tape-noise model; `finetune --device ID` to fit it "
-        "to one machine and register it in MLflow; `denoise --device ID` to restore transfers with that "
-        "machine's champion model. `make demo` runs it all on a synthetic archive."
+        "`pretrain` (or `checkpoint import`) a general tape-noise model; `finetune --device ID` to fit it "
+        "to one machine and register it in the model registry (MLflow); `denoise --device ID` to restore "
+        "transfers with that machine's champion model. `--device ID` always names a replay machine; "
+        "`--accelerator` is where torch runs (auto, cpu, cuda, cuda:N). `make demo` runs it all on a "
+        "synthetic archive."
     ),
     no_args_is_help=True,
     add_completion=False,

@@ -8,9 +8,8 @@ import typer
 from rich.table import Table
 
 from workbench.cli._app import app
-from workbench.cli._render import console, err_console, print_json, progress_bars
+from workbench.cli._render import console, err_console, json_option, progress_bars, render
 from workbench.errors import WorkbenchError
-
 
 
 @app.command("denoise", rich_help_panel="Restore")
@@ -41,14 +40,15 @@ def denoise(
                                        help="Output sample type, e.g. PCM_16, PCM_24, FLOAT (default: the input's)."),
     chunk_seconds: float = typer.Option(5.0, "--chunk-seconds", min=0.1,
                                         help="Length of the pieces the model sees (rounded to its grid)."),
-    compute: str = typer.Option("auto", "--compute", metavar="auto|cpu|cuda",
-                                help="Where the network runs; auto picks CUDA (bf16) when torch sees a GPU."),
+    accelerator: str = typer.Option("auto", "--accelerator", metavar="TORCH_DEVICE",
+                                    help="Where the network runs: auto (CUDA, bf16, when torch sees a GPU), cpu, "
+                                         "cuda, cuda:1."),
     batch: int | None = typer.Option(None, "--batch", min=1, metavar="N",
                                      help="Chunks per forward pass of the network (default: as many as fit "
                                           "1 GiB on the CPU, 60 % of free GPU memory); the output does not "
                                           "depend on it."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace outputs that already exist."),
-    as_json: bool = typer.Option(False, "--json", help="Print the provenance records as JSON for scripts."),
+    as_json: bool = json_option("the provenance records"),
 ) -> None:
     """Restore transfers of any length with a denoising model, keeping every sample accounted for.
 
@@ -85,14 +85,15 @@ def denoise(
     with progress_bars() as progress:
         records = denoise_files(inputs, model_ref=model, device_id=device, out_dir=out, output=output,
                                 strength=1.0 if strength is None else strength, chunk_seconds=chunk_seconds,
-                                format=format, subtype=subtype, compute=compute, overwrite=overwrite,
+                                format=format, subtype=subtype, accelerator=accelerator, overwrite=overwrite,
                                 batch=batch, progress=progress)
     note = records[0]["model"].get("note") if records else None
     if note:  # on stderr, so that --json's stdout stays clean; the sidecars keep it too
         err_console.print(note, soft_wrap=True, markup=False, highlight=False)
-    if as_json:
-        print_json(records)
-        return
+    render(records, as_json, _show_records)
+
+
+def _show_records(records: list[dict]) -> None:
     table = Table(title="denoise")
     for column in ("input", "output", "rate", "ch", "length", "real time ×", "clipped"):
         table.add_column(column, justify="left" if column in ("input", "output") else "right")

@@ -8,7 +8,7 @@ import typer
 from rich.table import Table
 
 from workbench.cli._app import app
-from workbench.cli._render import console, print_json, progress_bars
+from workbench.cli._render import console, json_option, progress_bars, render
 
 
 @app.command("evaluate", rich_help_panel="Restore")
@@ -19,7 +19,7 @@ def evaluate(
                                 help="What to grade against it: a file, or a folder paired by relative path "
                                      "(a.wav pairs with a.* or a.denoised.*, as `denoise` names outputs)."),
     peaq: bool = typer.Option(True, "--peaq/--no-peaq", help="Compute the PEAQ ODG (the slow part)."),
-    as_json: bool = typer.Option(False, "--json", help="Print the scores as JSON for scripts."),
+    as_json: bool = json_option("the scores"),
 ) -> None:
     """Score a (reference, test) file pair, or two folders of them, with SNR, SI-SDR and PEAQ.
 
@@ -39,9 +39,10 @@ def evaluate(
 
     with progress_bars(not as_json) as progress:
         rows = score_files(reference, test, with_peaq=peaq, progress=progress)
-    if as_json:
-        print_json(rows)
-        return
+    render(rows, as_json, lambda rows: _show_scores(rows, peaq))
+
+
+def _show_scores(rows: list[dict], peaq: bool) -> None:
     table = Table(title="evaluate")
     columns = ["test", "rate", "ch", "length", "SNR (dB)", "SI-SDR (dB)"] + (["PEAQ ODG"] if peaq else [])
     for column in columns:

@@ -8,7 +8,8 @@ import typer
 from rich.table import Table
 
 from workbench.cli._app import app
-from workbench.cli._render import console, err_console, print_json, progress_bars
+from workbench.cli._render import console, err_console, json_option, progress_bars, render
+from workbench.devices import format_speed, get_device
 
 noise_app = typer.Typer(help="The noise library: blank-tape snippets per device, speed and split.",
                         no_args_is_help=True)
@@ -21,14 +22,15 @@ MAX_EXCLUSION_ROWS = 40
 def capture_noise(
     paths: list[Path] = typer.Argument(..., metavar="PATH...",
                                        help="Recordings, or folders searched for .wav .bwf .rf64 .w64 .flac .aif(f)."),
-    device: str = typer.Option(..., "--device", help="Replay machine id, e.g. revox-a77 (see `workbench devices list`)."),
+    device: str = typer.Option(..., "--device", metavar="ID",
+                               help="Replay machine id, e.g. revox-a77 (see `workbench devices list`)."),
     speed: float = typer.Option(..., "--speed", help="Tape speed in ips the recording was played at, e.g. 7.5."),
     tape: str | None = typer.Option(None, "--tape", help="Tape stock of the blank tape, e.g. 'ATR Master Tape'."),
     notes: str = typer.Option("", "--notes", help="Anything worth keeping with these recordings."),
     snippet_seconds: float = typer.Option(5.0, "--snippet-seconds", help="Length of each noise snippet."),
     split: str = typer.Option("80/10/10", "--split", help="Train/validation/test proportions."),
     replace: bool = typer.Option(False, "--replace", help="Re-ingest recordings already in the library."),
-    as_json: bool = typer.Option(False, "--json", help="Print JSON for scripts (progress still goes to stderr)."),
+    as_json: bool = json_option("the ingest report"),
 ) -> None:
     """Ingest blank-tape recordings of one machine at one speed into the noise library.
 
@@ -57,14 +59,10 @@ def capture_noise(
     with progress_bars() as progress:
         report = run_capture(workspace, paths, device, speed, tape=tape, notes=notes, snippet_seconds=snippet_seconds,
                              split=proportions, replace=replace, progress=progress)
-    if as_json:
-        print_json(report.to_json())
-        return
-    _render_report(report)
+    render(report, as_json, _show_report)
 
 
-def _render_report(report) -> None:
-    from workbench.devices import format_speed
+def _show_report(report) -> None:
     from workbench.noise.ingest import ALREADY
 
     files = Table(title=f"capture-noise: {report.device} @ {format_speed(report.speed_ips)} ips",
@@ -94,15 +92,13 @@ def _render_report(report) -> None:
         if len(rows) > MAX_EXCLUSION_ROWS:
             console.print(f"... and {len(rows) - MAX_EXCLUSION_ROWS} more (all of them with --json)")
     if report.profile is not None:
-        _render_profile(report.device, report.speed_ips, report.profile, report.profile_json, report.profile_png)
+        _show_profile(report.device, report.speed_ips, report.profile, report.profile_json, report.profile_png)
     if report.seconds_processed:
         err_console.print(f"processed {report.seconds_processed:.1f} s of audio in {report.wall_seconds:.1f} s "
                           f"({report.seconds_processed / max(report.wall_seconds, 1e-9):.0f}x real time)")
 
 
-def _render_profile(device: str, speed_ips: float, profile, json_path, png_path) -> None:
-    from workbench.devices import format_speed
-
+def _show_profile(device: str, speed_ips: float, profile, json_path, png_path) -> None:
     table = Table(title=f"Noise profile: {device} @ {format_speed(speed_ips)} ips", show_header=False)
     table.add_column("measure", style="bold")
     table.add_column("value", overflow="fold")
@@ -123,24 +119,23 @@ def _render_profile(device: str, speed_ips: float, profile, json_path, png_path)
 
 @noise_app.command("list")
 def noise_list(
-    device: str | None = typer.Option(None, "--device", help="Only this replay machine."),
-    as_json: bool = typer.Option(False, "--json", help="Print JSON for scripts."),
+    device: str | None = typer.Option(None, "--device", metavar="ID", help="Only this replay machine."),
+    as_json: bool = json_option("the library's contents"),
 ) -> None:
     """Minutes of noise per device, speed and split (and snippet counts).
 
     Example: `workbench noise list --device revox-a77`.
     """
-    from workbench.devices import format_speed, get_device
     from workbench.noise.library import NoiseLibrary
     from workbench.workspace import find_workspace
 
     workspace = find_workspace()
     if device is not None:
         get_device(workspace, device)  # an unknown device is an error, not an empty list
-    summary = NoiseLibrary(workspace).summary(device)
-    if as_json:
-        print_json(summary)
-        return
+    render(NoiseLibrary(workspace).summary(device), as_json, lambda summary: _show_library(summary, device))
+
+
+def _show_library(summary: list[dict], device: str | None) -> None:
     if not summary:
         console.print("the noise library is empty" + (f" for {device}" if device else "")
                       + "; add recordings with `workbench capture-noise`")
@@ -158,15 +153,14 @@ def noise_list(
 
 @noise_app.command("profile")
 def noise_profile(
-    device: str = typer.Option(..., "--device", help="Replay machine id."),
+    device: str = typer.Option(..., "--device", metavar="ID", help="Replay machine id."),
     speed: float = typer.Option(..., "--speed", help="Tape speed in ips."),
-    as_json: bool = typer.Option(False, "--json", help="Print JSON for scripts (with the full PSD)."),
+    as_json: bool = json_option("the profile (with the full PSD)"),
 ) -> None:
     """The noise profile of one machine at one speed: level, tilt, bandwidth, hum; where its JSON and PNG are.
 
     Example: `workbench noise profile --device revox-a77 --speed 7.5`.
     """
-    from workbench.devices import format_speed, get_device
     from workbench.errors import WorkbenchError
     from workbench.noise.library import NoiseLibrary
     from workbench.workspace import find_workspace
@@ -178,8 +172,5 @@ def noise_profile(
     if profile is None:
         raise WorkbenchError(f"no noise for {device} at {format_speed(speed_ips)} ips yet; run `workbench capture-noise`")
     json_path, png_path = library.profile_paths(device, speed_ips)
-    if as_json:
-        print_json({"device": device, "speed_ips": speed_ips, "json": str(json_path), "png": str(png_path),
-                    **profile.to_json()})
-        return
-    _render_profile(device, speed_ips, profile, json_path, png_path)
+    render({"device": device, "speed_ips": speed_ips, "json": str(json_path), "png": str(png_path),
+            **profile.to_dict()}, as_json, lambda _: _show_profile(device, speed_ips, profile, json_path, png_path))

@@ -9,11 +9,11 @@ import typer
 from rich.table import Table
 
 from workbench.cli._app import app
-from workbench.cli._render import console, print_json, progress_bars
+from workbench.cli._render import console, json_option, progress_bars, render
 
 synth_app = typer.Typer(
-    help=("Synthetic data with known truth: blank tape as each registry machine would play it, clean "
-          "music, and a whole small archive for the demo. No downloads needed."),
+    help=("Synthetic data with known truth: blank tape as each machine in the device registry (registry/devices/) "
+          "would play it, clean music, and a whole small archive for the demo. No downloads needed."),
     no_args_is_help=True,
 )
 app.add_typer(synth_app, name="synth", rich_help_panel="Set-up")
@@ -27,7 +27,8 @@ def _minutes(value: float) -> str:
 @synth_app.command("blank-tape")
 def blank_tape(
     out: Path = typer.Argument(..., metavar="OUT.wav", help="Audio file to write (.wav, .flac, ...)."),
-    device: str = typer.Option(..., "--device", help="Registry device id, e.g. revox-a77."),
+    device: str = typer.Option(..., "--device", metavar="ID",
+                               help="Replay machine id in the device registry, e.g. revox-a77."),
     speed: float = typer.Option(..., "--speed", help="Tape speed in ips, one the device has, e.g. 7.5."),
     minutes: float = typer.Option(..., "--minutes", help="Length in minutes, e.g. 2 or 0.5."),
     seed: int = typer.Option(0, "--seed", help="Noise realisation; the same seed gives byte-identical files."),
@@ -35,7 +36,7 @@ def blank_tape(
     defects: bool = typer.Option(True, "--defects/--no-defects",
                                  help="Inject clicks, dropouts and a splice (listed in the sidecar)."),
     force: bool = typer.Option(False, "--force", help="Replace OUT if it exists."),
-    as_json: bool = typer.Option(False, "--json", help="Print JSON for scripts."),
+    as_json: bool = json_option("what was rendered"),
 ) -> None:
     """Render what a blank tape sounds like on one machine at one speed (24-bit WAV).
 
@@ -59,17 +60,19 @@ def blank_tape(
         raise WorkbenchError(f"--minutes must be positive, not {minutes:g}")
     entry = get_device(find_workspace(), device)
     with progress_bars() as progress:
-        render = render_blank_tape(entry, speed, minutes * 60.0, out, seed=seed, sample_rate=sample_rate,
-                                   defects=defects, progress=progress)
-    if as_json:
-        print_json(render.to_json())
-        return
-    kinds = Counter(e.kind for e in render.events)
+        rendered = render_blank_tape(entry, speed, minutes * 60.0, out, seed=seed, sample_rate=sample_rate,
+                                     defects=defects, progress=progress)
+    render(rendered, as_json, _show_blank_tape)
+
+
+def _show_blank_tape(rendered) -> None:
+    kinds = Counter(e.kind for e in rendered.events)
     events = ", ".join(f"{n} {kind}{'s' if n > 1 else ''}" for kind, n in sorted(kinds.items())) or "no defects"
-    console.print(f"rendered {_minutes(render.seconds / 60)} of blank tape on [bold]{render.device_id}[/] at "
-                  f"{render.speed_ips:g} ips ({render.playback_eq}{', assumed' if render.playback_eq_assumed else ''}), "
-                  f"{render.channels} ch, {render.sample_rate} Hz -> {render.path}")
-    console.print(f"injected: {events}; the truth is in {render.sidecar}")
+    assumed = ", assumed" if rendered.playback_eq_assumed else ""
+    console.print(f"rendered {_minutes(rendered.seconds / 60)} of blank tape on [bold]{rendered.device_id}[/] at "
+                  f"{rendered.speed_ips:g} ips ({rendered.playback_eq}{assumed}), "
+                  f"{rendered.channels} ch, {rendered.sample_rate} Hz -> {rendered.path}")
+    console.print(f"injected: {events}; the truth is in {rendered.sidecar}")
 
 
 @synth_app.command("music")
@@ -79,7 +82,7 @@ def music(
     seed: int = typer.Option(0, "--seed", help="Same seed, same music (byte-identical files)."),
     stereo: bool = typer.Option(False, "--stereo", help="Stereo pieces (panned voices, stereo room); default mono."),
     piece_seconds: float = typer.Option(30.0, "--piece-seconds", help="About how long each piece is."),
-    as_json: bool = typer.Option(False, "--json", help="Print JSON for scripts."),
+    as_json: bool = json_option("the pieces"),
 ) -> None:
     """Render clean, music-like 44.1 kHz pieces: a corpus of known-clean audio with no download.
 
@@ -93,15 +96,16 @@ def music(
     from workbench.synth.music import render_music
 
     with progress_bars() as progress:
-        render = render_music(out_dir, minutes, seed=seed, channels=2 if stereo else 1, piece_seconds=piece_seconds,
-                              progress=progress)
-    if as_json:
-        print_json(render.to_json())
-        return
-    table = Table(title=f"{len(render.pieces)} pieces in {render.folder}" + (" (reused)" if render.reused else ""))
+        rendered = render_music(out_dir, minutes, seed=seed, channels=2 if stereo else 1,
+                                piece_seconds=piece_seconds, progress=progress)
+    render(rendered, as_json, _show_music)
+
+
+def _show_music(rendered) -> None:
+    table = Table(title=f"{len(rendered.pieces)} pieces in {rendered.folder}" + (" (reused)" if rendered.reused else ""))
     for column in ("file", "length", "key", "tempo", "lead", "others", "loudness", "peak"):
         table.add_column(column, justify="right" if column in ("length", "tempo", "loudness", "peak") else "left")
-    for p in render.pieces:
+    for p in rendered.pieces:
         others = ", ".join(t for v, t in p.timbres.items() if v != "lead")
         table.add_row(p.file, f"{p.seconds:.1f} s", p.key, f"{p.tempo_bpm:.0f} bpm", p.timbres["lead"], others,
                       f"{p.loudness_lufs:.1f} LUFS", f"{p.peak_dbfs:.1f} dBFS")
@@ -113,7 +117,7 @@ def archive(
     out_dir: Path = typer.Argument(..., metavar="OUT_DIR", help="Folder for the archive (created if missing)."),
     seed: int = typer.Option(0, "--seed", help="Same seed, same archive."),
     scale: str = typer.Option("demo", "--scale", help="demo (minutes of audio: the demo's size) or small (seconds)."),
-    as_json: bool = typer.Option(False, "--json", help="Print JSON for scripts."),
+    as_json: bool = json_option("the archive's manifest"),
 ) -> None:
     """Build a small synthetic archive: blank tape per machine and speed, a clean corpus, two transfers.
 
@@ -132,9 +136,10 @@ def archive(
     devices = load_devices(find_workspace())
     with progress_bars() as progress:
         result = build_archive(out_dir, devices, seed=seed, scale=scale, progress=progress)
-    if as_json:
-        print_json(result.to_json())
-        return
+    render(result, as_json, lambda result: _show_archive(result, seed, scale))
+
+
+def _show_archive(result, seed: int, scale: str) -> None:
     m = result.manifest
     if result.reused:
         console.print(f"{result.folder}: complete archive already there (seed {seed}, scale {scale}); reused it")
@@ -155,13 +160,14 @@ def archive(
 
 @synth_app.command("signature")
 def signature(
-    device: str = typer.Option(..., "--device", help="Registry device id, e.g. technics-tr575-a."),
-    as_json: bool = typer.Option(False, "--json", help="Print JSON for scripts."),
+    device: str = typer.Option(..., "--device", metavar="ID",
+                               help="Replay machine id in the device registry, e.g. technics-tr575-a."),
+    as_json: bool = json_option("the signature"),
 ) -> None:
     """Show the noise signature the simulator gives a machine, and what it means at each speed.
 
     Every machine gets stable values from its id; any of them can be set in a [simulation] table in
-    its registry file (registry/devices/ID.toml), e.g.
+    its device registry file (registry/devices/ID.toml), e.g.
 
         [simulation]
         mains_hz = 60
@@ -171,10 +177,11 @@ def signature(
     from workbench.synth.tape_noise import signature_report
     from workbench.workspace import find_workspace
 
-    report = signature_report(get_device(find_workspace(), device))
-    if as_json:
-        print_json(report)
-        return
+    render(signature_report(get_device(find_workspace(), device)), as_json, _show_signature)
+
+
+def _show_signature(report: dict) -> None:
+    device = report["device"]
     sig = report["signature"]
     table = Table(title=f"Simulated noise signature: {device}")
     for column in ("key", "value", "from", "meaning"):
@@ -182,7 +189,7 @@ def signature(
     for key, meaning in report["keys"].items():
         value = sig[key]
         text = ", ".join(f"{v:g}" for v in value) if isinstance(value, list) else f"{value:g}"
-        table.add_row(key, text, "registry \\[simulation]" if key in sig["overridden"] else "derived", meaning)
+        table.add_row(key, text, "device registry \\[simulation]" if key in sig["overridden"] else "derived", meaning)
     console.print(table)
     speeds = Table(title="At each speed")
     for column in ("speed", "playback EQ", "hiss RMS", "hiss turnover", "band edge", "gap null", "capstan line"):

@@ -5,9 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import typer
+from rich.table import Table
 
 from workbench.cli._app import app
-from workbench.cli._render import console, err_console, print_json, progress_bars
+from workbench.cli._render import console, err_console, json_option, progress_bars, render
 
 corpus_app = typer.Typer(
     help=(
@@ -27,11 +28,11 @@ def corpus_add(
     folder: Path = typer.Argument(..., help="Folder of clean music (WAV, FLAC, AIFF), read in place, never modified."),
     name: str = typer.Option(None, "--name", help="Name to register it under (default: the folder's name)."),
     replace: bool = typer.Option(False, "--replace", help="Register again over an existing corpus of that name."),
-    as_json: bool = typer.Option(False, "--json", help="Print the corpus summary as JSON."),
+    as_json: bool = json_option("the corpus summary"),
 ) -> None:
     """Register a folder of clean music: every file is checked, hashed and given its split.
 
-    Nothing is copied or modified; the registry keeps each file's sha256, length and split.
+    Nothing is copied or modified; the workspace's corpus record keeps each file's sha256, length and split.
 
         workbench corpus add ~/data/musicnet --name musicnet
     """
@@ -41,26 +42,25 @@ def corpus_add(
     workspace = find_workspace()
     with progress_bars(not as_json) as progress:
         summary = add_corpus(workspace, folder, name=name, replace=replace, progress=progress)
-    if as_json:
-        print_json(summary)
-        return
+    render(summary, as_json, _show_corpus)
+
+
+def _show_corpus(summary: dict) -> None:
     splits = ", ".join(f"{split} {s['files']} files / {s['minutes']:g} min" for split, s in summary["splits"].items())
     console.print(f"registered corpus [bold]{summary['name']}[/] ({summary['layout']} layout): {splits}; "
                   f"digest {summary['digest']}")
 
 
 @corpus_app.command("list")
-def corpus_list(as_json: bool = typer.Option(False, "--json", help="Print the corpora as JSON.")) -> None:
+def corpus_list(as_json: bool = json_option("the corpora")) -> None:
     """List the registered clean corpora (and the synthetic one, once rendered)."""
-    from rich.table import Table
-
     from workbench.corpus import list_corpora
     from workbench.workspace import find_workspace
 
-    corpora = list_corpora(find_workspace())
-    if as_json:
-        print_json(corpora)
-        return
+    render(list_corpora(find_workspace()), as_json, _show_corpora)
+
+
+def _show_corpora(corpora: list[dict]) -> None:
     if not corpora:
         console.print("no clean corpus registered: training will render and use the embedded synthetic corpus "
                       "(`workbench corpus add DIR` to register real music)")
@@ -88,13 +88,14 @@ def pretrain_command(
                                help="Recipe name (recipes/NAME.toml in the workspace or bundled) or path to a TOML file."),
     resume: bool = typer.Option(False, "--resume", help="Continue the last interrupted run of this recipe exactly."),
     steps: int = typer.Option(None, "--steps", min=1, help="Train this many steps instead of the recipe's."),
-    device: str = typer.Option(None, "--device", help="cpu or cuda (default: cuda when available)."),
+    accelerator: str = typer.Option("auto", "--accelerator", metavar="TORCH_DEVICE",
+                                    help="Where to train: auto (CUDA when present), cpu, cuda, cuda:1."),
     workers: int = typer.Option(None, "--workers", min=0, help="DataLoader worker processes (default: the recipe's)."),
     alias: str = typer.Option(None, "--alias", help="Point this alias (e.g. base) at the new version."),
     noise_from: list[str] = typer.Option(None, "--noise-from", metavar="ID",
                                          help="Train on this machine's noise only (repeat for several; default: the "
                                               "recipe's data.devices, else every machine in the noise library)."),
-    as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
+    as_json: bool = json_option(),
 ) -> None:
     """Train the general tape-noise model on the noise library and clean corpus; register it in MLflow.
 
@@ -106,29 +107,30 @@ def pretrain_command(
     Examples:
 
         workbench pretrain --recipe quickstart
-        workbench pretrain --recipe pretrain-paper --device cuda
+        workbench pretrain --recipe pretrain-paper --accelerator cuda
         workbench pretrain --noise-from uher-4000-l --noise-from revox-a77 --alias base
         torchrun --nproc-per-node 4 -m workbench pretrain --recipe pretrain-paper
     """
-    from workbench.train.distributed import world_size_from_env
+    from workbench.train.distributed import is_main_process
     from workbench.train.pretrain import pretrain
     from workbench.workspace import find_workspace
-    import os
 
     workspace = find_workspace()
-    show = not as_json and int(os.environ.get("RANK", "0")) == 0
+    show = not as_json and is_main_process()
     try:
         with progress_bars(show) as progress:
-            result = pretrain(workspace, recipe, resume=resume, steps=steps, device=device, num_workers=workers,
-                              alias=alias, noise_devices=noise_from or None, progress=progress)
+            result = pretrain(workspace, recipe, resume=resume, steps=steps, accelerator=accelerator,
+                              num_workers=workers, alias=alias, noise_devices=noise_from or None, progress=progress)
     except KeyboardInterrupt:
         err_console.print(f"interrupted: state saved; continue with `workbench pretrain --recipe {recipe} --resume`")
         raise
-    if int(os.environ.get("RANK", "0")) != 0:
-        return
-    if as_json:
-        print_json(result.to_dict())
-        return
+    if is_main_process():  # the other ranks trained alongside; rank 0 speaks for them
+        render(result, as_json, _show_pretrain)
+
+
+def _show_pretrain(result) -> None:
+    from workbench.train.distributed import world_size_from_env
+
     best, start = result.best, result.initial
     console.print(f"trained {result.step} steps ({result.stopped}, {result.steps_per_s:.2f} steps/s"
                   f"{f', {world_size_from_env()} processes' if world_size_from_env() > 1 else ''})")
@@ -138,31 +140,3 @@ def pretrain_command(
     else:
         console.print(f"best validation at step {best['step']}: ΔSNR {best['val_delta_snr_db']:+.2f} dB, loss {best['val_loss']:.4f}")
     console.print(f"registered [bold]{result.model_uri}[/] (MLflow run {result.run_id}); checkpoint {result.checkpoint}")
-
-
-@app.command("register-checkpoint", rich_help_panel="Models")
-def register_checkpoint_command(
-    checkpoint: Path = typer.Argument(..., metavar="FILE", help="A workbench checkpoint (X.safetensors with X.json beside it)."),
-    name: str = typer.Option("tape-denoiser-general", "--name", help="Registered model name."),
-    alias: str = typer.Option(None, "--alias", help="Point this alias (e.g. base) at the new version."),
-    description: str = typer.Option(None, "--description", help="Version description (default: from the checkpoint)."),
-    as_json: bool = typer.Option(False, "--json", help="Print the registered version as JSON."),
-) -> None:
-    """Register a checkpoint file in the MLflow model registry (a new version, weights as safetensors).
-
-    For a checkpoint made outside `workbench pretrain`, e.g. the published model after
-    `workbench import-checkpoint`:
-
-        workbench import-checkpoint tape/checkpoint.index --out general.safetensors
-        workbench register-checkpoint general.safetensors --alias base
-    """
-    from workbench.model_registry import model_uri, register_checkpoint_file
-    from workbench.workspace import find_workspace
-
-    workspace = find_workspace()
-    version = register_checkpoint_file(workspace, checkpoint, name=name, alias=alias, description=description)
-    uri = model_uri(name, version)
-    if as_json:
-        print_json({"name": name, "version": version, "model_uri": uri, "alias": alias})
-        return
-    console.print(f"registered [bold]{uri}[/]" + (f" (@{alias})" if alias else ""))

@@ -9,11 +9,12 @@ import typer
 from rich.table import Table
 
 from workbench.cli._app import app
-from workbench.cli._render import console, print_json
-from workbench.devices import Device, format_speed, get_device, load_devices, write_device
+from workbench.cli._render import console, json_option, render
+from workbench.devices import Device, format_speed, get_device, load_devices, playback_eq_by_speed, write_device
 from workbench.workspace import find_workspace, init_workspace
 
-devices_app = typer.Typer(help="The archive's replay machines (registry/devices/*.toml).", no_args_is_help=True)
+devices_app = typer.Typer(help="The archive's replay machines: the device registry (registry/devices/ID.toml).",
+                          no_args_is_help=True)
 app.add_typer(devices_app, name="devices", rich_help_panel="Set-up")
 
 
@@ -21,7 +22,7 @@ app.add_typer(devices_app, name="devices", rich_help_panel="Set-up")
 def init(
     directory: Path = typer.Argument(..., help="Folder for the new workspace (created if missing)."),
     research_devices: bool = typer.Option(False, "--research-devices",
-                                          help="Pre-fill the registry with the research data set's seven machines."),
+                                          help="Pre-fill the device registry with the research data set's seven machines."),
     general_model: bool = typer.Option(True, "--general-model/--no-general-model",
                                        help="Register the boxed general model as tape-denoiser-general@base "
                                             "(models/general/; --no-general-model to pretrain your own)."),
@@ -37,30 +38,32 @@ def init(
 
 
 @devices_app.command("list")
-def devices_list(as_json: bool = typer.Option(False, "--json", help="Print JSON for scripts.")) -> None:
+def devices_list(as_json: bool = json_option("the machines")) -> None:
     """Every registered replay machine with its format and speeds."""
-    devices = load_devices(find_workspace())
-    if as_json:
-        print_json([asdict(d) for d in devices.values()])
-        return
+    render([asdict(d) for d in load_devices(find_workspace()).values()], as_json, _show_devices)
+
+
+def _show_devices(devices: list[dict]) -> None:
     table = Table(title="Replay machines")
     for column in ("id", "make", "model", "format", "tracks", "speeds (ips)"):
         table.add_column(column)
-    for d in devices.values():
-        table.add_row(d.id, d.make, d.model, d.format, d.tracks, ", ".join(format_speed(s) for s in d.speeds_ips))
+    for d in devices:
+        table.add_row(d["id"], d["make"], d["model"], d["format"], d["tracks"],
+                      ", ".join(format_speed(s) for s in d["speeds_ips"]))
     console.print(table)
 
 
 @devices_app.command("show")
 def devices_show(
     device_id: str = typer.Argument(..., metavar="ID", help="Device id, e.g. revox-a77."),
-    as_json: bool = typer.Option(False, "--json", help="Print JSON for scripts."),
+    as_json: bool = json_option("the machine's entry"),
 ) -> None:
     """One machine's full entry, including its playback EQ per speed."""
     device = get_device(find_workspace(), device_id)
-    if as_json:
-        print_json(asdict(device))
-        return
+    render(asdict(device), as_json, lambda _: _show_device(device))
+
+
+def _show_device(device: Device) -> None:
     table = Table(title=device.id, show_header=False)
     table.add_column("field", style="bold")
     table.add_column("value")
@@ -85,14 +88,7 @@ def devices_add(
     tracks: str = typer.Option("", help="Track format, e.g. half-track stereo."),
     notes: str = typer.Option("", help="Anything an engineer should know."),
 ) -> None:
-    """Register a replay machine (validated) in registry/devices/ID.toml."""
-    playback_eq = {}
-    for item in eq:
-        key, _, curve = item.partition("=")
-        try:
-            playback_eq[format_speed(float(key))] = curve.strip()
-        except ValueError:
-            raise typer.BadParameter(f"{item!r} is not SPEED=CURVE", param_hint="--eq") from None
-    device = Device(device_id, make, model, format, list(speed), channels, tracks, playback_eq, notes)
+    """Register a replay machine (validated) in the device registry (registry/devices/ID.toml)."""
+    device = Device(device_id, make, model, format, list(speed), channels, tracks, playback_eq_by_speed(eq), notes)
     path = write_device(find_workspace(), device)
     console.print(f"registered [bold]{device.id}[/] in {path}")

@@ -165,7 +165,7 @@ def load_checkpoint(path: Path, device: str | torch.device = "cpu") -> tuple[Two
 
 
 def checkpoint_summary(path: Path) -> dict:
-    """What `workbench checkpoint-info` shows: the sidecar (or header) config plus a parameter count check."""
+    """What `workbench checkpoint info` shows: the sidecar (or header) config plus a parameter count check."""
     model, info = load_checkpoint(path, device="cpu")
     summary = dict(info)
     summary["weights_file"] = str(weights_path_for(path))

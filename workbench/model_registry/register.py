@@ -132,7 +132,7 @@ def _ensure_registered_model(registry, name: str) -> None:
 
 def register_checkpoint_file(workspace: Workspace, checkpoint: Path, *, name: str, alias: str | None = None,
                              description: str | None = None) -> int:
-    """Register a checkpoint made elsewhere (e.g. `import-checkpoint`): its sidecar's facts become version tags."""
+    """Register a checkpoint made elsewhere (e.g. `workbench checkpoint import`): its sidecar's facts become version tags."""
     from workbench.model.checkpoint import load_checkpoint
 
     _, info = load_checkpoint(Path(checkpoint))  # refuses a damaged or mismatched file before it is registered

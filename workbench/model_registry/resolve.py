@@ -170,7 +170,7 @@ def resolve_base(workspace: Workspace, ref: str | None) -> tuple[Path, dict]:
             version = latest_version(GENERAL_MODEL, workspace)
         if version is None:
             raise WorkbenchError(f"no general model is registered ({GENERAL_MODEL}): run `workbench pretrain`, "
-                                 "import the published one with `workbench import-checkpoint`, or pass --base FILE")
+                                 "import the published one with `workbench checkpoint import`, or pass --base FILE")
         ref = model_uri(GENERAL_MODEL, version)
     try:
         path, facts = resolve_checkpoint(ref, workspace)

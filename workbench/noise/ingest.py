@@ -68,11 +68,11 @@ class FileReport:
             totals[key] = round(totals.get(key, 0.0) + e.end_s - e.start_s, 3)
         return totals
 
-    def to_json(self) -> dict:
+    def to_dict(self) -> dict:
         return {"path": self.path, "sha256": self.sha256, "status": self.status, "sample_rate": self.sample_rate,
                 "channels": self.channels, "seconds": round(self.seconds, 3), "snippets": self.snippets,
                 "added": self.added, "duplicates": self.duplicates, "usable_seconds": round(self.usable_seconds, 3),
-                "excluded_seconds": self.excluded_seconds(), "exclusions": [e.to_json() for e in self.exclusions]}
+                "excluded_seconds": self.excluded_seconds(), "exclusions": [e.to_dict() for e in self.exclusions]}
 
 
 @dataclass
@@ -86,8 +86,8 @@ class IngestReport:
     seconds_processed: float  # of source audio screened in this run
     wall_seconds: float
 
-    def to_json(self) -> dict:
-        return {"device": self.device, "speed_ips": self.speed_ips, "files": [f.to_json() for f in self.files],
+    def to_dict(self) -> dict:
+        return {"device": self.device, "speed_ips": self.speed_ips, "files": [f.to_dict() for f in self.files],
                 "profile": None if self.profile is None else profile_summary(self.profile),
                 "profile_json": str(self.profile_json) if self.profile_json else None,
                 "profile_png": str(self.profile_png) if self.profile_png else None,
@@ -96,7 +96,7 @@ class IngestReport:
 
 def profile_summary(profile: NoiseProfile) -> dict:
     """The profile's numbers without its spectrum: what tables and scripts show."""
-    data = profile.to_json()
+    data = profile.to_dict()
     for key in ("frequencies_hz", "psd_db", "definitions"):
         data.pop(key)
     return data
@@ -312,6 +312,6 @@ def _ingest_file(library: NoiseLibrary, item: _Pending, device: str, speed: floa
                      notes=notes, sample_rate=info.sample_rate, channels=info.channels, frames=info.frames,
                      format=info.format, subtype=info.subtype, split_seed=seed, snippet_seconds=snippet_seconds,
                      usable_seconds=report.usable_seconds, snippets=kept,
-                     exclusions=[e.to_json() for e in exclusions])
+                     exclusions=[e.to_dict() for e in exclusions])
 
 

@@ -124,7 +124,7 @@ class Snippet:
         assert rate == self.sample_rate and samples.shape == (1, self.frames), (self.path, rate, samples.shape)
         return samples[0]
 
-    def to_json(self) -> dict:
+    def to_dict(self) -> dict:
         data = asdict(self)
         data["path"] = str(self.path)
         return data
@@ -385,7 +385,7 @@ class NoiseLibrary:
             if progress is not None:
                 progress(f"profile {profile_stem(device, speed_ips)}", done + 1, len(snippets))
         profile = accumulator.result()
-        data = profile.to_json()
+        data = profile.to_dict()
         data = {"device": device, "speed_ips": speed_ips, "snippets": len(snippets),
                 "snippets_digest": self.digest(snippets), **data}
         plot_profile(profile, png_path, f"{device} @ {format_speed(speed_ips)} ips")

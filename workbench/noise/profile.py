@@ -57,7 +57,7 @@ class HumEstimate:
     fundamental_hz: float  # measured fundamental, sub-bin accurate
     harmonics_db: list[tuple[float, float]]  # (frequency Hz, dB above the local noise floor), k = 1..N
 
-    def to_json(self) -> dict:
+    def to_dict(self) -> dict:
         return {"mains_hz": self.mains_hz, "fundamental_hz": self.fundamental_hz,
                 "harmonics_db": [[float(f), float(level)] for f, level in self.harmonics_db]}
 
@@ -82,13 +82,13 @@ class NoiseProfile:
         """(centre frequencies, dB): the PSD median-smoothed over fractional-octave bands, hum masked."""
         return smooth_psd(self.frequencies_hz, self.psd_db, self.hum)
 
-    def to_json(self) -> dict:
+    def to_dict(self) -> dict:
         return {
             "sample_rate": self.sample_rate,
             "rms_dbfs": self.rms_dbfs,
             "tilt_db_per_octave": self.tilt_db_per_octave,
             "bandwidth_hz": self.bandwidth_hz,
-            "hum": self.hum.to_json() if self.hum else None,
+            "hum": self.hum.to_dict() if self.hum else None,
             "seconds": self.seconds,
             "definitions": {
                 "psd": f"Welch, Hann, {PSD_SEGMENT_SECONDS * 1000:.0f} ms segments, 50 % overlap, dB re FS^2/Hz",

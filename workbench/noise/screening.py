@@ -80,7 +80,7 @@ class Exclusion:
     end_s: float
     reason: str
 
-    def to_json(self) -> dict:
+    def to_dict(self) -> dict:
         return {"channel": self.channel, "start_s": round(self.start_s, 3), "end_s": round(self.end_s, 3),
                 "reason": self.reason}
 

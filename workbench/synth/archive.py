@@ -79,7 +79,7 @@ class ArchiveResult:
     def manifest_path(self) -> Path:
         return self.folder / MANIFEST
 
-    def to_json(self) -> dict:
+    def to_dict(self) -> dict:
         return {"folder": str(self.folder), "manifest_path": str(self.manifest_path), "reused": self.reused,
                 "rendered": self.rendered, **self.manifest}
 
@@ -108,7 +108,7 @@ def build_archive(folder: Path, devices: Mapping[str, Device], seed: int = 0, sc
     for device_id, speed in BLANK_TAPES:
         devices[device_id].check_speed(speed)
     request = {"generator": GENERATOR, "seed": int(seed), "scale": scale, "sizes": asdict(size),
-               "signatures": {d: device_signature(devices[d]).to_json() for d in needed}}
+               "signatures": {d: device_signature(devices[d]).to_dict() for d in needed}}
     manifest_path = folder / MANIFEST
     if manifest_path.exists():
         existing = read_json_object(manifest_path, "archive manifest")
@@ -141,7 +141,7 @@ def build_archive(folder: Path, devices: Mapping[str, Device], seed: int = 0, sc
         if truth is None:
             render = render_blank_tape(devices[device_id], speed, size.noise_seconds, path, seed=seed,
                                        sample_rate=MUSIC_SAMPLE_RATE, defects=True, progress=progress)
-            truth = render.to_json()
+            truth = render.to_dict()
             rendered.append(relative)
         manifest["blank_tapes"].append({
             "device": device_id, "speed_ips": speed, "path": relative,

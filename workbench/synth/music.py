@@ -466,7 +466,7 @@ class MusicPiece:
     loudness_lufs: float
     peak_dbfs: float
 
-    def to_json(self) -> dict:
+    def to_dict(self) -> dict:
         return dict(self.__dict__)
 
 
@@ -543,9 +543,9 @@ class MusicRender:
     def seconds(self) -> float:
         return sum(p.seconds for p in self.pieces)
 
-    def to_json(self) -> dict:
+    def to_dict(self) -> dict:
         return {"folder": str(self.folder), "manifest": str(self.manifest), "reused": self.reused,
-                "seconds": round(self.seconds, 3), "pieces": [p.to_json() for p in self.pieces]}
+                "seconds": round(self.seconds, 3), "pieces": [p.to_dict() for p in self.pieces]}
 
 
 def plan_pieces(minutes: float, piece_seconds: float = PIECE_SECONDS) -> list[float]:
@@ -592,7 +592,7 @@ def render_music(folder: Path, minutes: float, seed: int = 0, sample_rate: int =
         return MusicRender(folder, manifest_path, [done[n] for n in names], reused=True)
 
     folder.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(manifest_path, {"request": request, "complete": False, "pieces": [p.to_json() for p in done.values()]})
+    atomic_write_json(manifest_path, {"request": request, "complete": False, "pieces": [p.to_dict() for p in done.values()]})
     pieces: list[MusicPiece] = []
     total = sum(lengths)
     rendered = 0.0
@@ -608,9 +608,9 @@ def render_music(folder: Path, minutes: float, seed: int = 0, sample_rate: int =
             write_audio(folder / name, audio, sample_rate, subtype=subtype)
             pieces.append(piece)
             atomic_write_json(manifest_path, {"request": request, "complete": False,
-                                              "pieces": [p.to_json() for p in pieces]})
+                                              "pieces": [p.to_dict() for p in pieces]})
         rendered += seconds
         progress(stage, rendered, total)
-    atomic_write_json(manifest_path, {"request": request, "complete": True, "pieces": [p.to_json() for p in pieces]})
+    atomic_write_json(manifest_path, {"request": request, "complete": True, "pieces": [p.to_dict() for p in pieces]})
     return MusicRender(folder, manifest_path, pieces, reused=False)
 

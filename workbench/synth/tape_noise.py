@@ -167,7 +167,7 @@ class TapeSignature:
     def capstan_hz(self, speed_ips: float) -> float:
         return speed_ips * METRES_PER_INCH / (math.pi * self.capstan_mm * 1e-3)
 
-    def to_json(self) -> dict:
+    def to_dict(self) -> dict:
         data = asdict(self)
         data["hum_harmonics_db"] = list(self.hum_harmonics_db)
         data["channel_offsets_db"] = list(self.channel_offsets_db)
@@ -344,7 +344,7 @@ class InjectedEvent:
     end_s: float
     level_db: float  # click and splice: peak level (dBFS); dropout: depth (dB)
 
-    def to_json(self) -> dict:
+    def to_dict(self) -> dict:
         return {"kind": self.kind, "start_s": round(self.start_s, 6), "end_s": round(self.end_s, 6),
                 "level_db": round(self.level_db, 2)}
 
@@ -694,14 +694,14 @@ class BlankTapeRender:
     events: list[InjectedEvent]
     signature: TapeSignature
 
-    def to_json(self) -> dict:
+    def to_dict(self) -> dict:
         return {
             "kind": "blank-tape", "path": str(self.path), "sidecar": str(self.sidecar), "device": self.device_id,
             "speed_ips": self.speed_ips, "seconds": self.seconds, "frames": self.frames,
             "sample_rate": self.sample_rate, "channels": self.channels, "seed": self.seed,
             "playback_eq": self.playback_eq, "playback_eq_assumed": self.playback_eq_assumed,
-            "defects": self.defects, "events": [e.to_json() for e in self.events],
-            "signature": self.signature.to_json(),
+            "defects": self.defects, "events": [e.to_dict() for e in self.events],
+            "signature": self.signature.to_dict(),
         }
 
 
@@ -741,7 +741,7 @@ def render_blank_tape(device: Device, speed_ips: float, seconds: float, path: Pa
         channels=renderer.channels, seed=renderer.seed, playback_eq=_eq_text(renderer.eq),
         playback_eq_assumed=renderer.eq_assumed, defects=defects, events=renderer.events,
         signature=renderer.signature)
-    atomic_write_json(result.sidecar, result.to_json())
+    atomic_write_json(result.sidecar, result.to_dict())
     return result
 
 
@@ -759,7 +759,7 @@ def signature_report(device: Device) -> dict:
             "gap_null_hz": round(signature.gap_null_hz(speed), 1),
             "capstan_hz": round(signature.capstan_hz(speed), 2),
         })
-    return {"device": device.id, "signature": signature.to_json(), "speeds": speeds,
+    return {"device": device.id, "signature": signature.to_dict(), "speeds": speeds,
             "keys": dict(SIMULATION_KEYS)}
 
 

@@ -57,6 +57,11 @@ def world_size_from_env() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
+def is_main_process() -> bool:
+    """Rank 0 of a torchrun launch, or a process torchrun did not start: the one that reports to people."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
 def init_distributed(device: str) -> Distributed:
     """Join the process group torchrun described in the environment, or a single-process `Distributed()`."""
     world_size = world_size_from_env()

@@ -243,7 +243,7 @@ class _MainRank:
 
 
 def pretrain(workspace: Workspace, recipe_ref: str | Path, *, resume: bool = False, steps: int | None = None,
-             device: str | None = None, num_workers: int | None = None, alias: str | None = None,
+             accelerator: str | None = None, num_workers: int | None = None, alias: str | None = None,
              noise_devices: list[str] | None = None, progress: Progress = no_progress) -> PretrainResult:
     """Train and register the general model; see the module docstring.
 
@@ -254,9 +254,9 @@ def pretrain(workspace: Workspace, recipe_ref: str | Path, *, resume: bool = Fal
     """
     # 1. The recipe and the torch device; under torchrun, this process's rank.
     recipe = _recipe(workspace, recipe_ref, steps, noise_devices)
-    device = device or default_device()
+    device = default_device() if accelerator in (None, "", "auto") else accelerator
     if device.startswith("cuda") and not torch.cuda.is_available():
-        raise WorkbenchError("--device cuda: no CUDA GPU is available here (use --device cpu)")
+        raise WorkbenchError(f"--accelerator {device}: no CUDA GPU is available here (use cpu)")
     dist = init_distributed(device)
     if dist.enabled and device == "cuda":
         device = f"cuda:{dist.local_rank}"

@@ -1,4 +1,4 @@
-"""`workbench import-checkpoint` and `workbench checkpoint-info`: model files on disk."""
+"""`workbench checkpoint import|info|register`: model files on disk, and entering one into the model registry."""
 
 from __future__ import annotations
 
@@ -8,10 +8,16 @@ import typer
 from rich.table import Table
 
 from workbench.cli._app import app
-from workbench.cli._render import console, print_json, progress_bars
+from workbench.cli._render import console, json_option, progress_bars, render
+
+checkpoint_app = typer.Typer(
+    help=("Checkpoint files (X.safetensors with X.json beside it): import the published Keras model, show and "
+          "verify a file, register one in the model registry (MLflow)."),
+    no_args_is_help=True)
+app.add_typer(checkpoint_app, name="checkpoint", rich_help_panel="Models")
 
 
-@app.command("import-checkpoint", rich_help_panel="Models")
+@checkpoint_app.command("import")
 def import_checkpoint(
     index: Path = typer.Argument(..., metavar="PATH",
                                  help="The Keras checkpoint: PATH/checkpoint.index (or its prefix, or its folder)."),
@@ -19,7 +25,7 @@ def import_checkpoint(
                                                       "a .json config is written beside it)."),
     size: str = typer.Option("paper", "--size", help="Network size the checkpoint holds (the published model "
                                                      "is `paper`)."),
-    as_json: bool = typer.Option(False, "--json", help="Print JSON for scripts (progress still goes to stderr)."),
+    as_json: bool = json_option("the import summary"),
 ) -> None:
     """Import the published TensorFlow/Keras tape-noise model (no TensorFlow needed).
 
@@ -29,7 +35,7 @@ def import_checkpoint(
     variables onto the `paper` network (kernel layouts, transposed convolutions) and writes a safetensors
     checkpoint with its JSON config and lineage, ready for `finetune` or `denoise`:
 
-        workbench import-checkpoint downloads/tape_model/checkpoint.index --out models/tape-general.safetensors
+        workbench checkpoint import downloads/tape_model/checkpoint.index --out models/tape-general.safetensors
 
     If any variable is missing, left over or has the wrong shape, nothing is written and the mismatches
     are listed. Optimizer state in the checkpoint, if any, is skipped.
@@ -40,9 +46,10 @@ def import_checkpoint(
     config = get_config(size)
     with progress_bars(enabled=True) as progress:
         summary = import_keras_checkpoint(index, out, config=config, progress=progress)
-    if as_json:
-        print_json(summary)
-        return
+    render(summary, as_json, _show_import)
+
+
+def _show_import(summary: dict) -> None:
     console.print(f"imported {summary['variables']} variables ({summary['parameters']:,} parameters, "
                   f"size {summary['size']}) from {summary['source']}")
     if summary["skipped_entries"]:
@@ -51,24 +58,24 @@ def import_checkpoint(
     console.print(f"wrote {summary['out']} and {summary['config']}")
 
 
-@app.command("checkpoint-info", rich_help_panel="Models")
+@checkpoint_app.command("info")
 def checkpoint_info(
     path: Path = typer.Argument(..., metavar="FILE", help="A workbench checkpoint (.safetensors or its .json)."),
-    as_json: bool = typer.Option(False, "--json", help="Print JSON for scripts."),
+    as_json: bool = json_option("the checkpoint's summary"),
 ) -> None:
     """Show what a checkpoint file holds: network size, parameters, STFT, lineage; and verify it loads.
 
     Loading checks the weights' sha256 against the JSON config and every tensor's name and shape
     against the network, so this is also the quick way to check a checkpoint file:
 
-        workbench checkpoint-info models/tape-general.safetensors
+        workbench checkpoint info models/tape-general.safetensors
     """
     from workbench.model.checkpoint import checkpoint_summary
 
-    summary = checkpoint_summary(path)
-    if as_json:
-        print_json(summary)
-        return
+    render(checkpoint_summary(path), as_json, _show_checkpoint)
+
+
+def _show_checkpoint(summary: dict) -> None:
     table = Table(title=str(summary["weights_file"]), show_header=False)
     table.add_column("field", style="bold")
     table.add_column("value")
@@ -92,3 +99,34 @@ def checkpoint_info(
     for field, value in rows:
         table.add_row(field, str(value))
     console.print(table)
+
+
+@checkpoint_app.command("register")
+def register_checkpoint_command(
+    checkpoint: Path = typer.Argument(..., metavar="FILE", help="A workbench checkpoint (X.safetensors with X.json beside it)."),
+    name: str = typer.Option("tape-denoiser-general", "--name", help="Registered model name."),
+    alias: str = typer.Option(None, "--alias", help="Point this alias (e.g. base) at the new version."),
+    description: str = typer.Option(None, "--description", help="Version description (default: from the checkpoint)."),
+    as_json: bool = json_option("the registered version"),
+) -> None:
+    """Register a checkpoint file in the model registry (MLflow): a new version, weights as safetensors.
+
+    For a checkpoint made outside `workbench pretrain`, e.g. the published model after
+    `workbench checkpoint import`:
+
+        workbench checkpoint import tape/checkpoint.index --out general.safetensors
+        workbench checkpoint register general.safetensors --alias base
+    """
+    from workbench import tracking
+    from workbench.train.pretrain import register_checkpoint_file
+    from workbench.workspace import find_workspace
+
+    workspace = find_workspace()
+    version = register_checkpoint_file(workspace, checkpoint, name=name, alias=alias, description=description)
+    registered = {"name": name, "version": version, "model_uri": tracking.model_uri(name, version), "alias": alias}
+    render(registered, as_json, _show_registered)
+
+
+def _show_registered(registered: dict) -> None:
+    alias = registered["alias"]
+    console.print(f"registered [bold]{registered['model_uri']}[/]" + (f" (@{alias})" if alias else ""))
