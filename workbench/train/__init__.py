@@ -1,1 +1,1 @@
-"""Training: mixing (Eq. 1), data, the loop shared by pretrain and finetune, and Optuna tuning."""
+"""Training: data, the loop shared by pretrain and finetune, distributed training, and Optuna tuning."""
