@@ -104,7 +104,7 @@ def _show_checkpoint(summary: dict) -> None:
 @checkpoint_app.command("register")
 def register_checkpoint_command(
     checkpoint: Path = typer.Argument(..., metavar="FILE", help="A workbench checkpoint (X.safetensors with X.json beside it)."),
-    name: str = typer.Option("tape-denoiser-general", "--name", help="Registered model name."),
+    name: str = typer.Option(None, "--name", help="Registered model name (default: the general model, tape-denoiser-general)."),
     alias: str = typer.Option(None, "--alias", help="Point this alias (e.g. base) at the new version."),
     description: str = typer.Option(None, "--description", help="Version description (default: from the checkpoint)."),
     as_json: bool = json_option("the registered version"),
@@ -117,13 +117,13 @@ def register_checkpoint_command(
         workbench checkpoint import tape/checkpoint.index --out general.safetensors
         workbench checkpoint register general.safetensors --alias base
     """
-    from workbench import tracking
-    from workbench.train.pretrain import register_checkpoint_file
+    from workbench.model_registry import GENERAL_MODEL, model_uri, register_checkpoint_file
     from workbench.workspace import find_workspace
 
     workspace = find_workspace()
+    name = name or GENERAL_MODEL
     version = register_checkpoint_file(workspace, checkpoint, name=name, alias=alias, description=description)
-    registered = {"name": name, "version": version, "model_uri": tracking.model_uri(name, version), "alias": alias}
+    registered = {"name": name, "version": version, "model_uri": model_uri(name, version), "alias": alias}
     render(registered, as_json, _show_registered)
 
 
