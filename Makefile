@@ -24,9 +24,10 @@ test: $(STAMP)
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
 # For the edit-test loop: everything but the end-to-end runs (marked slow), with the property tests' quick
-# profile (10 examples each, tests/conftest.py). `make test` runs it all, with the full profile.
+# profile (10 examples each, tests/conftest.py), one pytest worker per core (pytest-xdist). `make test` runs it
+# all, serially, with the full profile.
 test-fast: $(STAMP)
-	HYPOTHESIS_PROFILE=dev $(BIN)/python -m pytest -q -m "not slow" $(PYTEST_ARGS)
+	HYPOTHESIS_PROFILE=dev $(BIN)/python -m pytest -q -m "not slow" -n auto $(PYTEST_ARGS)
 
 bench: $(STAMP)
 	for script in benchmarks/*.py; do $(BIN)/python $$script || exit 1; done
