@@ -12,6 +12,7 @@ and a short input example, so MLflow's UI and serving tools can say what it take
 from __future__ import annotations
 
 import contextlib
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -79,6 +80,18 @@ class _PyfuncFlavor:
         return mlflow.pyfunc.save_model(**kwargs)
 
 
+@contextlib.contextmanager
+def _quiet_logger(name: str):
+    """Only warnings and errors from logger `name` while the block runs."""
+    logger = logging.getLogger(name)
+    level = logger.level
+    logger.setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
 def register_checkpoint(checkpoint_path: str | Path, name: str, *, tags: dict[str, Any] | None = None,
                         description: str | None = None, artifacts: dict[str, str | Path] | None = None,
                         experiment: str = "imports", workspace: Workspace | None = None) -> int:
@@ -100,7 +113,9 @@ def register_checkpoint(checkpoint_path: str | Path, name: str, *, tags: dict[st
     with contextlib.ExitStack() as stack:
         if mlflow.active_run() is None:
             stack.enter_context(start_run(experiment, run_name=f"register {weights.name}", workspace=workspace))
-        # What mlflow.pyfunc.log_model does, less its serving check (see _PyfuncFlavor).
+        # What mlflow.pyfunc.log_model does, less its serving check (see _PyfuncFlavor). Its INFO line
+        # "Validating input example against model signature" would land between our progress bars.
+        stack.enter_context(_quiet_logger("mlflow.pyfunc"))
         info = mlflow.models.Model.log(None, _PyfuncFlavor, name=MODEL_ARTIFACT, flavor_name="pyfunc",
                                        python_model=str(PYFUNC_CODE), artifacts=model_artifacts,
                                        signature=model_signature(), input_example=input_example(),
