@@ -12,7 +12,7 @@ from workbench.model.stft import (EDGE_PAD, FREQ_BINS, HOP, N_FFT, analysis, ana
                                   synthesis)
 from workbench.model.unet import (SIZES, ModelConfig, TwoStageUNet, center_crop, count_parameters,
                                   denoise_waveform, denoising_loss, frequency_embedding, get_config,
-                                  mirror_pad)
+                                  low_band_weights, mirror_pad)
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -114,6 +114,21 @@ def test_loss_is_equation_2():
     s1 = torch.full_like(clean, 0.5)
     s2 = torch.full_like(clean, -0.25)
     assert denoising_loss(s1, s2, clean).item() == pytest.approx(0.75)
+
+
+def test_low_band_weights_keep_the_loss_size_and_weigh_the_hum_bins():
+    assert low_band_weights(0.0, 30.0) is None and low_band_weights(350.0, 0.0) is None
+    weights = low_band_weights(350.0, 30.0)
+    low = int(torch.count_nonzero(weights > 1.0))
+    assert low == 17 and weights.shape == (FREQ_BINS,)  # bins 0..16: 0 to 344.5 Hz at 21.5 Hz a bin
+    assert weights.mean().item() == pytest.approx(1.0) and weights[0].item() == pytest.approx(31 * weights[-1].item())
+    clean = torch.zeros(1, 2, 3, FREQ_BINS)
+    everywhere = torch.full_like(clean, 0.5)
+    assert denoising_loss(everywhere, everywhere, clean, weights).item() == pytest.approx(1.0)  # = the plain loss
+    hum = clean.clone()
+    hum[..., 3] = 0.5  # an error at 60 Hz only
+    assert denoising_loss(hum, hum, clean, weights).item() == pytest.approx(
+        31 * weights[-1].item() * denoising_loss(hum, hum, clean).item())
 
 
 def test_denoise_waveform_returns_exact_length_and_a_tiny_model_learns():

@@ -87,6 +87,7 @@ def test_bundled_recipes_load_and_the_paper_recipe_is_the_paper():
     ("[data]\nsnr_db = { distribution = 'log-uniform', low = 0, high = 10 }", "must be > 0 dB"),
     ("[data]\nsnr_db = { low = 20, high = 10 }", "is above"),
     ("[schedule]\nbetas = [0.5]", "betas must be two numbers"),
+    ("[schedule]\nlow_band_weight = -1", "low_band_weight must be >= 0"),
     ("[trainning]\nsteps = 3", "unknown key 'trainning'"),
     ("[schedule\nsteps = 3", "not valid TOML"),
 ])
@@ -265,6 +266,18 @@ def test_frozen_groups_stay_put_and_l2sp_pulls_toward_the_base(sources, tmp_path
         train(model, schedule, examples, validation, tmp_path / f"l2sp-{alpha}", base_weights=base)
         distances[alpha] = sum(float((p.detach() - base[n]).pow(2).sum()) for n, p in model.named_parameters())
     assert distances[1e4] < distances[0.0]
+
+
+def test_the_schedules_low_band_weights_reach_training_and_validation(sources, tmp_path):
+    losses = {}
+    for weight in (0.0, 30.0):
+        model, schedule, examples, validation = _tiny_run(sources, tmp_path, steps=1, validate_every=1,
+                                                          low_band_hz=350.0, low_band_weight=weight)
+        result = train(model, schedule, examples, validation, tmp_path / f"low-band-{weight:g}")
+        losses[weight] = (result.losses[1], result.history[0]["val_loss"])
+    # Same weights, same batch: only the loss's bin weights differ, in the training step and the validation.
+    assert losses[30.0][0] != pytest.approx(losses[0.0][0], rel=1e-3)
+    assert losses[30.0][1] != pytest.approx(losses[0.0][1], rel=1e-3)
 
 
 @pytest.mark.slow  # end to end: whole runs of the training loop

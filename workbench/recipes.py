@@ -57,6 +57,8 @@ DEFAULTS: dict[str, dict[str, Any]] = {
         "validate_every": 1000,
         "checkpoint_every": 5000,
         "patience": 0,  # stop after this many validations without a better validation loss; 0 = never
+        "low_band_hz": 0.0,  # bins centred below this weigh 1 + low_band_weight in the loss (mean kept 1);
+        "low_band_weight": 0.0,  # 0 = the paper's Eq. 2, every bin alike
     },
 }
 
@@ -221,6 +223,8 @@ def validate_recipe(recipe: dict[str, Any], source: str = "recipe") -> None:
     _number(source, "[schedule] validate_every", schedule["validate_every"], integer=True, minimum=1)
     _number(source, "[schedule] checkpoint_every", schedule["checkpoint_every"], integer=True, minimum=1)
     _number(source, "[schedule] patience", schedule["patience"], integer=True, minimum=0)
+    _number(source, "[schedule] low_band_hz", schedule["low_band_hz"], minimum=0)
+    _number(source, "[schedule] low_band_weight", schedule["low_band_weight"], minimum=0)
 
 
 def apply_overrides(recipe: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:

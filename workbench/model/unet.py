@@ -47,7 +47,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from workbench.errors import WorkbenchError
-from workbench.model.stft import FREQ_BINS, analysis, synthesis
+from workbench.model.stft import FREQ_BINS, N_FFT, SAMPLE_RATE, analysis, synthesis
 
 FREQ_EMBEDDINGS = 10
 INPUT_KERNEL = 7
@@ -406,9 +406,28 @@ def count_parameters(config: ModelConfig) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def denoising_loss(s1: Tensor, s2: Tensor, clean_spec: Tensor) -> Tensor:
-    """Eq. 2 of the paper: mean |S2 − Y| + mean |S1 − Y| over batch, real/imag, frames and bins."""
-    return (s2 - clean_spec).abs().mean() + (s1 - clean_spec).abs().mean()
+def denoising_loss(s1: Tensor, s2: Tensor, clean_spec: Tensor, bin_weights: Tensor | None = None) -> Tensor:
+    """Eq. 2 of the paper: mean |S2 − Y| + mean |S1 − Y| over batch, real/imag, frames and bins.
+
+    `bin_weights` (FREQ_BINS,), of mean 1 (`low_band_weights`), weighs each frequency bin's error; None
+    is the paper's loss."""
+    if bin_weights is None:
+        return (s2 - clean_spec).abs().mean() + (s1 - clean_spec).abs().mean()
+    assert bin_weights.shape == (clean_spec.shape[-1],), f"one weight per bin, got {tuple(bin_weights.shape)}"
+    return ((s2 - clean_spec).abs() * bin_weights).mean() + ((s1 - clean_spec).abs() * bin_weights).mean()
+
+
+def low_band_weights(below_hz: float, extra_weight: float) -> Tensor | None:
+    """Per-bin loss weights: 1 + `extra_weight` for the bins centred below `below_hz`, 1 elsewhere, scaled
+    to mean 1 (so the loss keeps its size); None when there is nothing to weigh.
+
+    Why: in Eq. 2 every one of the 1025 bins counts alike, so a mains-hum family (50/60 Hz and its first
+    harmonics: a handful of bins) is a tiny share of the loss and a small network leaves it in place."""
+    if below_hz <= 0 or extra_weight <= 0:
+        return None
+    centres = torch.arange(FREQ_BINS, dtype=torch.float32) * SAMPLE_RATE / N_FFT
+    weights = 1.0 + extra_weight * (centres < below_hz).float()
+    return weights / weights.mean()
 
 
 def denoise_waveform(model: TwoStageUNet, wave: Tensor) -> Tensor:

@@ -40,7 +40,7 @@ from workbench.audio.io import atomic_path, atomic_write_json
 from workbench.errors import WorkbenchError
 from workbench.evaluate.metrics import snr_db
 from workbench.model.stft import analysis, synthesis
-from workbench.model.unet import TwoStageUNet, denoising_loss
+from workbench.model.unet import TwoStageUNet, denoising_loss, low_band_weights
 from workbench.progress import Progress, no_progress
 from workbench.train.data import Mixtures, TrainingExamples, mix_batch, training_batches
 from workbench.train.distributed import Distributed
@@ -86,6 +86,8 @@ class Schedule:
     patience: int = 0
     freeze: tuple[str, ...] = ()  # names from PARAMETER_GROUPS
     l2sp_alpha: float = 0.0  # weight of (α/2)·‖w − w_base‖² over the trained parameters
+    low_band_hz: float = 0.0  # the loss weighs bins below this by 1 + low_band_weight (model.unet.low_band_weights)
+    low_band_weight: float = 0.0
 
     @classmethod
     def from_recipe(cls, recipe: dict, **changes) -> "Schedule":
@@ -230,8 +232,8 @@ def load_weights(model: torch.nn.Module, path: Path) -> None:
 
 @torch.no_grad()
 def validate(model: TwoStageUNet, mixtures: Mixtures, device: torch.device, dist: Distributed = Distributed(),
-             autocast: bool = False) -> dict[str, float]:
-    """Eq. 2 loss and ΔSNR (estimate's SNR minus the noisy input's, in dB) on fixed mixtures.
+             autocast: bool = False, bin_weights: torch.Tensor | None = None) -> dict[str, float]:
+    """The training loss (Eq. 2, with the schedule's bin weights) and ΔSNR (estimate's SNR minus the noisy input's, in dB) on fixed mixtures.
 
     With DDP each rank scores every world_size-th mixture and the sums are combined, so all ranks get the
     same numbers.
@@ -247,7 +249,7 @@ def validate(model: TwoStageUNet, mixtures: Mixtures, device: torch.device, dist
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
             s1, s2 = model(analysis(noisy))
         s1, s2 = s1.float(), s2.float()
-        loss_sum += float(denoising_loss(s1, s2, analysis(clean))) * len(chosen)
+        loss_sum += float(denoising_loss(s1, s2, analysis(clean), bin_weights)) * len(chosen)
         estimate = synthesis(s2, noisy.shape[-1])
         clean_np, noisy_np, estimate_np = (t.cpu().numpy() for t in (clean, noisy, estimate))
         input_snr = snr_db(clean_np, noisy_np)
@@ -309,6 +311,8 @@ def train(model: TwoStageUNet, schedule: Schedule, examples: TrainingExamples, v
         run_dir.mkdir(parents=True, exist_ok=True)
     use_autocast = device.type == "cuda"  # bf16 on CUDA; CPUs train in float32
     model.to(device).train()
+    bin_weights = low_band_weights(schedule.low_band_hz, schedule.low_band_weight)
+    bin_weights = bin_weights.to(device) if bin_weights is not None else None
 
     # Fine-tuning: frozen groups keep their weights; Adam sees only the parameters that train.
     frozen = {name for group in schedule.freeze for name in parameter_group(model, group)}
@@ -365,7 +369,7 @@ def train(model: TwoStageUNet, schedule: Schedule, examples: TrainingExamples, v
         dist.barrier()
 
     if validate_at_start and step == 0 and not history:
-        record = {"step": 0, **validate(raw_model, validation, device, dist, use_autocast)}
+        record = {"step": 0, **validate(raw_model, validation, device, dist, use_autocast, bin_weights)}
         history.append(record)
         keep_if_best(record)
         if dist.is_main and log_metrics:
@@ -387,7 +391,7 @@ def train(model: TwoStageUNet, schedule: Schedule, examples: TrainingExamples, v
                 noisy_spec, clean_spec = analysis(noisy), analysis(target)
                 with torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_autocast):
                     s1, s2 = model(noisy_spec)
-                loss = denoising_loss(s1.float(), s2.float(), clean_spec)
+                loss = denoising_loss(s1.float(), s2.float(), clean_spec, bin_weights)
                 objective = loss
                 if anchors is not None:
                     pull = sum(((p - a) ** 2).sum() for (_, p), a in zip(trainable, anchors))
@@ -408,7 +412,7 @@ def train(model: TwoStageUNet, schedule: Schedule, examples: TrainingExamples, v
                     log_metrics({"train_loss": losses[step], "learning_rate": learning_rate}, step)
 
                 if step % schedule.validate_every == 0 or step == schedule.steps:
-                    metrics = validate(raw_model, validation, device, dist, use_autocast)
+                    metrics = validate(raw_model, validation, device, dist, use_autocast, bin_weights)
                     record = {"step": step, **metrics}
                     history.append(record)
                     keep_if_best(record)
@@ -436,7 +440,7 @@ def train(model: TwoStageUNet, schedule: Schedule, examples: TrainingExamples, v
             snapshot()  # everything up to the last completed step; `resume=True` continues from here
             raise
     if not history or history[-1]["step"] != step:  # e.g. resumed after the last step: score the end state
-        record = {"step": step, **validate(raw_model, validation, device, dist, use_autocast)}
+        record = {"step": step, **validate(raw_model, validation, device, dist, use_autocast, bin_weights)}
         history.append(record)
         keep_if_best(record)
     snapshot()
