@@ -15,7 +15,7 @@ from conftest import tiny_recipe
 from workbench.audio.crops import loop_with_crossfades
 from workbench.audio.io import sha256_file, write_audio
 from workbench.errors import WorkbenchError
-from workbench.recipes import apply_overrides, load_recipe, recipe_params
+from workbench.recipes import apply_overrides, load_recipe, recipe_digest, recipe_params
 from workbench.train.data import MixingSpec, StepBatches, TrainingExamples, stored_mixtures, training_batches
 from workbench.train.loop import (PARAMETER_GROUPS, Schedule, _optimizer_from_flat, _optimizer_to_flat,
                                   learning_rate_at, parameter_group, read_state, train)
@@ -266,6 +266,14 @@ def test_frozen_groups_stay_put_and_l2sp_pulls_toward_the_base(sources, tmp_path
         train(model, schedule, examples, validation, tmp_path / f"l2sp-{alpha}", base_weights=base)
         distances[alpha] = sum(float((p.detach() - base[n]).pow(2).sum()) for n, p in model.named_parameters())
     assert distances[1e4] < distances[0.0]
+
+
+def test_a_later_key_at_its_neutral_value_leaves_the_recipe_digest_as_it_was():
+    recipe = load_recipe("general")
+    earlier = {k: v for k, v in recipe.items()}
+    earlier["schedule"] = {k: v for k, v in recipe["schedule"].items() if not k.startswith("low_band_")}
+    assert recipe_digest(recipe) == recipe_digest(earlier)  # as digested before low_band_* existed
+    assert recipe_digest(apply_overrides(recipe, {"schedule.low_band_weight": 5.0})) != recipe_digest(recipe)
 
 
 def test_the_schedules_low_band_weights_reach_training_and_validation(sources, tmp_path):

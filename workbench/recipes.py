@@ -263,9 +263,18 @@ def recipe_params(recipe: dict[str, Any]) -> dict[str, str]:
     return flat
 
 
+# Keys added after recipes were first digested, at the value that trains exactly as before they existed.
+# At that value they stay out of the digest, so a recipe digested earlier keeps its digest: the boxed
+# model's card still matches recipes/general.toml, and a study resumed after an upgrade is the same study.
+NEUTRAL_LATER_KEYS = {("schedule", "low_band_hz"): 0.0, ("schedule", "low_band_weight"): 0.0}
+
+
 def recipe_digest(recipe: dict[str, Any]) -> str:
     """A short digest of everything that affects training (not the name, description or source file)."""
     core = {k: v for k, v in recipe.items() if k not in (*TOP_LEVEL_KEYS, "source")}
+    for (section, key), neutral in NEUTRAL_LATER_KEYS.items():
+        if section in core and core[section].get(key, neutral) == neutral:
+            core[section] = {k: v for k, v in core[section].items() if k != key}
     return hashlib.sha256(json.dumps(core, sort_keys=True).encode()).hexdigest()[:16]
 
 
