@@ -23,7 +23,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from workbench.audio.io import MODEL_RATE
+from workbench.audio.io import MODEL_SAMPLE_RATE
 from workbench.errors import WorkbenchError, database_locked
 from workbench.workspace import Workspace, find_workspace
 
@@ -284,7 +284,7 @@ def log_lineage(workspace: Workspace, noise_snippets: dict[str, list], clean_fil
     for context, snippets in noise_snippets.items():
         digest = library.digest(snippets)
         summary = {"digest": digest, "snippets": len(snippets),
-                   "minutes": round(sum(s.frames for s in snippets) / MODEL_RATE / 60, 3),
+                   "minutes": round(sum(s.frames for s in snippets) / MODEL_SAMPLE_RATE / 60, 3),
                    "devices": sorted({s.device for s in snippets}),
                    "speeds": sorted({float(s.speed_ips) for s in snippets}),
                    "splits": sorted({s.split for s in snippets})}

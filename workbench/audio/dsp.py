@@ -14,10 +14,8 @@ import numpy as np
 import torch
 import torchaudio.functional as AF
 
-from workbench.audio.io import MODEL_RATE
+from workbench.audio.io import MODEL_SAMPLE_RATE  # noqa: F401  (one constant, defined in io, which must not import torch)
 
-MODEL_SAMPLE_RATE = 44_100
-assert MODEL_SAMPLE_RATE == MODEL_RATE, "io.py's check of resampling costs assumes the same model rate"
 LOWPASS_FILTER_WIDTH = 6
 ROLLOFF = 0.99
 

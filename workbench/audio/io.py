@@ -61,7 +61,7 @@ def audio_info(path: Path) -> AudioInfo:
     return AudioInfo(path, int(info.samplerate), int(info.channels), int(info.frames), info.format, info.subtype)
 
 
-MODEL_RATE = 44_100  # = workbench.audio.dsp.MODEL_SAMPLE_RATE (dsp imports torch; this module must not)
+MODEL_SAMPLE_RATE = 44_100  # the network's rate; here, not in dsp, because dsp imports torch and this module must not
 # Every command resamples to 44.1 kHz and back with a sinc resampler whose work per sample grows with the
 # reduced ratio's terms: 48 kHz is 160:147, 384 kHz 1280:147, but 44.056 kHz is 11014:11025 (measured:
 # 25 s and 2.5 GB per second of audio) and a prime rate such as 37813 Hz would need tens of GB.
@@ -70,8 +70,8 @@ MAX_RATIO_TERM = 2048
 
 def check_resamplable(path: Path, sample_rate: int) -> None:
     """Refuse, in one line, a sample rate whose exact ratio to 44.1 kHz is too costly to resample."""
-    common = math.gcd(int(sample_rate), MODEL_RATE)
-    terms = (sample_rate // common, MODEL_RATE // common)
+    common = math.gcd(int(sample_rate), MODEL_SAMPLE_RATE)
+    terms = (sample_rate // common, MODEL_SAMPLE_RATE // common)
     if max(terms) > MAX_RATIO_TERM:
         raise WorkbenchError(f"{path}: sample rate {sample_rate} Hz is {terms[0]}:{terms[1]} to 44.1 kHz, too costly to "
                              "resample exactly; convert it to a standard rate (e.g. 48000 or 96000 Hz) first")

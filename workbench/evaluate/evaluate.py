@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from workbench.audio.io import check_finite
+from workbench.audio.io import MODEL_SAMPLE_RATE, check_finite
 from workbench.evaluate.fragments import FragmentSet
 from workbench.evaluate.metrics import HumResidual, Summary, hum_residual, mean_ci, paired_ci, si_sdr_db, snr_db
 from workbench.evaluate.peaq import peaq_odg_rows
@@ -59,7 +59,7 @@ class EvaluationResult:
     frequencies: np.ndarray
     spectra: dict[tuple[str, float], dict[str, np.ndarray]]  # (set label, snr) -> NOISE_ADDED | method -> PSD
     examples: dict[str, dict] = field(default_factory=dict)  # set label -> {"snr", "clean", "noisy", methods...}
-    sample_rate: int = 44100
+    sample_rate: int = MODEL_SAMPLE_RATE
     hum: dict[tuple[str, str, float], HumResidual] = field(default_factory=dict)  # (method, set label, snr) -> hum
     # Listening clips: {"set", "index", "snr", CLEAN: (T,), NOISY: (T,), each method: (T,)}.
     clips: list[dict] = field(default_factory=list)

@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from workbench.audio.io import MODEL_RATE
+from workbench.audio.io import MODEL_SAMPLE_RATE
 from workbench.errors import WorkbenchError
 from workbench.model_registry.names import (
     MODEL_ARTIFACT,
@@ -59,7 +59,7 @@ def model_signature():
 
 def input_example() -> np.ndarray:
     """A short quiet tone (EXAMPLE_FRAMES samples at 44.1 kHz) as the logged input example."""
-    time = np.arange(EXAMPLE_FRAMES, dtype=np.float32) / MODEL_RATE
+    time = np.arange(EXAMPLE_FRAMES, dtype=np.float32) / MODEL_SAMPLE_RATE
     return (0.1 * np.sin(2 * np.pi * 440.0 * time)).astype(np.float32)
 
 
