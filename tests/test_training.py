@@ -270,7 +270,7 @@ def test_frozen_groups_stay_put_and_l2sp_pulls_toward_the_base(sources, tmp_path
 
 def test_a_later_key_at_its_neutral_value_leaves_the_recipe_digest_as_it_was():
     recipe = load_recipe("general")
-    earlier = {k: v for k, v in recipe.items()}
+    earlier = dict(recipe)
     earlier["schedule"] = {k: v for k, v in recipe["schedule"].items() if not k.startswith("low_band_")}
     assert recipe_digest(recipe) == recipe_digest(earlier)  # as digested before low_band_* existed
     assert recipe_digest(apply_overrides(recipe, {"schedule.low_band_weight": 5.0})) != recipe_digest(recipe)

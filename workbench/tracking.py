@@ -67,12 +67,28 @@ def configure(workspace: Workspace | None = None):
     return mlflow
 
 
-def _touch_store(mlflow, uri: str) -> None:
-    # Creating the tables logs a few INFO lines per migration; the library never prints.
-    quiet = [logging.getLogger(name) for name in ("mlflow.store.db.utils", "alembic", "alembic.runtime.migration")]
-    levels = [logger.level for logger in quiet]
-    for logger in quiet:
+@contextlib.contextmanager
+def quiet_loggers(*names: str):
+    """Only warnings and errors from these loggers while the block runs: MLflow and alembic log INFO
+    lines to stderr, between our progress bars, and the library never prints."""
+    loggers = [logging.getLogger(name) for name in names]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
         logger.setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        for logger, level in zip(loggers, levels):
+            logger.setLevel(level)
+
+
+def _touch_store(mlflow, uri: str) -> None:
+    # Creating the tables logs a few INFO lines per migration.
+    with quiet_loggers("mlflow.store.db.utils", "alembic", "alembic.runtime.migration"):
+        _check_store(mlflow, uri)
+
+
+def _check_store(mlflow, uri: str) -> None:
     try:
         client = mlflow.MlflowClient(tracking_uri=uri, registry_uri=uri)
         client.search_experiments(max_results=1)
@@ -82,9 +98,6 @@ def _touch_store(mlflow, uri: str) -> None:
             raise WorkbenchError(f"MLflow store {uri}: locked by another process past the wait; let it finish "
                                  "and run this again") from None
         raise WorkbenchError(f"MLflow store {uri}: unusable ({type(error).__name__}: {str(error).splitlines()[0][:200]})") from None
-    finally:
-        for logger, level in zip(quiet, levels):
-            logger.setLevel(level)
 
 
 def client(workspace: Workspace | None = None):

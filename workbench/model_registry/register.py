@@ -12,7 +12,6 @@ and a short input example, so MLflow's UI and serving tools can say what it take
 from __future__ import annotations
 
 import contextlib
-import logging
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +26,7 @@ from workbench.model_registry.names import (
     TAG_SIZE,
     model_description,
 )
-from workbench.tracking import client, configure, start_run
+from workbench.tracking import client, configure, quiet_loggers, start_run
 from workbench.workspace import PACKAGE_ROOT, Workspace, find_workspace
 
 PYFUNC_CODE = PACKAGE_ROOT / "pyfunc_model.py"
@@ -80,18 +79,6 @@ class _PyfuncFlavor:
         return mlflow.pyfunc.save_model(**kwargs)
 
 
-@contextlib.contextmanager
-def _quiet_logger(name: str):
-    """Only warnings and errors from logger `name` while the block runs."""
-    logger = logging.getLogger(name)
-    level = logger.level
-    logger.setLevel(logging.WARNING)
-    try:
-        yield
-    finally:
-        logger.setLevel(level)
-
-
 def register_checkpoint(checkpoint_path: str | Path, name: str, *, tags: dict[str, Any] | None = None,
                         description: str | None = None, artifacts: dict[str, str | Path] | None = None,
                         experiment: str = "imports", workspace: Workspace | None = None) -> int:
@@ -115,7 +102,7 @@ def register_checkpoint(checkpoint_path: str | Path, name: str, *, tags: dict[st
             stack.enter_context(start_run(experiment, run_name=f"register {weights.name}", workspace=workspace))
         # What mlflow.pyfunc.log_model does, less its serving check (see _PyfuncFlavor). Its INFO line
         # "Validating input example against model signature" would land between our progress bars.
-        stack.enter_context(_quiet_logger("mlflow.pyfunc"))
+        stack.enter_context(quiet_loggers("mlflow.pyfunc"))
         info = mlflow.models.Model.log(None, _PyfuncFlavor, name=MODEL_ARTIFACT, flavor_name="pyfunc",
                                        python_model=str(PYFUNC_CODE), artifacts=model_artifacts,
                                        signature=model_signature(), input_example=input_example(),
