@@ -76,3 +76,19 @@ def test_reference_path_switch_is_restored_after_an_error():
         assert not unet._fast_path
         raise RuntimeError("inside")
     assert unet._fast_path
+
+
+def test_layout_is_channels_last_where_it_was_measured_to_pay():
+    from workbench.model.unet import wants_channels_last
+
+    spec = torch.zeros(1, 2, 3, FREQ_BINS)
+    tiny, small = _model("tiny"), _model("small")
+    with torch.no_grad():  # inference on a CPU: only the narrow network
+        assert wants_channels_last(tiny.config, spec, list(tiny.parameters()))
+        assert not wants_channels_last(small.config, spec, list(small.parameters()))
+    assert wants_channels_last(small.config, spec, list(small.parameters()))  # training: every size
+    with reference_path():
+        assert not wants_channels_last(tiny.config, spec, list(tiny.parameters()))
+    # Whatever the layout inside, the outputs come back channels-first.
+    s1, s2 = small(spec)
+    assert s1.is_contiguous() and s2.is_contiguous()
