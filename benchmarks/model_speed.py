@@ -17,12 +17,16 @@ What it prints:
    For each: the first (warm-up) pass, then the best and median of --runs steady-state passes, minor page
    faults per pass, achieved GFLOP/s, fraction of the matmul peak, real-time factor (5 s / seconds per
    pass), the speed-up over `before`, and the largest |S2 difference| from `before`'s output.
-4. The TensorFlow reference: only with --tf-python PYTHON (an interpreter of a throwaway environment
-   with tensorflow-cpu 2.15.1 and a `reference_forward.py` of your own beside this script); otherwise one
-   line says it is absent. Nothing of it is committed.
+4. The TensorFlow reference, paper size, same input shape and threads: only with --tf-python PYTHON (an
+   interpreter of a throwaway environment with tensorflow-cpu 2.15.1) and --tf-reference CHECKOUT (a
+   checkout of eloimoliner/denoising-historical-recordings); `reference_forward.py` builds and times it
+   there, and the paper rows get their ratio to it. Without them one line says it is absent. Nothing of
+   the reference or its environment is committed.
 
+    python3 -m venv /tmp/tfenv && /tmp/tfenv/bin/pip install tensorflow-cpu==2.15.1   # throwaway
     .venv/bin/python benchmarks/model_speed.py [--sizes tiny,small,paper] [--threads 2] [--runs 3]
-                                               [--repeats 2] [--compile] [--tf-python PATH]
+                                               [--repeats 2] [--compile]
+                                               [--tf-python /tmp/tfenv/bin/python --tf-reference CHECKOUT]
 
 Timings are wall-clock on whatever else the machine is doing: compare the ratios of one run, not runs.
 """
@@ -112,6 +116,27 @@ def child(code: str, *args: str) -> dict:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
+def tensorflow_absent(args) -> str | None:
+    """Why the TensorFlow reference cannot be timed in this run, or None when it can."""
+    if args.tf_python is None or args.tf_reference is None:
+        return "give --tf-python (a throwaway tensorflow-cpu 2.15.1 environment) and --tf-reference (a checkout)"
+    if not (args.tf_reference / "unet.py").is_file():
+        return f"{args.tf_reference}: no unet.py (not a checkout of the reference repository)"
+    return None
+
+
+def time_tensorflow(args) -> dict:
+    """One child run of reference_forward.py: its JSON line (best_s, median_s, warmup_s, ...)."""
+    script = Path(__file__).with_name("reference_forward.py")
+    done = subprocess.run([str(args.tf_python), str(script), str(args.threads), str(REFERENCE_FRAMES),
+                           str(args.tf_reference), str(max(args.paper_runs, 2))],
+                          capture_output=True, text=True, check=False)
+    lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
+    if done.returncode != 0 or not lines:
+        raise SystemExit(f"TensorFlow reference failed: {done.stderr.strip()[-500:]}")
+    return json.loads(lines[-1])
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sizes", default="tiny,small,paper")
@@ -122,6 +147,8 @@ def main() -> int:
     parser.add_argument("--compile", action="store_true", help="also time torch.compile of the fast path")
     parser.add_argument("--tf-python", type=Path, default=None,
                         help="interpreter of a throwaway environment with tensorflow-cpu 2.15.1")
+    parser.add_argument("--tf-reference", type=Path, default=None,
+                        help="checkout of eloimoliner/denoising-historical-recordings (its unet.py)")
     args = parser.parse_args()
     import numpy as np
 
@@ -145,7 +172,14 @@ def main() -> int:
     peak = child(PEAK, str(args.threads))["gflops"]
     print(f"\nmatmul peak (float32 torch.mm 4096², {args.threads} threads): {peak:.1f} GFLOP/s")
 
+    tensorflow, absent = [], tensorflow_absent(args)
+    if absent:
+        print(f"\nTensorFlow reference: absent ({absent})")
+    else:
+        tensorflow.append(time_tensorflow(args))
+
     variants = ["before", "after"] + (["compiled"] if args.compile else [])
+    paper_best: dict[str, float] = {}
     print(f"\nforward pass of one {CHUNK_SECONDS:g} s chunk ({REFERENCE_FRAMES} × 1025), {args.threads} threads; "
           f"variants interleaved, {args.repeats} children each")
     header = (f"  {'size':<6} {'variant':<9} {'warm-up s':>9} {'best s':>8} {'median s':>9} {'faults/pass':>12} "
@@ -171,24 +205,25 @@ def main() -> int:
                 best, median = min(seconds), statistics.median(seconds)
                 cpu = min(s for result in results[variant] for s in result["cpu_seconds"])
                 before_best, before_cpu = before_best or best, before_cpu or cpu
+                if size == "paper":
+                    paper_best[variant] = best
                 difference = float(np.max(np.abs(np.load(str(Path(folder) / f"{size}-{variant}.npy")) - reference)))
                 gflops = flops[size] / best / 1e9
                 print(f"  {size:<6} {variant:<9} {warmup:>9.2f} {best:>8.2f} {median:>9.2f} {faults:>12,.0f} "
                       f"{gflops:>8.1f} {gflops / peak:>7.1%} {CHUNK_SECONDS / best:>11.2f} "
                       f"{before_best / best:>8.2f}× {cpu:>10.2f} {before_cpu / cpu:>5.2f}× {difference:>10.1e}",
                       flush=True)
+    if not absent:
+        tensorflow.append(time_tensorflow(args))
 
-    if args.tf_python is None:
-        print("\nTensorFlow reference: absent (not installed here; give --tf-python with a throwaway "
-              "tensorflow-cpu 2.15.1 environment to time it in this run)")
-    else:
-        script = Path(__file__).with_name("reference_forward.py")
-        if not script.is_file():
-            print(f"\nTensorFlow reference: absent ({script.name} not found beside this script)")
-        else:
-            done = subprocess.run([str(args.tf_python), str(script), str(args.threads), str(REFERENCE_FRAMES)],
-                                  capture_output=True, text=True, check=False)
-            print(f"\nTensorFlow reference: {done.stdout.strip() or done.stderr.strip()[-500:]}")
+    if tensorflow:
+        tf_best = min(run["best_s"] for run in tensorflow)
+        print(f"\nTensorFlow reference (TF {tensorflow[0]['tensorflow']}, {tensorflow[0]['parameters']:,} parameters, "
+              f"paper size, {REFERENCE_FRAMES} × 1025, {args.threads} threads; timed before and after the rows "
+              f"above): best {tf_best:.2f} s, {flops.get('paper', 0) / tf_best / 1e9:.1f} GFLOP/s, "
+              f"{CHUNK_SECONDS / tf_best:.2f}× real time")
+        for variant, best in paper_best.items():
+            print(f"  paper {variant:<9} {best:.2f} s: {tf_best / best:.2f}× the reference's speed")
     print("\nbest = fastest steady-state pass (wall clock); GFLOP/s = counted FLOPs / best; speed-up = before's "
           "best / best; CPU s = the pass's process CPU time (user + kernel: page faults included), CPU × its ratio.")
     return 0
