@@ -24,7 +24,7 @@ three harmonics against the input noise's, dB; `workbench.evaluate.metrics.hum_r
 
     machine  base  fine-tuned  control  specialist  spectral gating  | fine-tuned − base  fine-tuned − control | hum
 
-    .venv/bin/python benchmarks/machine_fit.py [--folder /tmp/workbench-bench-finetune] [--recipe quickstart]
+    .venv/bin/python benchmarks/machine_fit.py [--folder /tmp/workbench-bench-finetune] [--recipe finetune-cpu]
                                                [--variants as-is,noisy-preamp,ground-loop-buzz] [--no-specialist]
                                                [--json]
 
@@ -159,7 +159,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--folder", type=Path, default=Path(tempfile.gettempdir()) / "workbench-bench-finetune",
                         help="workspace for the benchmark (shared with benchmarks/finetune.py; reused)")
-    parser.add_argument("--recipe", default="quickstart")
+    parser.add_argument("--recipe", default="finetune-cpu")
     parser.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated, of: {', '.join(VARIANTS)}")
     parser.add_argument("--no-specialist", action="store_true", help="skip the specialist (a whole pretraining)")
     parser.add_argument("--json", action="store_true", help="print the result as JSON")
