@@ -218,9 +218,10 @@ def main() -> int:
 
     if tensorflow:
         tf_best = min(run["best_s"] for run in tensorflow)
+        paper_flops = flops["paper"] if "paper" in flops else flop_account("paper", REFERENCE_FRAMES)
         print(f"\nTensorFlow reference (TF {tensorflow[0]['tensorflow']}, {tensorflow[0]['parameters']:,} parameters, "
               f"paper size, {REFERENCE_FRAMES} × 1025, {args.threads} threads; timed before and after the rows "
-              f"above): best {tf_best:.2f} s, {flops.get('paper', 0) / tf_best / 1e9:.1f} GFLOP/s, "
+              f"above): best {tf_best:.2f} s, {paper_flops / tf_best / 1e9:.1f} GFLOP/s, "
               f"{CHUNK_SECONDS / tf_best:.2f}× real time")
         for variant, best in paper_best.items():
             print(f"  paper {variant:<9} {best:.2f} s: {tf_best / best:.2f}× the reference's speed")

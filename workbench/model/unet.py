@@ -136,13 +136,13 @@ def _elu(x: Tensor) -> Tensor:
 
 # Convolutions run on channels-last activations (oneDNN's NHWC kernels: no reorder per call, and no padding
 # of a 4-channel map to 16-channel blocks) except where the buffered dense blocks pay more, which needs
-# channels-first: inference on a CPU with channels[0] >= 16. Measured on 2 cores (benchmarks/model_speed.py,
-# /train.py): inference tiny 1.2-1.3x faster channels-last, small 1.14x slower; a training step tiny 1.56x,
-# small 1.14x faster. CUDA's convolutions (cuDNN, bf16) want channels-last throughout.
+# channels-first: inference on a CPU with channels[0] >= 16. Measured on 2 cores, the same weights in both
+# layouts in one process: inference tiny 1.2-1.3x faster channels-last, small 1.14x slower; a training step
+# (4 x 1 s) tiny 1.56x, small 1.14x faster. CUDA's convolutions (cuDNN, bf16) want channels-last throughout.
 NARROW_CHANNELS = 16
 
 
-def wants_channels_last(config: "ModelConfig", x: Tensor, parameters: Sequence[Tensor]) -> bool:
+def wants_channels_last(config: ModelConfig, x: Tensor, parameters: Sequence[Tensor]) -> bool:
     """Whether the forward pass of `config` on `x` runs channels-last (see above); never on the reference path."""
     if not _fast_path:
         return False
