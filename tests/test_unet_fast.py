@@ -1,5 +1,7 @@
-"""The U-Net's fast path (one-allocation padding, in-place ELU, dense blocks in one preallocated buffer)
-computes the same function as the plain reference code (`reference_path()`), forward and backward."""
+"""The U-Net's fast path (one-allocation padding, in-place ELU, the frequency embedding's convolution once
+per bin, 1×1 projections before upsampling, and dense blocks either in one preallocated channels-first buffer
+or as per-part convolutions channels-last) computes the same function as the plain reference code
+(`reference_path()`), forward and backward, in either layout."""
 
 from __future__ import annotations
 
@@ -34,8 +36,18 @@ def test_mirror_pad_fast_equals_reference(kernel, shape):
     assert torch.equal(mirror_pad(x.contiguous(memory_format=torch.channels_last), kernel), expected)
 
 
+@pytest.fixture(params=["channels-first", "channels-last"])
+def inference_layout(request, monkeypatch):
+    """Inference in each layout the fast path has: the buffered channels-first dense blocks (wide networks
+    on a CPU) and the channels-last split convolutions (narrow ones, CUDA)."""
+    from workbench.model import unet
+
+    monkeypatch.setattr(unet, "NARROW_CHANNELS", 0 if request.param == "channels-first" else 10 ** 6)
+    return request.param
+
+
 @pytest.mark.parametrize(("name", "frames"), [("tiny", 1), ("tiny", 37), ("small", 40), ("odd", 23)])
-def test_forward_fast_path_equals_reference_path(name, frames):
+def test_forward_fast_path_equals_reference_path(name, frames, inference_layout):
     model = _model(name).eval()
     spec = 3 * torch.randn(2, 2, frames, FREQ_BINS)
     with torch.inference_mode():
@@ -83,12 +95,39 @@ def test_layout_is_channels_last_where_it_was_measured_to_pay():
 
     spec = torch.zeros(1, 2, 3, FREQ_BINS)
     tiny, small = _model("tiny"), _model("small")
-    with torch.no_grad():  # inference on a CPU: only the narrow network
+    with torch.no_grad():  # inference on a CPU: the narrow networks, not the paper's
         assert wants_channels_last(tiny.config, spec, list(tiny.parameters()))
-        assert not wants_channels_last(small.config, spec, list(small.parameters()))
-    assert wants_channels_last(small.config, spec, list(small.parameters()))  # training: every size
+        assert wants_channels_last(small.config, spec, list(small.parameters()))
+        assert not wants_channels_last(SIZES["paper"], spec, list(small.parameters()))
+    assert wants_channels_last(SIZES["paper"], spec, list(small.parameters()))  # training: every size
     with reference_path():
         assert not wants_channels_last(tiny.config, spec, list(tiny.parameters()))
     # Whatever the layout inside, the outputs come back channels-first.
     s1, s2 = small(spec)
     assert s1.is_contiguous() and s2.is_contiguous()
+
+
+@pytest.mark.parametrize("grad", [False, True])
+def test_channels_last_holds_through_the_whole_network(grad):
+    """Once the input is channels-last, every convolution reads channels-last: a layer that fell back to
+    channels-first (a cropped view once did, and all the decoder after it) costs a reorder per call."""
+    from torch.overrides import TorchFunctionMode
+
+    convolutions = {torch.nn.functional.conv2d, torch.nn.functional.conv_transpose2d}
+    seen = []
+
+    class RecordConvolutionInputs(TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            if func in convolutions:
+                seen.append((tuple(args[0].shape), args[0].stride()))
+            return func(*args, **(kwargs or {}))
+
+    model = _model("tiny").train(grad)
+    spec = torch.randn(1, 2, 37, FREQ_BINS)
+    with torch.set_grad_enabled(grad), RecordConvolutionInputs():
+        model(spec)
+    assert len(seen) >= 30, "the network's convolutions were recorded"
+    # Channels innermost (stride 1) wherever there is more than one channel; the frequency embedding's
+    # once-per-bin convolution reads a single row, where the layouts coincide.
+    flipped = [shape for shape, stride in seen if shape[1] > 1 and shape[2] > 1 and stride[1] != 1]
+    assert not flipped, f"convolution inputs not channels-last: {flipped}"

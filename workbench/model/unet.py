@@ -106,10 +106,12 @@ def get_config(size: str) -> ModelConfig:
 # The same function computed with fewer full-size copies (the forward pass spent a quarter of its time in
 # `cat`): mirrored padding in one allocation (for 3×3 kernels TF's one-sample SYMMETRIC pad *is* replicate
 # padding, one native op), ELU in place on convolution outputs (a convolution does not keep its output for
-# the backward pass, so autograd allows it), and, when no gradient is recorded, dense blocks that write each
-# layer's output once into one preallocated, already padded buffer instead of concatenating and padding
-# the growing stack again for every layer. `reference_path()` switches all of it off: the plain layer-for-
-# layer code, kept as the definition the fast path is tested against (tests/test_unet_fast.py).
+# the backward pass, so autograd allows it), dense blocks that never concatenate their growing stack (channels-
+# first inference: each layer writes its padded output once into one preallocated buffer; channels-last: one
+# convolution per part, each part padded once), the frequency embedding's share of the input convolutions
+# computed once per bin (`_input_conv`), and the decoder's 1×1 projections applied before upsampling.
+# `reference_path()` switches all of it off: the plain layer-for-layer code, kept as the definition the fast
+# path is tested against (tests/test_unet_fast.py).
 
 _fast_path = True
 
@@ -135,11 +137,12 @@ def _elu(x: Tensor) -> Tensor:
 
 
 # Convolutions run on channels-last activations (oneDNN's NHWC kernels: no reorder per call, and no padding
-# of a 4-channel map to 16-channel blocks) except where the buffered dense blocks pay more, which needs
-# channels-first: inference on a CPU with channels[0] >= 16. Measured on 2 cores, the same weights in both
-# layouts in one process: inference tiny 1.2-1.3x faster channels-last, small 1.14x slower; a training step
-# (4 x 1 s) tiny 1.56x, small 1.14x faster. CUDA's convolutions (cuDNN, bf16) want channels-last throughout.
-NARROW_CHANNELS = 16
+# of a 4-channel map to 16-channel blocks) except where the buffered channels-first dense blocks pay more:
+# inference on a CPU with channels[0] >= 32 (the paper size). Measured on 2 cores, the same weights in both
+# layouts interleaved in one process (best of 4-8 passes of a 5 s chunk): tiny 0.19 s channels-last against
+# 0.28 s, small 1.53 against 1.66 s, paper 5.5 against 5.0 s (medians 5.7 and 6.1: too close to move it).
+# Training runs channels-last at every size; CUDA's convolutions (cuDNN, bf16) want it throughout.
+NARROW_CHANNELS = 32
 
 
 def wants_channels_last(config: ModelConfig, x: Tensor, parameters: Sequence[Tensor]) -> bool:
@@ -152,8 +155,10 @@ def wants_channels_last(config: ModelConfig, x: Tensor, parameters: Sequence[Ten
 
 
 def _channels_last(x: Tensor) -> bool:
-    return x.dim() == 4 and x.shape[1] > 1 and x.is_contiguous(memory_format=torch.channels_last) \
-        and not x.is_contiguous()
+    """Whether `x` is laid out channels-last: channels innermost. Strides, not contiguity, decide: a
+    cropped view of a channels-last map is contiguous in neither format but must stay channels-last."""
+    return x.dim() == 4 and x.shape[1] > 1 and x.stride(1) == 1 and x.stride(-1) == x.shape[1] * x.stride(1) \
+        and x.stride(-1) < x.stride(-2)
 
 
 def _symmetric_pad(x: Tensor, before: int, after: int) -> Tensor:
@@ -220,6 +225,16 @@ def conv(in_channels: int, out_channels: int, kernel: int, stride: int = 1) -> n
     return nn.Conv2d(in_channels, out_channels, kernel, stride=stride)
 
 
+def _split_conv(layer: nn.Conv2d, parts: Sequence[Tensor]) -> Tensor:
+    """`layer` applied to the concatenation of `parts` (channel order), as a sum of per-part convolutions."""
+    weights = layer.weight.split([part.shape[1] for part in parts], dim=1)
+    assert sum(w.shape[1] for w in weights) == layer.in_channels, "the parts must be the layer's whole input"
+    out = F.conv2d(parts[0], weights[0], layer.bias, layer.stride)
+    for part, weight in zip(parts[1:], weights[1:]):
+        out.add_(F.conv2d(part, weight, None, layer.stride))  # a convolution output: autograd allows it
+    return out
+
+
 class DenseBlock(nn.Module):
     """`layers` 3×3 conv + ELU; each sees all earlier outputs (newest first) and the input."""
 
@@ -234,6 +249,20 @@ class DenseBlock(nn.Module):
         for layer in self.convs[1:]:
             x = torch.cat([out, x], dim=1)
             out = _elu(layer(mirror_pad(x, 3)))
+        return out
+
+    def forward_split(self, parts: list[Tensor]) -> Tensor:
+        """The block on the input given in parts (channel order), never concatenated: each layer's
+        convolution is the sum of one convolution per part (its slice of the weights), and each part, the
+        input's and every layer output, is padded once and read by every later layer. Channels-last
+        slices of one buffer would not be dense, so this is how channels-last avoids copying the stack."""
+        padded = [mirror_pad(part, 3) for part in parts]  # newest first, as the layers see them
+        out = None
+        for i, layer in enumerate(self.convs):
+            if i:
+                padded.insert(0, mirror_pad(out, 3))
+            out = _elu(_split_conv(layer, padded))
+        assert out is not None
         return out
 
     def forward_buffered(self, stack: Tensor, start: int) -> Tensor:
@@ -261,11 +290,13 @@ class IBlock(nn.Module):
         """`x` is the input, or its parts in channel order (concatenated here, or copied straight into the
         dense block's buffer on the fast path)."""
         parts = [x] if isinstance(x, Tensor) else list(x)
-        # The buffer's channel slices are contiguous only channels-first; channels-last concatenates.
-        if _fast_path and _no_grad(*parts, *self.parameters()) and not _channels_last(parts[0]):
+        if not _fast_path:
+            x = parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
+            return self.dense(x) + self.skip(x)
+        # The buffer's channel slices are dense only channels-first; channels-last (and training) splits.
+        if _no_grad(*parts, *self.parameters()) and not _channels_last(parts[0]):
             return self._forward_buffered(parts)
-        x = parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
-        return self.dense(x) + self.skip(x)
+        return _split_conv(self.skip, parts).add_(self.dense.forward_split(parts))
 
     def _forward_buffered(self, parts: list[Tensor]) -> Tensor:
         batch, (frames, bins) = parts[0].shape[0], parts[0].shape[-2:]
@@ -304,9 +335,14 @@ class DecoderBlock(nn.Module):
 
     def forward(self, x: Tensor, skip: Tensor) -> Tensor:
         up = _elu(self.up_conv(x))  # (2s + 2): the reference does not pad before it
-        nearest = F.interpolate(x, scale_factor=2, mode="nearest")
-        if self.up_projection is not None:
-            nearest = _elu(self.up_projection(nearest))
+        if self.up_projection is not None and _fast_path:
+            # A 1×1 convolution and ELU act on each pixel alone, so they commute with nearest upsampling:
+            # computed before it, on a quarter of the pixels, the same numbers come out.
+            nearest = F.interpolate(_elu(self.up_projection(x)), scale_factor=2, mode="nearest")
+        else:
+            nearest = F.interpolate(x, scale_factor=2, mode="nearest")
+            if self.up_projection is not None:
+                nearest = _elu(self.up_projection(nearest))
         up = center_crop(up, nearest) + nearest
         return self.iblock([center_crop(up, skip), skip])
 
@@ -369,6 +405,24 @@ def frequency_embedding(freq_bins: int, count: int) -> Tensor:
     return torch.stack([torch.cos((pi * 2 ** j) * n) for j in range(count)])
 
 
+def _input_conv(layer: nn.Conv2d, padded_spec: Tensor, embedding: Tensor) -> Tensor:
+    """The 7×7 input convolution of [spectrum, frequency embedding] from the padded 2-channel spectrum alone.
+
+    The 10 embedding channels are the same in every frame, and mirrored padding in time keeps them so: their
+    share of the convolution is one (channels, bins) map, computed on a single frame (time kernel summed)
+    and added to every frame. The full-resolution convolution then reads 2 input channels instead of 12
+    (on tiny, the input convolutions were a sixth of the forward pass)."""
+    spectrum_channels = padded_spec.shape[1]
+    pad = INPUT_KERNEL // 2
+    embedding_row = _mirror_pad_dim(embedding, -1, pad, pad)  # (1, E, 1, bins + 2·pad)
+    embedding_weight = layer.weight[:, spectrum_channels:].sum(dim=-2, keepdim=True)  # (out, E, 1, k)
+    embedding_map = F.conv2d(embedding_row, embedding_weight, layer.bias)  # (1, out, 1, bins)
+    out = F.conv2d(padded_spec, layer.weight[:, :spectrum_channels])
+    if _channels_last(out):  # the broadcast add is then a dense (bins, channels) row added to every frame
+        embedding_map = embedding_map.contiguous(memory_format=torch.channels_last)
+    return out.add_(embedding_map)
+
+
 class TwoStageUNet(nn.Module):
     """(B, 2, frames, bins) noisy spectrum -> (S1, S2), the stage-1 and final clean-spectrum estimates."""
 
@@ -404,16 +458,22 @@ class TwoStageUNet(nn.Module):
         assert channels == 2 and bins == self.config.freq_bins, \
             f"expected (batch, 2, frames, {self.config.freq_bins}), got {tuple(noisy_spec.shape)}"
         embedding = self.freq_embedding.to(device=noisy_spec.device, dtype=noisy_spec.dtype)[None, :, None, :]
-        x = torch.cat([noisy_spec, embedding.expand(batch, -1, frames, -1)], dim=1)
-        if wants_channels_last(self.config, x, list(self.parameters())):
-            x = x.contiguous(memory_format=torch.channels_last)  # every later activation keeps the layout
+        if _fast_path:
+            x = noisy_spec
+            if wants_channels_last(self.config, x, list(self.parameters())):
+                x = x.contiguous(memory_format=torch.channels_last)  # every later activation keeps the layout
+            padded = mirror_pad(x, INPUT_KERNEL)
+            input1 = _input_conv(self.input_conv1, padded, embedding)
+            input2 = _input_conv(self.input_conv2, padded, embedding)
+        else:
+            padded = mirror_pad(torch.cat([noisy_spec, embedding.expand(batch, -1, frames, -1)], dim=1), INPUT_KERNEL)
+            input1, input2 = self.input_conv1(padded), self.input_conv2(padded)
 
-        padded = mirror_pad(x, INPUT_KERNEL)
-        features1 = self.decoder1(*self.encoder1(_elu(self.input_conv1(padded))))
+        features1 = self.decoder1(*self.encoder1(_elu(input1)))
         attended, s1 = self.sam(features1, noisy_spec)
 
         # The encoder's first I-block takes the two parts as they are (concatenated there if need be).
-        features2 = self.decoder2(*self.encoder2([_elu(self.input_conv2(padded)), attended]))
+        features2 = self.decoder2(*self.encoder2([_elu(input2), attended]))
         s2 = self.output_conv(mirror_pad(features2, 3))
         return s1.contiguous(), s2.contiguous()
 
