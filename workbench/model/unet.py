@@ -140,7 +140,9 @@ def _elu(x: Tensor) -> Tensor:
 # of a 4-channel map to 16-channel blocks) except where the buffered channels-first dense blocks pay more:
 # inference on a CPU with channels[0] >= 32 (the paper size). Measured on 2 cores, the same weights in both
 # layouts interleaved in one process (best of 4-8 passes of a 5 s chunk): tiny 0.19 s channels-last against
-# 0.28 s, small 1.53 against 1.66 s, paper 5.5 against 5.0 s (medians 5.7 and 6.1: too close to move it).
+# 0.28 s, small 1.53 against 1.66 s. Paper, three such runs: best 5.54 / 4.07 / 4.86 s channels-last against
+# 5.03 / 4.59 / 5.36 s, medians 5.67 / 4.69 / 6.02 against 6.13 / 5.50 / 5.95: within the shared machine's
+# noise, so paper keeps the layout its figures in the README were measured with.
 # Training runs channels-last at every size; CUDA's convolutions (cuDNN, bf16) want it throughout.
 NARROW_CHANNELS = 32
 
