@@ -329,3 +329,21 @@ def test_audio_that_breaks_mid_stream_leaves_nothing(tmp_path, cli, tiny_checkpo
     with pytest.raises(WorkbenchError, match="unreadable"):
         denoise_stream(lambda chunk: chunk, cut, tmp_path / "out2" / "cut.flac")
     assert list((tmp_path / "out2").iterdir()) == []
+
+
+def test_denoising_with_a_checkpoint_file_loads_neither_mlflow_nor_sympy(tmp_path, tiny_checkpoint):
+    """Start-up is part of every `denoise --model FILE`: MLflow (1.4 s to import) is for registered models
+    only, and building the network must not wake torch's symbolic-shape machinery (sympy)."""
+    import subprocess
+    import sys
+
+    source = tmp_path / "in.wav"
+    write_audio(source, _tones(44_100, 44_100, channels=1), 44_100, "PCM_16")
+    script = ("import json, sys\nfrom pathlib import Path\nfrom workbench.denoise import denoise_files\n"
+              f"denoise_files([Path({str(source)!r})], model_ref=Path({str(tiny_checkpoint)!r}), "
+              f"out_dir=Path({str(tmp_path / 'out')!r}), accelerator='cpu')\n"
+              "print(json.dumps(sorted({m.split('.')[0] for m in sys.modules} & {'mlflow', 'sympy'})))")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=False)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert json.loads(done.stdout.strip().splitlines()[-1]) == []
+    assert (tmp_path / "out" / "in.denoised.wav").is_file()

@@ -449,8 +449,12 @@ class TwoStageUNet(nn.Module):
         """A model in eval mode holding `state` (names and shapes must match), without a random init."""
         with torch.device("meta"):
             model = cls(config)
-        model = model.to_empty(device=device)
-        model.load_state_dict(state, strict=True)
+        # Copies of the loaded tensors become the parameters (`assign`): materialising the meta model first
+        # (`to_empty`) would pull in torch's symbolic-shape machinery, 0.2-0.3 s at every start-up.
+        expected = model.state_dict()
+        state = {name: tensor.to(device=device, dtype=expected[name].dtype if name in expected else tensor.dtype,
+                                 copy=True) for name, tensor in state.items()}
+        model.load_state_dict(state, strict=True, assign=True)
         # The frequency embedding is a non-persistent buffer, never in a state dict: recompute it.
         model.freq_embedding = frequency_embedding(config.freq_bins, config.freq_embeddings).to(device)
         return model.eval()
