@@ -208,7 +208,10 @@ def mirror_pad(x: Tensor, kernel: int) -> Tensor:
     """Pad time and frequency as the reference's get_paddings: k//2 before, k//2 - (1 - k%2) after."""
     before, after = kernel // 2, kernel // 2 - (1 - kernel % 2)
     if _fast_path and max(before, after) <= min(x.shape[-2:]):
-        if before == after == 1:  # SYMMETRIC by one sample repeats the edge: replicate padding
+        # SYMMETRIC by one sample repeats the edge: replicate padding, torch's native op. It is the faster of
+        # the two channels-first (0.34 against 0.62 ms for 4 × 427 × 1025) and under autograd (a tiny training
+        # step 0.55 against 0.64 s), but 2.7x slower for channels-last inference.
+        if before == after == 1 and (not _channels_last(x) or not _no_grad(x)):
             return F.pad(x, (1, 1, 1, 1), mode="replicate")
         return _symmetric_pad(x, before, after)
     return _mirror_pad_dim(_mirror_pad_dim(x, -2, before, after), -1, before, after)
