@@ -411,10 +411,12 @@ def open_storage(url: str) -> optuna.storages.BaseStorage:
                         url, heartbeat_interval=interval, grace_period=grace,
                         heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=2),
                         engine_kwargs={"pool_pre_ping": True} if not url.startswith("sqlite") else SQLITE_ENGINE)
-            except sqlalchemy.exc.IntegrityError:
+            except (sqlalchemy.exc.IntegrityError, sqlalchemy.exc.ProgrammingError) as error:
                 # Workers started together on a fresh server database race to create Optuna's tables
-                # (PostgreSQL: duplicate key in pg_type); the loser finds them there on the next try.
-                if attempt == SCHEMA_RACE_ATTEMPTS - 1:
+                # (PostgreSQL: a duplicate key in pg_type, or "relation ... already exists" when the other
+                # worker's CREATE TABLE committed first); the loser finds them there on the next try.
+                lost_race = isinstance(error, sqlalchemy.exc.IntegrityError) or "already exists" in str(error)
+                if not lost_race or attempt == SCHEMA_RACE_ATTEMPTS - 1:
                     raise
                 time.sleep(0.5 * (attempt + 1))
     except ImportError:
