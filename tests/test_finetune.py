@@ -53,6 +53,14 @@ def archive(tiny_archive_template, tmp_path_factory):
     """A private tiny archive with a random tiny network registered as the general model (@base)."""
     with archive_with_random_base(tiny_archive_template, tmp_path_factory, "finetune") as ws:
         recipe(ws, "ft-test")
+        # `resumed` kills the worker between its second trial's first saved step and that trial's end. Three
+        # tiny steps came to take less than its 0.5 s poll once training got faster (issue 14), and the kill
+        # missed; a validation of 4 × 3 s after every step keeps the window open whatever the step costs.
+        path = ws.recipes_dir / "ft-test.toml"
+        text = path.read_text()
+        assert "validation_mixtures = 2\n" in text and "validation_seconds = 0.25\n" in text
+        path.write_text(text.replace("validation_mixtures = 2\n", "validation_mixtures = 4\n")
+                        .replace("validation_seconds = 0.25\n", "validation_seconds = 3.0\n"))
         yield ws
 
 
