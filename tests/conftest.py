@@ -196,10 +196,13 @@ checkpoint_every = {checkpoint_every}
 """
 
 
-def tiny_finetune_recipe(name: str, *, trials: int, steps: int, validate_every: int, segment_seconds: float) -> str:
-    """`tiny_recipe` plus a two-parameter study (median pruning from the second trial) and a 2-fragment evaluation."""
-    return tiny_recipe(name, steps=steps, batch_size=2, segment_seconds=segment_seconds, validation_mixtures=2,
-                       validation_seconds=segment_seconds, validate_every=validate_every,
+def tiny_finetune_recipe(name: str, *, trials: int, steps: int, validate_every: int, segment_seconds: float,
+                         validation_mixtures: int = 2, validation_seconds: float | None = None) -> str:
+    """`tiny_recipe` plus a two-parameter study (median pruning from the second trial) and a 2-fragment evaluation.
+    Validation is on `validation_mixtures` mixtures of `validation_seconds` (default: the segment length)."""
+    return tiny_recipe(name, steps=steps, batch_size=2, segment_seconds=segment_seconds,
+                       validation_mixtures=validation_mixtures,
+                       validation_seconds=validation_seconds or segment_seconds, validate_every=validate_every,
                        checkpoint_every=validate_every, seed=7,
                        schedule_extra='learning_rate = 3e-3\nshape = "constant"') + f"""
 [finetune]

@@ -31,9 +31,12 @@ MODEL = f"tape-denoiser-{DEVICE}"
 STUDY = f"finetune-{DEVICE}"
 
 
-def recipe(ws: Workspace, name: str, search: str | None = None, **finetune) -> str:
-    """Write a variant of the test recipe into the workspace's recipes/ and return its name."""
-    text = tiny_finetune_recipe(name, trials=3, steps=3, validate_every=1, segment_seconds=0.25)
+def recipe(ws: Workspace, name: str, search: str | None = None, *, validation: tuple[int, float] = (2, 0.25),
+           **finetune) -> str:
+    """Write a variant of the test recipe into the workspace's recipes/ and return its name; `validation`
+    is (mixtures, seconds)."""
+    text = tiny_finetune_recipe(name, trials=3, steps=3, validate_every=1, segment_seconds=0.25,
+                                validation_mixtures=validation[0], validation_seconds=validation[1])
     if search is not None:
         head, _, tail = text.partition("[finetune.search]")
         text = head + "[finetune.search]\n" + search + "\n[finetune.pruner]" + tail.partition("[finetune.pruner]")[2]
@@ -52,15 +55,10 @@ def recipe(ws: Workspace, name: str, search: str | None = None, **finetune) -> s
 def archive(tiny_archive_template, tmp_path_factory):
     """A private tiny archive with a random tiny network registered as the general model (@base)."""
     with archive_with_random_base(tiny_archive_template, tmp_path_factory, "finetune") as ws:
-        recipe(ws, "ft-test")
         # `resumed` kills the worker between its second trial's first saved step and that trial's end. Three
         # tiny steps came to take less than its 0.5 s poll once training got faster (issue 14), and the kill
         # missed; a validation of 4 × 3 s after every step keeps the window open whatever the step costs.
-        path = ws.recipes_dir / "ft-test.toml"
-        text = path.read_text()
-        assert "validation_mixtures = 2\n" in text and "validation_seconds = 0.25\n" in text
-        path.write_text(text.replace("validation_mixtures = 2\n", "validation_mixtures = 4\n")
-                        .replace("validation_seconds = 0.25\n", "validation_seconds = 3.0\n"))
+        recipe(ws, "ft-test", validation=(4, 3.0))
         yield ws
 
 

@@ -159,7 +159,7 @@ def wants_channels_last(config: ModelConfig, x: Tensor, parameters: Sequence[Ten
 def _channels_last(x: Tensor) -> bool:
     """Whether `x` is laid out channels-last: channels innermost. Strides, not contiguity, decide: a
     cropped view of a channels-last map is contiguous in neither format but must stay channels-last."""
-    return x.dim() == 4 and x.shape[1] > 1 and x.stride(1) == 1 and x.stride(-1) == x.shape[1] * x.stride(1) \
+    return x.dim() == 4 and x.shape[1] > 1 and x.stride(1) == 1 and x.stride(-1) == x.shape[1] \
         and x.stride(-1) < x.stride(-2)
 
 

@@ -218,14 +218,14 @@ def load_device_model(device_id: str, accelerator="cpu"):
 
 def _registered_or_file(ref: str) -> tuple[Path, dict]:
     """`resolve_checkpoint` with MLflow's own errors (a store that refuses, a bad URI) as one line."""
-    if not is_model_uri(ref):  # a checkpoint file: MLflow is neither needed nor imported (1.4 s at start-up)
-        path, facts = _file_checkpoint(ref)
-        return path, {**facts, "uri": None}
-    from mlflow.exceptions import MlflowException
+    mlflow_errors: tuple[type[Exception], ...] = ()
+    if is_model_uri(ref):  # only URIs need MLflow (1.4 s to import): a checkpoint file is read without it
+        from mlflow.exceptions import MlflowException
 
+        mlflow_errors = (MlflowException,)
     try:
         path, facts = resolve_checkpoint(ref)
-    except MlflowException as error:
+    except mlflow_errors as error:
         reason = " ".join(str(getattr(error, "message", error)).split())
         raise WorkbenchError(f"{ref}: unknown model URI ({reason[:300]})") from None
     facts = {"name": None, "version": None, "run_id": None, "aliases": [], **facts}
