@@ -36,21 +36,13 @@ def test_mirror_pad_fast_equals_reference(kernel, shape):
     assert torch.equal(mirror_pad(x.contiguous(memory_format=torch.channels_last), kernel), expected)
 
 
-@pytest.fixture(params=["channels-first", "channels-last"])
-def inference_layout(request, monkeypatch):
-    """Inference in each layout the fast path has: the buffered channels-first dense blocks (wide networks
-    on a CPU) and the channels-last split convolutions (narrow ones, CUDA)."""
-    from workbench.model import unet
-
-    monkeypatch.setattr(unet, "NARROW_CHANNELS", 0 if request.param == "channels-first" else 10 ** 6)
-    return request.param
-
-
 @pytest.mark.parametrize(("name", "frames"), [("tiny", 1), ("tiny", 37), ("small", 40), ("odd", 23)])
-def test_forward_fast_path_equals_reference_path(name, frames, inference_layout):
-    model = _model(name).eval()
+@pytest.mark.parametrize("grad", [False, True])
+def test_forward_fast_path_equals_reference_path(name, frames, grad):
+    """Inference (no padding at all, sums inside oneDNN) and a forward pass under autograd (parts padded once)."""
+    model = _model(name).train(grad)
     spec = 3 * torch.randn(2, 2, frames, FREQ_BINS)
-    with torch.inference_mode():
+    with torch.set_grad_enabled(grad):
         with reference_path():
             reference = model(spec)
         fast = model(spec)
@@ -90,23 +82,6 @@ def test_reference_path_switch_is_restored_after_an_error():
     assert unet._fast_path
 
 
-def test_layout_is_channels_last_where_it_was_measured_to_pay():
-    from workbench.model.unet import wants_channels_last
-
-    spec = torch.zeros(1, 2, 3, FREQ_BINS)
-    tiny, small = _model("tiny"), _model("small")
-    with torch.no_grad():  # inference on a CPU: the narrow networks, not the paper's
-        assert wants_channels_last(tiny.config, spec, list(tiny.parameters()))
-        assert wants_channels_last(small.config, spec, list(small.parameters()))
-        assert not wants_channels_last(SIZES["paper"], spec, list(small.parameters()))
-    assert wants_channels_last(SIZES["paper"], spec, list(small.parameters()))  # training: every size
-    with reference_path():
-        assert not wants_channels_last(tiny.config, spec, list(tiny.parameters()))
-    # Whatever the layout inside, the outputs come back channels-first.
-    s1, s2 = small(spec)
-    assert s1.is_contiguous() and s2.is_contiguous()
-
-
 @pytest.mark.parametrize("grad", [False, True])
 def test_channels_last_holds_through_the_whole_network(grad):
     """Once the input is channels-last, every convolution reads channels-last: a layer that fell back to
@@ -125,9 +100,30 @@ def test_channels_last_holds_through_the_whole_network(grad):
     model = _model("tiny").train(grad)
     spec = torch.randn(1, 2, 37, FREQ_BINS)
     with torch.set_grad_enabled(grad), RecordConvolutionInputs():
-        model(spec)
+        s1, s2 = model(spec)
+    assert s1.is_contiguous() and s2.is_contiguous(), "whatever the layout inside, the outputs come back channels-first"
     assert len(seen) >= 30, "the network's convolutions were recorded"
     # Channels innermost (stride 1) wherever there is more than one channel; the frequency embedding's
     # once-per-bin convolution reads a single row, where the layouts coincide.
     flipped = [shape for shape, stride in seen if shape[1] > 1 and shape[2] > 1 and stride[1] != 1]
     assert not flipped, f"convolution inputs not channels-last: {flipped}"
+
+
+def test_cpu_inference_pads_no_dense_block_input(monkeypatch):
+    """Channels-last inference convolves with oneDNN's zero padding and adds the mirrored border back
+    (`_replicate_conv3x3`): the only 3×3 paddings left are the attention module's two and the output
+    convolution's, however deep the network. Under autograd every dense-block part is padded once."""
+    from workbench.model import unet
+
+    if not torch.backends.mkldnn.is_available():
+        pytest.skip("this torch has no oneDNN")
+    padded = []
+    original = unet.mirror_pad
+    monkeypatch.setattr(unet, "mirror_pad", lambda x, kernel: padded.append(kernel) or original(x, kernel))
+    model, spec = _model("small"), torch.randn(1, 2, 21, FREQ_BINS)
+    with torch.inference_mode():
+        model(spec)
+    assert padded.count(3) == 3, padded
+    padded.clear()
+    model(spec)  # training: parts padded, each once
+    assert padded.count(3) > 3 * len(model.config.channels)

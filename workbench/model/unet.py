@@ -106,10 +106,11 @@ def get_config(size: str) -> ModelConfig:
 # The same function computed with fewer full-size copies (the forward pass spent a quarter of its time in
 # `cat`): mirrored padding in one allocation (for 3×3 kernels TF's one-sample SYMMETRIC pad *is* replicate
 # padding, one native op), ELU in place on convolution outputs (a convolution does not keep its output for
-# the backward pass, so autograd allows it), dense blocks that never concatenate their growing stack (channels-
-# first inference: each layer writes its padded output once into one preallocated buffer; channels-last: one
-# convolution per part, each part padded once), the frequency embedding's share of the input convolutions
-# computed once per bin (`_input_conv`), and the decoder's 1×1 projections applied before upsampling.
+# the backward pass, so autograd allows it), channels-last activations, dense blocks that never concatenate their
+# growing stack (one convolution per part; in training each part padded once, in CPU inference none padded at
+# all and the parts' convolutions summed inside oneDNN), the frequency embedding's share of the input
+# convolutions computed once per bin (`_input_conv`), and the decoder's 1×1 projections applied before
+# upsampling.
 # `reference_path()` switches all of it off: the plain layer-for-layer code, kept as the definition the fast
 # path is tested against (tests/test_unet_fast.py).
 
@@ -136,24 +137,13 @@ def _elu(x: Tensor) -> Tensor:
     return F.elu(x, inplace=_fast_path)
 
 
-# Convolutions run on channels-last activations (oneDNN's NHWC kernels: no reorder per call, and no padding
-# of a 4-channel map to 16-channel blocks) except where the buffered channels-first dense blocks pay more:
-# inference on a CPU with channels[0] >= 32 (the paper size). Measured on 2 cores, the same weights in both
-# layouts interleaved in one process (best of 4-8 passes of a 5 s chunk): tiny 0.19 s channels-last against
-# 0.28 s, small 1.53 against 1.66 s. Paper, three such runs: best 5.54 / 4.07 / 4.86 s channels-last against
-# 5.03 / 4.59 / 5.36 s, medians 5.67 / 4.69 / 6.02 against 6.13 / 5.50 / 5.95: within the shared machine's
-# noise, so paper keeps the layout its figures in the README were measured with.
-# Training runs channels-last at every size; CUDA's convolutions (cuDNN, bf16) want it throughout.
-NARROW_CHANNELS = 32
-
-
-def wants_channels_last(config: ModelConfig, x: Tensor, parameters: Sequence[Tensor]) -> bool:
-    """Whether the forward pass of `config` on `x` runs channels-last (see above); never on the reference path."""
-    if not _fast_path:
-        return False
-    if x.device.type == "cuda":
-        return True
-    return config.channels[0] < NARROW_CHANNELS or not _no_grad(x, *parameters)
+# The fast path runs channels-last everywhere (oneDNN's NHWC kernels: no reorder per call, no padding of a
+# 4-channel map to 16-channel blocks; cuDNN's bf16 kernels want it too). Paper-size inference on a CPU had kept
+# channels-first dense blocks in one preallocated buffer while channels-last still copied every padded part;
+# since channels-last inference pads nothing (`_replicate_conv3x3`) and sums its per-part convolutions inside
+# oneDNN (`_convolve_into`), it is the faster at every size. Measured on 2 cores, the same weights in both
+# layouts interleaved in one process, a 5 s chunk of paper size, two runs of 4 passes each: best 3.86 / 3.84 s
+# channels-last against 4.28 / 5.43 s, medians 4.26 / 4.30 against 5.49 / 5.70 s.
 
 
 def _channels_last(x: Tensor) -> bool:
@@ -230,14 +220,60 @@ def conv(in_channels: int, out_channels: int, kernel: int, stride: int = 1) -> n
     return nn.Conv2d(in_channels, out_channels, kernel, stride=stride)
 
 
-def _split_conv(layer: nn.Conv2d, parts: Sequence[Tensor]) -> Tensor:
-    """`layer` applied to the concatenation of `parts` (channel order), as a sum of per-part convolutions."""
+def _split_conv(layer: nn.Conv2d, parts: Sequence[Tensor], padding: int = 0) -> Tensor:
+    """`layer` applied to the concatenation of `parts` (channel order), as a sum of per-part convolutions
+    (zero-padded by `padding`)."""
     weights = layer.weight.split([part.shape[1] for part in parts], dim=1)
     assert sum(w.shape[1] for w in weights) == layer.in_channels, "the parts must be the layer's whole input"
-    out = F.conv2d(parts[0], weights[0], layer.bias, layer.stride)
+    out = F.conv2d(parts[0], weights[0], layer.bias, layer.stride, padding)
+    fused = _onednn_inference(out, *parts, *weights)
     for part, weight in zip(parts[1:], weights[1:]):
-        out.add_(F.conv2d(part, weight, None, layer.stride))  # a convolution output: autograd allows it
+        if fused:  # oneDNN adds the convolution into `out` as it writes it: no separate pass over `out`
+            _convolve_into(out, part, weight, None, layer.stride, padding)
+        else:
+            out.add_(F.conv2d(part, weight, None, layer.stride, padding))  # a convolution output: autograd allows it
     return out
+
+
+def _replicate_conv3x3(layer: nn.Conv2d, parts: Sequence[Tensor]) -> Tensor:
+    """`layer` (3×3, stride 1) on the concatenation of `parts` padded by one mirrored sample (TF SYMMETRIC
+    by one: the edge repeats), without padding them. The convolution runs with oneDNN's own zero padding;
+    replicate and zero padding differ only on the one-sample border, so what the border would have added is
+    added back to the output's first and last rows and columns by four thin convolutions of the edges.
+    No full-size copy of any part is made."""
+    assert layer.kernel_size == (3, 3) and layer.stride == (1, 1), "one-sample padding is for 3×3 convolutions"
+    out = _split_conv(layer, parts, padding=1)
+    weight = layer.weight
+
+    def edge(dim: int, start: int) -> Tensor:  # one row or column of every part, concatenated as `parts` are
+        pieces = [part.narrow(dim, start % part.shape[dim], 1) for part in parts]
+        return torch.cat(pieces, dim=1) if len(pieces) > 1 else pieces[0]
+
+    top, bottom, left, right = edge(-2, 0), edge(-2, -1), edge(-1, 0), edge(-1, -1)
+    # The padded rows 0 and T+1 (corners included) through the kernel's first and last rows; then the
+    # padded columns 0 and F+1 between them (their corner samples are in the rows already).
+    out[..., :1, :] += F.conv2d(F.pad(top, (1, 1, 0, 0), mode="replicate"), weight[:, :, :1])
+    out[..., -1:, :] += F.conv2d(F.pad(bottom, (1, 1, 0, 0), mode="replicate"), weight[:, :, 2:])
+    out[..., :, :1] += F.conv2d(left, weight[:, :, :, :1], padding=(1, 0))
+    out[..., :, -1:] += F.conv2d(right, weight[:, :, :, 2:], padding=(1, 0))
+    return out
+
+
+def _onednn_inference(out: Tensor, *tensors: Tensor) -> bool:
+    """Whether `_convolve_into` can add into `out`, and `_replicate_conv3x3` pays: channels-last float32
+    inference on a oneDNN CPU. (Under autograd the border's in-place additions into views would make
+    torch copy the whole gradient: a training step took 1.4× as long.)"""
+    return (_fast_path and out.device.type == "cpu" and out.dtype == torch.float32 and _channels_last(out)
+            and torch.backends.mkldnn.is_available() and _no_grad(out, *tensors))
+
+
+def _convolve_into(out: Tensor, x: Tensor, weight: Tensor, bias: Tensor | None, stride: tuple[int, int],
+                   padding: int = 0) -> None:
+    """out += conv2d(x, weight, bias) (zero-padded by `padding`) in one oneDNN call: the sum is the
+    convolution's post-op."""
+    assert out.is_contiguous(memory_format=torch.channels_last), "oneDNN writes the sum into a dense buffer"
+    torch.ops.mkldnn._convolution_pointwise_.binary(out, x, weight, bias, [padding, padding], list(stride), [1, 1],
+                                                   1, "add", 1.0, None, [], None)
 
 
 class DenseBlock(nn.Module):
@@ -260,7 +296,15 @@ class DenseBlock(nn.Module):
         """The block on the input given in parts (channel order), never concatenated: each layer's
         convolution is the sum of one convolution per part (its slice of the weights), and each part, the
         input's and every layer output, is padded once and read by every later layer. Channels-last
-        slices of one buffer would not be dense, so this is how channels-last avoids copying the stack."""
+        slices of one buffer would not be dense, so this is how channels-last avoids copying the stack.
+        Channels-last inference on a oneDNN CPU pads nothing at all (`_replicate_conv3x3`)."""
+        if _onednn_inference(parts[0], *parts, *self.parameters()):  # no part is ever padded
+            parts = list(parts)
+            for i, layer in enumerate(self.convs):
+                if i:
+                    parts.insert(0, out)
+                out = _elu(_replicate_conv3x3(layer, parts))
+            return out
         padded = [mirror_pad(part, 3) for part in parts]  # newest first, as the layers see them
         out = None
         for i, layer in enumerate(self.convs):
@@ -268,18 +312,6 @@ class DenseBlock(nn.Module):
                 padded.insert(0, mirror_pad(out, 3))
             out = _elu(_split_conv(layer, padded))
         assert out is not None
-        return out
-
-    def forward_buffered(self, stack: Tensor, start: int) -> Tensor:
-        """The block on `stack[:, start:]`, its (replicate-padded) input at the end of a buffer that has
-        room for every layer's output before it: layer i writes its padded output once, just before the
-        channels it saw, so the next layer's input [out i, ..., out 0, input] is a contiguous slice."""
-        assert start == (len(self.convs) - 1) * self.channels, "the buffer holds exactly the block's stack"
-        out = F.elu(self.convs[0](stack[:, start:]), inplace=True)
-        for layer in self.convs[1:]:
-            start -= self.channels
-            _fill_symmetric(stack[:, start:start + self.channels], out, 1, 1)
-            out = F.elu(layer(stack[:, start:]), inplace=True)
         return out
 
 
@@ -292,32 +324,19 @@ class IBlock(nn.Module):
         self.skip = conv(in_channels, channels, 1)
 
     def forward(self, x: Tensor | Sequence[Tensor]) -> Tensor:
-        """`x` is the input, or its parts in channel order: concatenated on the reference path; on the fast
-        path copied straight into the dense block's buffer (channels-first inference) or convolved part by
-        part (channels-last, training)."""
+        """`x` is the input, or its parts in channel order: concatenated on the reference path, convolved part
+        by part on the fast path."""
         parts = [x] if isinstance(x, Tensor) else list(x)
         if not _fast_path:
             x = parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
             return self.dense(x) + self.skip(x)
-        # The buffer's channel slices are dense only channels-first; channels-last (and training) splits.
-        if _no_grad(*parts, *self.parameters()) and not _channels_last(parts[0]):
-            return self._forward_buffered(parts)
-        return _split_conv(self.skip, parts).add_(self.dense.forward_split(parts))
-
-    def _forward_buffered(self, parts: list[Tensor]) -> Tensor:
-        batch, (frames, bins) = parts[0].shape[0], parts[0].shape[-2:]
-        in_channels = sum(part.shape[1] for part in parts)
-        start = (len(self.dense.convs) - 1) * self.dense.channels
-        stack = torch.empty(batch, start + in_channels, frames + 2, bins + 2, dtype=parts[0].dtype,
-                            device=parts[0].device)
-        offset = start
-        for part in parts:
-            _fill_symmetric(stack[:, offset:offset + part.shape[1]], part, 1, 1)
-            offset += part.shape[1]
-        # The 1×1 projection reads the padded input in place (a contiguous slice) and drops the border:
-        # the same products as on the unpadded input, without copying it out.
-        projected = self.skip(stack[:, start:])[..., 1:-1, 1:-1]
-        return self.dense.forward_buffered(stack, start).add_(projected)
+        out = self.dense.forward_split(parts)
+        weights = self.skip.weight.split([part.shape[1] for part in parts], dim=1)
+        if _onednn_inference(out, *parts, *weights):  # the projection added as it is computed
+            for i, (part, weight) in enumerate(zip(parts, weights)):
+                _convolve_into(out, part, weight, None if i else self.skip.bias, self.skip.stride)
+            return out
+        return _split_conv(self.skip, parts).add_(out)
 
 
 class EncoderBlock(nn.Module):
@@ -349,6 +368,8 @@ class DecoderBlock(nn.Module):
             nearest = F.interpolate(x, scale_factor=2, mode="nearest")
             if self.up_projection is not None:
                 nearest = _elu(self.up_projection(nearest))
+        if _fast_path:  # cropped to the skip before the sum (the same elements): no crop of the sum to copy
+            return self.iblock([center_crop(center_crop(up, nearest), skip) + center_crop(nearest, skip), skip])
         up = center_crop(up, nearest) + nearest
         return self.iblock([center_crop(up, skip), skip])
 
@@ -470,8 +491,7 @@ class TwoStageUNet(nn.Module):
         embedding = self.freq_embedding.to(device=noisy_spec.device, dtype=noisy_spec.dtype)[None, :, None, :]
         if _fast_path:
             x = noisy_spec
-            if wants_channels_last(self.config, x, list(self.parameters())):
-                x = x.contiguous(memory_format=torch.channels_last)  # every later activation keeps the layout
+            x = x.contiguous(memory_format=torch.channels_last)  # every later activation keeps the layout
             padded = mirror_pad(x, INPUT_KERNEL)
             input1 = _input_conv(self.input_conv1, padded, embedding)
             input2 = _input_conv(self.input_conv2, padded, embedding)
