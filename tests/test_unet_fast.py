@@ -127,3 +127,20 @@ def test_cpu_inference_pads_no_dense_block_input(monkeypatch):
     padded.clear()
     model(spec)  # training: parts padded, each once
     assert padded.count(3) > 3 * len(model.config.channels)
+
+
+def test_for_inference_lays_weights_out_channels_last_and_computes_the_same(tmp_path):
+    from workbench.model.checkpoint import load_checkpoint, save_checkpoint
+    from workbench.model.unet import for_inference
+
+    model, spec = _model("odd").eval(), torch.randn(1, 2, 9, FREQ_BINS)
+    with torch.inference_mode():
+        expected = model(spec)[1]
+        prepared = for_inference(model)
+        assert prepared.input_conv1.weight.is_contiguous(memory_format=torch.channels_last)
+        assert not prepared.input_conv1.weight.is_contiguous()
+        assert torch.equal(prepared(spec)[1], expected)
+    save_checkpoint(tmp_path / "m.safetensors", prepared)  # safetensors wants dense tensors: saved as such
+    loaded, _ = load_checkpoint(tmp_path / "m.safetensors")
+    with torch.inference_mode():
+        assert torch.equal(loaded(spec)[1], expected)

@@ -29,7 +29,7 @@ import torch
 from workbench.audio.dsp import MODEL_SAMPLE_RATE
 from workbench.errors import WorkbenchError
 from workbench.model.stft import FREQ_BINS, HOP
-from workbench.model.unet import denoise_waveform
+from workbench.model.unet import denoise_waveform, for_inference
 
 # process(chunk (channels, n) float32 at 44.1 kHz) -> (channels, n): one chunk of the signal, denoised.
 Process = Callable[[torch.Tensor], torch.Tensor]
@@ -226,7 +226,7 @@ def model_process(model: torch.nn.Module, device: torch.device) -> Process:
     network's batch. On CUDA: the chunk goes up from pinned memory without blocking the host, the network
     runs under bf16 autocast (the STFT and inverse STFT stay in float32), and the only synchronisation
     is the copy of the result back, once per call (a batch of chunks), never per chunk."""
-    model = model.to(device).eval()
+    model = for_inference(model, device)
     cuda = device.type == "cuda"
 
     def process(chunk: torch.Tensor) -> torch.Tensor:

@@ -508,6 +508,17 @@ class TwoStageUNet(nn.Module):
         return s1.contiguous(), s2.contiguous()
 
 
+def for_inference(model: TwoStageUNet, device: str | torch.device = "cpu") -> TwoStageUNet:
+    """`model` on `device` in eval mode, its convolution weights laid out channels-last like the fast path's
+    activations (the values unchanged; the module is changed in place, as `Module.to` does). With channels-first
+    weights oneDNN reorders every weight at every call, 285 MB for the paper size. A 5 s chunk of the paper size,
+    two runs alternating both layouts in one process: best 4.51 / 3.76 s against 3.52 / 3.53 s with the weights
+    channels-last, medians 4.62 / 4.00 against 3.97 / 3.93 s, the output the same bit for bit; tiny, whose
+    weights are small, the same either way. Training keeps the weights as they are."""
+    model = model.to(device).eval()
+    return model.to(memory_format=torch.channels_last) if _fast_path else model
+
+
 def count_parameters(config: ModelConfig) -> int:
     """Parameter count of a configuration, built on the meta device (no memory, no time)."""
     with torch.device("meta"):
