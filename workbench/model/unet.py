@@ -211,6 +211,8 @@ def center_crop(x: Tensor, like: Tensor) -> Tensor:
     """Crop time and frequency of `x` to `like`'s, offset (excess // 2) as the reference's crop blocks."""
     (t, f), (tt, ff) = x.shape[-2:], like.shape[-2:]
     assert t >= tt and f >= ff, f"cannot crop {tuple(x.shape)} to {tuple(like.shape)}"
+    if (t, f) == (tt, ff):  # no view: under autograd a slice's backward writes a full-size gradient anew
+        return x
     dt, df = (t - tt) // 2, (f - ff) // 2
     return x[..., dt:dt + tt, df:df + ff]
 
