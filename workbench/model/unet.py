@@ -261,12 +261,12 @@ def _replicate_conv3x3(layer: nn.Conv2d, parts: Sequence[Tensor]) -> Tensor:
     return out
 
 
-def _onednn_inference(out: Tensor, *tensors: Tensor) -> bool:
-    """Whether `_convolve_into` can add into `out`, and `_replicate_conv3x3` pays: channels-last float32
-    inference on a oneDNN CPU. (Under autograd the border's in-place additions into views would make
-    torch copy the whole gradient: a training step took 1.4× as long.)"""
-    return (_fast_path and out.device.type == "cpu" and out.dtype == torch.float32 and _channels_last(out)
-            and torch.backends.mkldnn.is_available() and _no_grad(out, *tensors))
+def _onednn_inference(x: Tensor, *tensors: Tensor) -> bool:
+    """Whether work on `x` is channels-last float32 inference on a oneDNN CPU: there `_convolve_into` sums
+    inside oneDNN and `_replicate_conv3x3` pays. (Under autograd the border's in-place additions into views
+    make torch write a full-size gradient for each: a training step took 1.3-1.4× as long.)"""
+    return (_fast_path and x.device.type == "cpu" and x.dtype == torch.float32 and _channels_last(x)
+            and torch.backends.mkldnn.is_available() and _no_grad(x, *tensors))
 
 
 def _convolve_into(out: Tensor, x: Tensor, weight: Tensor, bias: Tensor | None, stride: tuple[int, int],
