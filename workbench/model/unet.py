@@ -222,11 +222,15 @@ def conv(in_channels: int, out_channels: int, kernel: int, stride: int = 1) -> n
     return nn.Conv2d(in_channels, out_channels, kernel, stride=stride)
 
 
-def _split_conv(layer: nn.Conv2d, parts: Sequence[Tensor], padding: int = 0) -> Tensor:
+def _split_conv(layer: nn.Conv2d, parts: Sequence[Tensor], padding: int = 0, into: Tensor | None = None) -> Tensor:
     """`layer` applied to the concatenation of `parts` (channel order), as a sum of per-part convolutions
-    (zero-padded by `padding`)."""
+    (zero-padded by `padding`), plus `into` when given (summed into it inside oneDNN where that runs)."""
     weights = layer.weight.split([part.shape[1] for part in parts], dim=1)
     assert sum(w.shape[1] for w in weights) == layer.in_channels, "the parts must be the layer's whole input"
+    if into is not None and _onednn_inference(into, *parts, *weights):  # every part summed inside oneDNN
+        for i, (part, weight) in enumerate(zip(parts, weights)):
+            _convolve_into(into, part, weight, None if i else layer.bias, layer.stride, padding)
+        return into
     out = F.conv2d(parts[0], weights[0], layer.bias, layer.stride, padding)
     fused = _onednn_inference(out, *parts, *weights)
     for part, weight in zip(parts[1:], weights[1:]):
@@ -234,7 +238,7 @@ def _split_conv(layer: nn.Conv2d, parts: Sequence[Tensor], padding: int = 0) -> 
             _convolve_into(out, part, weight, None, layer.stride, padding)
         else:
             out.add_(F.conv2d(part, weight, None, layer.stride, padding))  # a convolution output: autograd allows it
-    return out
+    return out if into is None else out.add_(into)  # into `out`, a convolution output: autograd may need `into`
 
 
 def _replicate_conv3x3(layer: nn.Conv2d, parts: Sequence[Tensor]) -> Tensor:
@@ -300,20 +304,12 @@ class DenseBlock(nn.Module):
         input's and every layer output, is padded once and read by every later layer. Channels-last
         slices of one buffer would not be dense, so this is how channels-last avoids copying the stack.
         Channels-last inference on a oneDNN CPU pads nothing at all (`_replicate_conv3x3`)."""
-        if _onednn_inference(parts[0], *parts, *self.parameters()):  # no part is ever padded
-            parts = list(parts)
-            for i, layer in enumerate(self.convs):
-                if i:
-                    parts.insert(0, out)
-                out = _elu(_replicate_conv3x3(layer, parts))
-            return out
-        padded = [mirror_pad(part, 3) for part in parts]  # newest first, as the layers see them
-        out = None
+        unpadded = _onednn_inference(parts[0], *parts, *self.parameters())
+        inputs = list(parts) if unpadded else [mirror_pad(part, 3) for part in parts]  # newest first
         for i, layer in enumerate(self.convs):
             if i:
-                padded.insert(0, mirror_pad(out, 3))
-            out = _elu(_split_conv(layer, padded))
-        assert out is not None
+                inputs.insert(0, out if unpadded else mirror_pad(out, 3))
+            out = _elu(_replicate_conv3x3(layer, inputs) if unpadded else _split_conv(layer, inputs))
         return out
 
 
@@ -332,13 +328,7 @@ class IBlock(nn.Module):
         if not _fast_path:
             x = parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
             return self.dense(x) + self.skip(x)
-        out = self.dense.forward_split(parts)
-        weights = self.skip.weight.split([part.shape[1] for part in parts], dim=1)
-        if _onednn_inference(out, *parts, *weights):  # the projection added as it is computed
-            for i, (part, weight) in enumerate(zip(parts, weights)):
-                _convolve_into(out, part, weight, None if i else self.skip.bias, self.skip.stride)
-            return out
-        return _split_conv(self.skip, parts).add_(out)
+        return _split_conv(self.skip, parts, into=self.dense.forward_split(parts))
 
 
 class EncoderBlock(nn.Module):
