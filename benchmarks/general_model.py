@@ -85,11 +85,18 @@ def training_record(run_dir: Path, workspace) -> dict:
     run = tracking.client(workspace).get_run(info["run_id"])
     tags = run.data.tags
     history = state["history"]
+    offline = info.get("trained_offline")  # trained by benchmarks/pretrain_offline.py, adopted by pretrain --resume
+    if offline:
+        seconds = offline["seconds"]
+    else:
+        seconds = round((run.info.end_time - run.info.start_time) / 1000.0, 1) if run.info.end_time else None
+    gpu = f"{tags['system.gpu']} GPU, " if tags.get("system.gpu") else "no GPU, "
     return {"run_id": info["run_id"], "steps": state["step"], "best_step": state["best"]["step"],
-            "validation_history": history, "started": info["started"],
-            "seconds": round((run.info.end_time - run.info.start_time) / 1000.0, 1) if run.info.end_time else None,
-            "hardware": f"{tags.get('system.cpu_count')}-core CPU VM ({tags.get('system.platform')}), no GPU, "
-                        f"{tags.get('system.torch_threads')} torch thread(s), shared with other jobs",
+            "validation_history": history, "started": info["started"], "seconds": seconds,
+            "steps_per_s": offline.get("steps_per_s") if offline else None,
+            "data_digests_where_trained": offline.get("data_digests") if offline else None,
+            "hardware": f"{gpu}{tags.get('system.cpu_count')}-core CPU ({tags.get('system.platform')}), "
+                        f"{tags.get('system.torch_threads')} torch thread(s)",
             "software": {k.removeprefix("system."): v for k, v in tags.items()
                          if k.startswith("system.") and k[7:] in ("workbench", "torch", "python")}}
 
@@ -106,7 +113,10 @@ def write_card(checkpoint: Path, recipe_name: str, rows: list[dict], protocol: d
         "checkpoint": checkpoint.name, "weights_sha256": info["weights_sha256"], "size": info["size"],
         "parameters": info["parameters"],
         "recipe": {"name": recipe["name"], "file": f"recipes/{recipe['name']}.toml", "digest": recipe_digest(recipe),
-                   "command": f"workbench pretrain --recipe {recipe['name']} --alias base"},
+                   "commands": [f"python benchmarks/pretrain_offline.py --folder WORKSPACE --out RUNS --recipe {recipe['name']}",
+                                f"workbench pretrain --recipe {recipe['name']} --resume --alias base"]
+                               if training.get("data_digests_where_trained") else
+                               [f"workbench pretrain --recipe {recipe['name']} --alias base"]},
         "data": {"devices": lineage.get("devices", []), "noise_digest": lineage.get("noise_digest"),
                  "corpus_digest": lineage.get("corpus_digest"),
                  "archive": "the synthetic archive (workbench synth archive / the demo's stage 1, scale demo, seed 0)"},
@@ -131,7 +141,8 @@ def card_markdown(card: dict) -> str:
         f"- Weights: `{card['checkpoint']}` (safetensors, sha256 `{card['weights_sha256']}`), `{card['size']}` size, "
         f"{card['parameters']:,} parameters; `general.json` beside it is the checkpoint's sidecar.",
         f"- Recipe: `{card['recipe']['file']}` (digest `{card['recipe']['digest']}`), trained with "
-        f"`{card['recipe']['command']}`.",
+        + " then ".join(f"`{command}`" for command in card["recipe"]["commands"])
+        + (" (the first on a GPU machine without MLflow, the second here)." if len(card["recipe"]["commands"]) > 1 else "."),
         f"- Data: the noise of {', '.join(card['data']['devices'])} (digest `{card['data']['noise_digest']}`), "
         f"clean corpus digest `{card['data']['corpus_digest']}`; {card['data']['archive']}. Never heard: the "
         "demo's cassette deck technics-tr575-a and machine_fit's variants of it.",

@@ -422,6 +422,53 @@ def test_pretrain_saves_on_ctrl_c_resumes_exactly_and_refuses_what_it_cannot(tin
     assert len(unknown.stderr.strip().splitlines()) == 1
 
 
+@pytest.mark.slow  # end to end: a training process where MLflow cannot be imported, then its adoption
+def test_a_run_trained_where_mlflow_is_not_installed_is_adopted_by_resume(tiny_archive, tmp_path):
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    from workbench.model.checkpoint import read_checkpoint_info
+    from workbench.train.pretrain import pretrain
+
+    recipe = tmp_path / "offline.toml"
+    recipe.write_text(training_recipe(6, 3, batch_size=2))
+    blocked = tmp_path / "without-mlflow" / "mlflow"
+    blocked.mkdir(parents=True)
+    (blocked / "__init__.py").write_text("raise ImportError('MLflow is not installed on this machine')\n")
+    script = Path(__file__).resolve().parent.parent / "benchmarks" / "pretrain_offline.py"
+    out = tmp_path / "trained-elsewhere"
+    done = subprocess.run([sys.executable, str(script), "--folder", str(tiny_archive.root), "--out", str(out),
+                           "--recipe", str(recipe), "--workers", "0", "--steps", "6"],
+                          env={**os.environ, "PYTHONPATH": str(blocked.parent)}, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    [trained] = out.iterdir()
+    record = json.loads((trained / "run.json").read_text())
+    assert "run_id" not in record and record["trained_offline"]["steps"] == 6
+    assert [h["step"] for h in record["history"]] == [0, 3, 6]
+    # Brought home as a GPU machine's run would be (its record says where it trained).
+    record["trained_offline"]["system"]["gpu"] = "NVIDIA H200"
+    run_dir = tiny_archive.runs_dir / "pretrain-test-tiny-from-elsewhere"
+    shutil.copytree(trained, run_dir)
+    (run_dir / "run.json").write_text(json.dumps(record))
+
+    adopted = pretrain(tiny_archive, recipe, accelerator="cpu", num_workers=0, resume=True)
+    assert adopted.step == 6 and adopted.version == 1 and adopted.run_dir == run_dir
+    client = tracking_client(tiny_archive)
+    run = client.get_run(adopted.run_id)
+    assert run.data.tags["trained_offline"] == "true" and run.data.tags["system.gpu"] == "NVIDIA H200"
+    assert run.data.params["schedule.steps"] == "6"
+    assert [m.step for m in client.get_metric_history(adopted.run_id, "val_delta_snr_db")] == [0, 3, 6]
+    home = json.loads((run_dir / "run.json").read_text())
+    assert home["run_id"] == adopted.run_id and home["finished"] and home["started"] == record["started"]
+    lineage = read_checkpoint_info(adopted.checkpoint)["lineage"]
+    assert lineage["trained_offline"]["system"]["gpu"] == "NVIDIA H200" and lineage["steps"] == 6
+    with pytest.raises(WorkbenchError, match="no interrupted pretrain run"):  # adopted once, then finished
+        pretrain(tiny_archive, recipe, accelerator="cpu", resume=True)
+
+
 def tracking_client(workspace):
     from workbench import tracking
 

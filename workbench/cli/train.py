@@ -132,8 +132,14 @@ def _show_pretrain(result) -> None:
     from workbench.train.distributed import world_size_from_env
 
     best, start = result.best, result.initial
-    console.print(f"trained {result.step} steps ({result.stopped}, {result.steps_per_s:.2f} steps/s"
-                  f"{f', {world_size_from_env()} processes' if world_size_from_env() > 1 else ''})")
+    if result.trained_offline:
+        offline = result.trained_offline
+        where = offline["system"].get("gpu") or offline["system"].get("device", "elsewhere")
+        took = f" in {offline['seconds']:.0f} s" if "seconds" in offline else ""
+        console.print(f"adopted a run trained without MLflow: {result.step} steps on {where}{took}")
+    else:
+        console.print(f"trained {result.step} steps ({result.stopped}, {result.steps_per_s:.2f} steps/s"
+                      f"{f', {world_size_from_env()} processes' if world_size_from_env() > 1 else ''})")
     if start:
         console.print(f"validation ΔSNR {start['val_delta_snr_db']:+.2f} dB at the start -> "
                       f"{best['val_delta_snr_db']:+.2f} dB at step {best['step']} (loss {start['val_loss']:.4f} -> {best['val_loss']:.4f})")

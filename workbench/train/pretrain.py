@@ -9,6 +9,10 @@
 4. Train with the shared loop (`loop.train`), logging metrics per step; resumable from `registry/runs/`.
 5. Save the best weights as a checkpoint and register it as a new version of `tape-denoiser-general`.
 
+A run folder trained where MLflow is not installed (`benchmarks/pretrain_offline.py` on a GPU machine with
+only torch) has no MLflow run in its run.json; resuming it adopts it: a new MLflow run gets the recipe, the
+lineage, the machine it trained on and its validation history, and step 5 registers its weights.
+
 Under `torchrun` every process runs this function; rank 0 alone writes files and talks to MLflow (what it
 alone does is `_MainRank`'s).
 """
@@ -64,6 +68,7 @@ class PretrainResult:
     steps_per_s: float
     recipe: str
     lineage: dict = field(default_factory=dict)
+    trained_offline: dict | None = None  # an adopted run: where and how long it trained
 
     @property
     def initial(self) -> dict | None:
@@ -75,7 +80,7 @@ class PretrainResult:
                 "checkpoint": str(self.checkpoint) if self.checkpoint else None, "run_dir": str(self.run_dir),
                 "step": self.step, "stopped": self.stopped, "steps_per_s": round(self.steps_per_s, 4),
                 "recipe": self.recipe, "initial": self.initial, "best": self.best,
-                "last": self.history[-1] if self.history else None}
+                "last": self.history[-1] if self.history else None, "trained_offline": self.trained_offline}
 
 
 def select_noise(workspace: Workspace, devices: list[str], speeds: list[float], split: str) -> list:
@@ -174,6 +179,7 @@ class _MainRank:
     data: _Data
     run_id: str | None = None
     lineage: dict = field(default_factory=dict)
+    offline: dict | None = None  # what an adopted run records of where it trained (run.json's "trained_offline")
 
     @contextlib.contextmanager
     def run(self, run_info: dict, resume: bool, device: str, world_size: int, config) -> Iterator[_MainRank]:
@@ -185,11 +191,18 @@ class _MainRank:
                                 workspace=self.workspace) as run:
             self.run_id = run.info.run_id
             self.run_dir.mkdir(parents=True, exist_ok=True)
-            if not resume:
-                atomic_write_json(self.run_dir / RUN_FILE, {"run_id": self.run_id, "recipe": recipe, "started": _dt.datetime.now(
-                    _dt.timezone.utc).isoformat(timespec="seconds"), "finished": False})
+            self.offline = run_info.get("trained_offline") if resume and not run_info.get("run_id") else None
+            if not resume or self.offline is not None:
+                started = run_info.get("started") or _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+                atomic_write_json(self.run_dir / RUN_FILE, {**run_info, "run_id": self.run_id, "recipe": recipe,
+                                                            "started": started, "finished": False})
             tracking.log_recipe(recipe)
-            tracking.log_system_info(device, world_size)
+            if self.offline is not None:  # the machine that trained it, not this one
+                mlflow.set_tags({f"system.{k}": v for k, v in self.offline["system"].items()}
+                                | {"trained_offline": "true",
+                                   "trained_offline.data_digests": json.dumps(self.offline.get("data_digests", {}))})
+            else:
+                tracking.log_system_info(device, world_size)
             mlflow.set_tags({"workbench.kind": "pretrain", "recipe": recipe["name"],
                              "recipe.digest": recipe_digest(recipe), "model.size": config.size,
                              "model.parameters": str(count_parameters(config)), "run_dir": str(self.run_dir)})
@@ -206,6 +219,9 @@ class _MainRank:
         import mlflow  # heavy: see `run`
 
         recipe, lineage, validation = self.recipe, self.lineage, self.data.validation
+        if self.offline is not None:  # its validations were never logged: log them at their steps
+            for record in result.history:
+                tracking.log_metrics({k: v for k, v in record.items() if k != "step"}, record["step"])
         load_weights(model, result.best_weights)
         checkpoint = self.run_dir / CHECKPOINT_NAME
         model_lineage = {"kind": "pretrain", "recipe": recipe["name"], "recipe_digest": recipe_digest(recipe),
@@ -214,6 +230,9 @@ class _MainRank:
                          "corpus_digest": lineage["corpus"]["training"]["digest"],
                          "devices": lineage["noise"]["training"]["devices"],
                          "validation": {k: result.best[k] for k in ("val_loss", "val_delta_snr_db", "val_input_snr_db")}}
+        if self.offline is not None:
+            model_lineage["trained_offline"] = {k: self.offline[k] for k in ("system", "data_digests", "seconds")
+                                                if k in self.offline}
         save_checkpoint(checkpoint, model.cpu(), model_lineage)
         best, size = result.best, model.config.size
         mlflow.log_metrics({"best_val_loss": best["val_loss"], "best_val_delta_snr_db": best["val_delta_snr_db"],
@@ -282,5 +301,6 @@ def pretrain(workspace: Workspace, recipe_ref: str | Path, *, resume: bool = Fal
     finally:
         shutdown_distributed(dist)
     return PretrainResult(main.run_id if main else None, version, uri, checkpoint, run_dir, result.step, result.stopped,
-                          result.history, result.best, result.steps_per_s, recipe["name"], main.lineage if main else {})
+                          result.history, result.best, result.steps_per_s, recipe["name"], main.lineage if main else {},
+                          main.offline if main else None)
 
