@@ -8,18 +8,21 @@ best weights. How the boxed general model (models/general/) was trained.
 There (the repository, soundfile and torch; nothing else of the lock):
     python benchmarks/pretrain_offline.py --folder WS --out RUNS --budget-s 480 [--size tiny --size small]
 
-1. Build the workspace's data as the demo's first three stages do (the synthetic archive, scale demo, seed
-   0; capture-noise; the clean corpus). They are deterministic: the digests printed here must equal a
-   workspace built the same way at home, which `--digests` prints.
-2. One child process per size, all sharing the accelerator until the same deadline. Each:
+1. Unless --folder is a workspace already, build its data as the demo's first three stages do (the
+   synthetic archive, scale demo, seed 0; capture-noise; the clean corpus). The same seed gives the same
+   archive only with the same numerical libraries: on the H200 (numpy 2.5.2 against the lock's 2.4.6) the
+   audio differed in its last bits and screening kept one snippet fewer. The digests printed here and
+   recorded in run.json compare with those of the workspace at home (`--digests` prints them).
+2. One child process per --size (with its --learning-rate), all sharing the accelerator until the same
+   deadline. Each:
    a. prepares the recipe's data exactly as `workbench pretrain` does;
    b. checks the network's fast path against its reference code on this accelerator (a forward and a
       backward pass), and trains on the reference code if they differ;
    c. times a throwaway run and sets the step count that ends the cosine schedule before the deadline
       (or trains --steps);
-   d. trains with the shared loop (`loop.train`) into RUNS/SIZE/, where run.json records what MLflow would
-      have: the recipe as trained, the data digests, the hardware, the seconds.
-At home: copy RUNS/tiny to WS/registry/runs/pretrain-RECIPE-STAMP/, set the recipe's schedule.steps to the
+   d. trains with the shared loop (`loop.train`) into RUNS/SIZE[-LR]/, where run.json records what MLflow
+      would have: the recipe as trained, the data digests, the hardware, the seconds, the validations.
+At home: copy that folder to WS/registry/runs/pretrain-RECIPE-STAMP/, set the recipe's schedule.steps to the
 steps trained, and run `workbench pretrain --recipe RECIPE --resume --alias base`.
 """
 
@@ -194,8 +197,8 @@ def train_child(args: argparse.Namespace) -> int:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--folder", type=Path, required=True, help="the workspace (built when it has no archive)")
-    parser.add_argument("--out", type=Path, help="where each size's run folder is written")
+    parser.add_argument("--folder", type=Path, required=True, help="the workspace (built when it is not one yet)")
+    parser.add_argument("--out", type=Path, help="where each run folder is written (required to train)")
     parser.add_argument("--recipe", default="general")
     parser.add_argument("--size", action="append", help="network size (repeat for several; default: the recipe's)")
     parser.add_argument("--learning-rate", type=float, action="append", default=[],
@@ -215,6 +218,8 @@ def main() -> int:
     if args.digests:
         print(json.dumps(data_digests(args.folder, args.recipe), indent=2))
         return 0
+    if args.out is None:
+        parser.error("--out is required to train")
     if args.deadline:  # a child: one size
         args.learning_rate = args.learning_rate[0] if args.learning_rate else None
         return train_child(args)
