@@ -104,7 +104,7 @@ def check_fast_path(config, device: str) -> dict:
             "gradient_error": gradient_error}
 
 
-def probe_steps(args: argparse.Namespace, recipe: dict, data, config, device: str, mode) -> int:
+def steps_for_budget(args: argparse.Namespace, recipe: dict, data, config, device: str, mode) -> int:
     """Time a throwaway run of the recipe's batches; the step count (a whole number of validations) that
     ends the schedule before the deadline."""
     import torch
@@ -155,7 +155,7 @@ def train_child(args: argparse.Namespace) -> int:
     print(f"[{args.name}] fast path on {device}: {check}", flush=True)
     mode = contextlib.nullcontext if check["ok"] else reference_path
 
-    steps = args.steps or probe_steps(args, recipe, data, config, device, mode)
+    steps = args.steps or steps_for_budget(args, recipe, data, config, device, mode)
     recipe = load_recipe(args.recipe, workspace, overrides={**overrides, "schedule.steps": steps})
 
     # d. Train into RUNS/NAME (the first run; the others in a scratch folder, then their best weights and

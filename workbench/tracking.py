@@ -261,10 +261,11 @@ def system_info(device: str = "cpu", world_size: int = 1) -> dict[str, str]:
     return info
 
 
-def log_system_info(device: str = "cpu", world_size: int = 1) -> None:
+def log_system_info(device: str = "cpu", world_size: int = 1, info: dict[str, str] | None = None) -> None:
+    """The `system.*` tags: this machine's (`system_info`), or `info` recorded where a run trained."""
     import mlflow
 
-    mlflow.set_tags({f"system.{k}": v for k, v in system_info(device, world_size).items()})
+    mlflow.set_tags({f"system.{k}": v for k, v in (info or system_info(device, world_size)).items()})
 
 
 def log_dataset(name: str, digest: str, source: str | Path, context: str, tags: dict[str, Any] | None = None) -> None:

@@ -197,12 +197,11 @@ class _MainRank:
                 atomic_write_json(self.run_dir / RUN_FILE, {**run_info, "run_id": self.run_id, "recipe": recipe,
                                                             "started": started, "finished": False})
             tracking.log_recipe(recipe)
-            if self.offline is not None:  # the machine that trained it, not this one
-                mlflow.set_tags({f"system.{k}": v for k, v in self.offline["system"].items()}
-                                | {"trained_offline": "true",
-                                   "trained_offline.data_digests": json.dumps(self.offline.get("data_digests", {}))})
-            else:
-                tracking.log_system_info(device, world_size)
+            # An adopted run's tags describe the machine that trained it, not this one.
+            tracking.log_system_info(device, world_size, info=self.offline["system"] if self.offline else None)
+            if self.offline is not None:
+                mlflow.set_tags({"trained_offline": "true",
+                                 "trained_offline.data_digests": json.dumps(self.offline.get("data_digests", {}))})
             mlflow.set_tags({"workbench.kind": "pretrain", "recipe": recipe["name"],
                              "recipe.digest": recipe_digest(recipe), "model.size": config.size,
                              "model.parameters": str(count_parameters(config)), "run_dir": str(self.run_dir)})
