@@ -12,9 +12,11 @@ library, a minute of synthetic music), all with the same segment length and batc
 3. Side by side: the ratio of the pipeline's samples/s to the loop's. Above 1 the model limits (the
    pipeline has that much headroom); below 1 the data pipeline does, and more workers would help.
 4. Before and after the speed work, in the same run: each size's loop runs in child processes, `before`
-   (the plain reference network code, `reference_path()`, with glibc's default allocator: landed main)
-   and `after` (the fast path with the allocator tuned, as the CLI runs), interleaved --repeats times;
-   the speed-up is after's best samples/s over before's.
+   (the plain reference network code, `reference_path()`, with glibc's default allocator, in float32:
+   landed main), `after float32` (the fast path with the allocator tuned) and `after` (the same at the
+   recipes' default precision, "auto": bf16 autocast on a CUDA GPU, and on a CPU with AMX for networks at
+   least 16 channels wide; `workbench.train.loop.uses_bf16`), interleaved --repeats times; the speed-ups
+   are the best samples/s over before's.
 
     .venv/bin/python benchmarks/train.py [--sizes tiny,small,paper] [--segment 1.0] [--batch 4]
                                           [--steps 12] [--paper-steps 3] [--workers 2] [--accelerator cpu|cuda]
@@ -81,7 +83,7 @@ def data_rate(examples, batches: int, batch_size: int, workers: int, device: str
 
 
 def train_rate(size: str, examples, validation, steps: int, batch_size: int, workers: int, device: str,
-               folder: Path) -> tuple[float, int]:
+               folder: Path, precision: str = "auto") -> tuple[float, int]:
     """Steps/s of the real training loop for `size`, from the end of step 1 to the end of the last step."""
     from workbench.model.unet import SIZES, TwoStageUNet, count_parameters
     from workbench.train.loop import Schedule, train
@@ -89,7 +91,7 @@ def train_rate(size: str, examples, validation, steps: int, batch_size: int, wor
     torch.manual_seed(0)
     model = TwoStageUNet(SIZES[size])
     schedule = Schedule(steps=steps, batch_size=batch_size, learning_rate=1e-4, validate_every=10**9,
-                        checkpoint_every=10**9)
+                        checkpoint_every=10**9, precision=precision)
     stamps: dict[int, float] = {}
     train(model, schedule, examples, validation, folder / size, device=device, num_workers=workers,
           progress=lambda stage, done, total=None, **fields: stamps.__setitem__(int(done), time.perf_counter()))
@@ -97,7 +99,7 @@ def train_rate(size: str, examples, validation, steps: int, batch_size: int, wor
 
 
 def child_rate(spec: dict) -> dict:
-    """One size's training rate in this (child) process, as variant `before` or `after`."""
+    """One size's training rate in this (child) process, as variant `before`, `after float32` or `after`."""
     import contextlib
 
     from workbench.corpus import corpus_files
@@ -107,7 +109,7 @@ def child_rate(spec: dict) -> dict:
     from workbench.train.data import MixingSpec, TrainingExamples, stored_mixtures
     from workbench.workspace import Workspace
 
-    if spec["variant"] == "after":
+    if spec["variant"] != "before":
         tune_allocator()
     workspace = Workspace(Path(spec["root"]) / "archive")
     library = NoiseLibrary(workspace)
@@ -117,8 +119,12 @@ def child_rate(spec: dict) -> dict:
                                  library.snippets(split="validation"), 1, spec["segment"], MixingSpec(), 1)
     with reference_path() if spec["variant"] == "before" else contextlib.nullcontext():
         steps_per_s, _ = train_rate(spec["size"], examples, validation, spec["steps"], spec["batch"],
-                                    spec["workers"], spec["device"], Path(spec["root"]) / f"runs-{spec['variant']}")
+                                    spec["workers"], spec["device"], Path(spec["root"]) / f"runs-{spec['variant']}",
+                                    precision=VARIANT_PRECISION[spec["variant"]])
     return {"steps_per_s": steps_per_s}
+
+
+VARIANT_PRECISION = {"before": "float32", "after float32": "float32", "after": "auto"}
 
 
 def compare(root: Path, args, sizes: list[str]) -> None:
@@ -126,14 +132,18 @@ def compare(root: Path, args, sizes: list[str]) -> None:
     import json
     import subprocess
 
-    print(f"\nbefore (reference code, glibc default allocator) vs after (fast path, allocator tuned); "
-          f"children interleaved, {args.repeats} each")
-    print(f"  {'size':<6} {'before samples/s':>17} {'after samples/s':>16} {'speed-up':>9}")
+    from workbench.model.unet import SIZES
+    from workbench.train.loop import uses_bf16
+
+    print(f"\nbefore (reference code, glibc default allocator, float32) vs after (fast path, allocator tuned), "
+          f"in float32 and at precision auto; children interleaved, {args.repeats} each")
+    print(f"  {'size':<6} {'before samples/s':>17} {'after f32':>10} {'speed-up':>9} {'after auto':>11} {'speed-up':>9}"
+          f"  auto is")
     for size in sizes:
         steps = args.paper_steps if size == "paper" else args.steps
         best = {}
         for _ in range(args.repeats):
-            for variant in ("before", "after"):
+            for variant in VARIANT_PRECISION:
                 spec = {"variant": variant, "size": size, "root": str(root), "segment": args.segment,
                         "steps": steps, "batch": args.batch, "workers": args.workers, "device": args.device}
                 done = subprocess.run([sys.executable, __file__, "--child", json.dumps(spec)], capture_output=True,
@@ -142,8 +152,10 @@ def compare(root: Path, args, sizes: list[str]) -> None:
                     raise SystemExit(f"child {spec} failed:\n{done.stderr[-3000:]}")
                 rate = json.loads(done.stdout.strip().splitlines()[-1])["steps_per_s"] * args.batch
                 best[variant] = max(best.get(variant, 0.0), rate)
-        print(f"  {size:<6} {best['before']:>17.2f} {best['after']:>16.2f} {best['after'] / best['before']:>8.2f}×",
-              flush=True)
+        print(f"  {size:<6} {best['before']:>17.2f} {best['after float32']:>10.2f} "
+              f"{best['after float32'] / best['before']:>8.2f}× {best['after']:>11.2f} "
+              f"{best['after'] / best['before']:>8.2f}×  "
+              f"{'bf16' if uses_bf16('auto', torch.device(args.device), SIZES[size]) else 'float32'}", flush=True)
 
 
 def main() -> None:

@@ -18,7 +18,7 @@ from workbench.errors import WorkbenchError
 from workbench.recipes import apply_overrides, load_recipe, recipe_digest, recipe_params
 from workbench.train.data import MixingSpec, StepBatches, TrainingExamples, stored_mixtures, training_batches
 from workbench.train.loop import (PARAMETER_GROUPS, Schedule, _optimizer_from_flat, _optimizer_to_flat,
-                                  learning_rate_at, parameter_group, read_state, train)
+                                  learning_rate_at, parameter_group, read_state, train, uses_bf16)
 
 RATE = 44_100
 
@@ -88,6 +88,7 @@ def test_bundled_recipes_load_and_the_paper_recipe_is_the_paper():
     ("[data]\nsnr_db = { low = 20, high = 10 }", "is above"),
     ("[schedule]\nbetas = [0.5]", "betas must be two numbers"),
     ("[schedule]\nlow_band_weight = -1", "low_band_weight must be >= 0"),
+    ("[schedule]\nprecision = 'fp16'", "precision must be one of auto, float32, bf16"),
     ("[trainning]\nsteps = 3", "unknown key 'trainning'"),
     ("[schedule\nsteps = 3", "not valid TOML"),
 ])
@@ -286,6 +287,38 @@ def test_the_schedules_low_band_weights_reach_training_and_validation(sources, t
     # Same weights, same batch: only the loss's bin weights differ, in the training step and the validation.
     assert losses[30.0][0] != pytest.approx(losses[0.0][0], rel=1e-3)
     assert losses[30.0][1] != pytest.approx(losses[0.0][1], rel=1e-3)
+
+
+def test_precision_auto_trains_in_bf16_where_the_hardware_multiplies_it_natively():
+    from workbench.model.unet import SIZES
+
+    cpu, cuda, tiny, small = torch.device("cpu"), torch.device("cuda"), SIZES["tiny"], SIZES["small"]
+    assert uses_bf16("auto", cuda, tiny) and uses_bf16("bf16", cpu, tiny)
+    assert not uses_bf16("float32", cuda, small) and not uses_bf16("float32", cpu, small)
+    # On a CPU, only with AMX and only for a network wide enough for its 16-channel blocks.
+    assert uses_bf16("auto", cpu, small) == torch.cpu.get_capabilities()["amx_bf16"]
+    assert not uses_bf16("auto", cpu, tiny)
+    # The digest of a recipe written before the key existed is kept at "auto"; another value changes it.
+    recipe = load_recipe("general")
+    assert recipe_digest(recipe) == recipe_digest({**recipe, "schedule": {k: v for k, v in recipe["schedule"].items()
+                                                                          if k != "precision"}})
+    assert recipe_digest(apply_overrides(recipe, {"schedule.precision": "float32"})) != recipe_digest(recipe)
+
+
+def test_a_bf16_training_step_on_the_cpu_tracks_the_float32_one(sources, tmp_path):
+    results = {}
+    for precision in ("float32", "bf16"):
+        model, schedule, examples, validation = _tiny_run(sources, tmp_path, steps=1, validate_every=1,
+                                                          precision=precision)
+        result = train(model, schedule, examples, validation, tmp_path / precision)
+        weights = torch.cat([p.detach().flatten() for p in model.parameters()])
+        results[precision] = (result.losses[1], result.history[0]["val_loss"], weights)
+    (loss32, val32, weights32), (loss16, val16, weights16) = results["float32"], results["bf16"]
+    # The same step in bf16 arithmetic: close to float32's, and not the same (the network did run in bf16),
+    # in the training step and in the validation; the weights stay float32.
+    assert loss16 == pytest.approx(loss32, rel=2e-2) and loss16 != loss32
+    assert val16 == pytest.approx(val32, rel=2e-2) and val16 != val32
+    assert weights16.dtype == torch.float32 and torch.allclose(weights16, weights32, atol=5e-3)
 
 
 @pytest.mark.slow  # end to end: whole runs of the training loop

@@ -59,6 +59,7 @@ DEFAULTS: dict[str, dict[str, Any]] = {
         "patience": 0,  # stop after this many validations without a better validation loss; 0 = never
         "low_band_hz": 0.0,  # bins centred below this weigh 1 + low_band_weight in the loss (mean kept 1);
         "low_band_weight": 0.0,  # 0 = the paper's Eq. 2, every bin alike
+        "precision": "auto",  # auto (bf16 on CUDA, and on CPUs with AMX for networks 16 channels wide) | float32 | bf16
     },
 }
 
@@ -67,6 +68,7 @@ EXTENSION_SECTIONS = ("finetune", "evaluation")
 TOP_LEVEL_KEYS = ("name", "description")
 SNR_DISTRIBUTIONS = ("log-uniform", "uniform")
 SCHEDULE_SHAPES = ("step", "cosine", "constant")
+PRECISIONS = ("auto", "float32", "bf16")  # [schedule] precision: workbench.train.loop.uses_bf16
 MODEL_SIZES = ("paper", "small", "tiny")  # workbench.model.SIZES; kept here so loading a recipe needs no torch
 
 
@@ -225,6 +227,9 @@ def validate_recipe(recipe: dict[str, Any], source: str = "recipe") -> None:
     _number(source, "[schedule] patience", schedule["patience"], integer=True, minimum=0)
     _number(source, "[schedule] low_band_hz", schedule["low_band_hz"], minimum=0)
     _number(source, "[schedule] low_band_weight", schedule["low_band_weight"], minimum=0)
+    if schedule["precision"] not in PRECISIONS:
+        raise WorkbenchError(f"{source}: [schedule] precision must be one of {', '.join(PRECISIONS)} "
+                             f"(got {schedule['precision']!r})")
 
 
 def apply_overrides(recipe: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
@@ -266,7 +271,8 @@ def recipe_params(recipe: dict[str, Any]) -> dict[str, str]:
 # Keys added after recipes were first digested, at the value that trains exactly as before they existed.
 # At that value they stay out of the digest, so a recipe digested earlier keeps its digest: the boxed
 # model's card still matches recipes/general.toml, and a study resumed after an upgrade is the same study.
-NEUTRAL_LATER_KEYS = {("schedule", "low_band_hz"): 0.0, ("schedule", "low_band_weight"): 0.0}
+NEUTRAL_LATER_KEYS = {("schedule", "low_band_hz"): 0.0, ("schedule", "low_band_weight"): 0.0,
+                      ("schedule", "precision"): "auto"}
 
 
 def recipe_digest(recipe: dict[str, Any]) -> str:

@@ -54,6 +54,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import optuna
+import torch
 from optuna.storages.journal import JournalFileBackend
 from optuna.trial import TrialState
 
@@ -64,7 +65,7 @@ from workbench.evaluate.report import BASELINE_ATTR
 from workbench.progress import Progress, no_progress
 from workbench.recipes import DEFAULTS, apply_overrides
 from workbench.train.data import MixingSpec, Mixtures, TrainingExamples, recipe_validation_mixtures
-from workbench.train.loop import PARAMETER_GROUPS, Schedule, read_state, train, validate
+from workbench.train.loop import PARAMETER_GROUPS, Schedule, read_state, train, uses_bf16, validate
 
 if TYPE_CHECKING:  # the plan is finetune's, and finetune imports this module
     from workbench.finetune import Plan
@@ -769,7 +770,9 @@ def tune(plan: Plan, study: optuna.Study, validation: Mixtures, progress: Progre
     close_abandoned_runs(study, tracking.client(plan.workspace))
     if BASELINE_ATTR not in study.user_attrs:  # the line every trial must clear, drawn in the report
         progress("validate the base model", 0, 1)
-        scores = validate(copy.deepcopy(plan.base_model).to(plan.accelerator), validation, plan.accelerator)
+        accelerator = torch.device(plan.accelerator)  # scored in the arithmetic its trials validate in
+        scores = validate(copy.deepcopy(plan.base_model).to(accelerator), validation, accelerator,
+                          bf16=uses_bf16(plan.recipe["schedule"]["precision"], accelerator, plan.base_model.config))
         study.set_user_attr(BASELINE_ATTR, scores["val_delta_snr_db"])
         progress("validate the base model", 1, 1)
     study_progress()
