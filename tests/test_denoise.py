@@ -195,6 +195,29 @@ def test_denoise_keeps_rate_channels_length_subtype_and_writes_provenance(tmp_pa
     assert again.code == 2 and "already exists" in again.stderr
 
 
+def test_bf16_precision_stays_close_to_float32_and_is_recorded(tmp_path, cli, tiny_checkpoint):
+    source = tmp_path / "take.wav"
+    frames = 44_100 + 777
+    samples = _tones(44_100, frames, channels=1) + 0.05 * np.random.default_rng(3).normal(size=(1, frames)).astype(np.float32)
+    write_audio(source, samples, 44_100, subtype="FLOAT")
+    outputs, records = {}, {}
+    for precision in ("float32", "bf16"):
+        result = cli("denoise", "--model", tiny_checkpoint, source, "-o", tmp_path / f"{precision}.wav",
+                     "--accelerator", "cpu", "--precision", precision, "--json")
+        assert result.code == 0, result.stderr
+        outputs[precision], _ = read_audio(tmp_path / f"{precision}.wav")
+        [records[precision]] = result.json()
+    assert records["float32"]["compute"]["autocast"] is None and records["bf16"]["compute"]["autocast"] == "bfloat16"
+    difference = outputs["bf16"] - outputs["float32"]
+    relative = float(np.sqrt(np.mean(difference**2) / np.mean(outputs["float32"] ** 2)))
+    assert 0 < relative < 2e-2, relative  # bf16 arithmetic did run, and stays within rounding of float32's
+
+    line = _only_line(cli("denoise", "--model", tiny_checkpoint, source, "-o", tmp_path / "fp16.wav",
+                          "--precision", "fp16"))
+    assert "--precision 'fp16'" in line and "auto, float32, bf16" in line
+    assert not (tmp_path / "fp16.wav").exists()
+
+
 def test_format_and_subtype_can_change(tmp_path, cli, tiny_checkpoint):
     source = tmp_path / "take.wav"
     write_audio(source, _tones(44_100, 10_001, channels=1), 44_100, subtype="FLOAT")

@@ -43,6 +43,10 @@ def denoise(
     accelerator: str = typer.Option("auto", "--accelerator", metavar="TORCH_DEVICE",
                                     help="Where the network runs: auto (CUDA, bf16, when torch sees a GPU), cpu, "
                                          "cuda, cuda:1."),
+    precision: str = typer.Option("auto", "--precision", metavar="P",
+                                  help="The network's arithmetic: auto (bf16 on a GPU, float32 on the CPU), "
+                                       "float32, or bf16 (on a CPU with AMX, a paper-size model 2.4× faster, "
+                                       "its output 0.6 % RMS from float32's)."),
     batch: int | None = typer.Option(None, "--batch", min=1, metavar="N",
                                      help="Chunks per forward pass of the network (default: as many as fit "
                                           "1 GiB on the CPU, 60 % of free GPU memory); the output does not "
@@ -86,7 +90,7 @@ def denoise(
         records = denoise_files(inputs, model_ref=model, device_id=device, out_dir=out, output=output,
                                 strength=1.0 if strength is None else strength, chunk_seconds=chunk_seconds,
                                 format=format, subtype=subtype, accelerator=accelerator, overwrite=overwrite,
-                                batch=batch, progress=progress)
+                                batch=batch, precision=precision, progress=progress)
     note = records[0]["model"].get("note") if records else None
     if note:  # on stderr, so that --json's stdout stays clean; the sidecars keep it too
         err_console.print(note, soft_wrap=True, markup=False, highlight=False)

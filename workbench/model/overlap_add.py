@@ -221,21 +221,24 @@ def model_grid_frames(model: torch.nn.Module) -> int:
     return HOP * 2 ** int(model.config.depth)
 
 
-def model_process(model: torch.nn.Module, device: torch.device) -> Process:
+def model_process(model: torch.nn.Module, device: torch.device, bf16: bool | None = None) -> Process:
     """A chunk process running `model` on `device`: rows (channels, and chunks when batched) are the
-    network's batch. On CUDA: the chunk goes up from pinned memory without blocking the host, the network
-    runs under bf16 autocast (the STFT and inverse STFT stay in float32), and the only synchronisation
-    is the copy of the result back, once per call (a batch of chunks), never per chunk."""
+    network's batch. The network runs under bf16 autocast when `bf16` (default: on CUDA only; the STFT and
+    inverse STFT stay in float32). On CUDA the chunk goes up from pinned memory without blocking the host,
+    and the only synchronisation is the copy of the result back, once per call (a batch of chunks), never
+    per chunk."""
     model = for_inference(model, device)
     cuda = device.type == "cuda"
+    bf16 = cuda if bf16 is None else bf16
 
     def process(chunk: torch.Tensor) -> torch.Tensor:
         with torch.inference_mode():
             if cuda:
                 wave = chunk.to(torch.float32).pin_memory().to(device, non_blocking=True)
-                with torch.autocast("cuda", dtype=torch.bfloat16):
-                    return denoise_waveform(model, wave).float()
-            return denoise_waveform(model, chunk.to(device, torch.float32)).float()
+            else:
+                wave = chunk.to(device, torch.float32)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+                return denoise_waveform(model, wave).float()
 
     return process
 
