@@ -214,8 +214,9 @@ PRECISIONS = ("auto", "float32", "bf16")
 
 def inference_bf16(precision: str, device: torch.device) -> bool:
     """Whether the network runs under bf16 autocast: `auto` on CUDA only, so that a CPU gives the float32
-    outputs every figure in the README was measured with; `bf16` on a CPU with AMX runs a paper-size 5 s
-    chunk 2.4x faster (2 cores), its output 0.6 % RMS from float32's (benchmarks/denoise.py --precision)."""
+    outputs every figure in the README was measured with; `bf16` on a CPU with AMX made paper-size `denoise`
+    2.1x and 2.7x faster in two runs on 2 cores, its output 1.2 % RMS from float32's (benchmarks/denoise.py
+    --bf16)."""
     if precision not in PRECISIONS:
         raise WorkbenchError(f"--precision {precision!r}: choose {', '.join(PRECISIONS)}")
     return device.type == "cuda" if precision == "auto" else precision == "bf16"
