@@ -3,8 +3,8 @@
     train(model, schedule, examples, validation, run_dir)   ->   TrainResult
 
 Each step: take this step's batch of (clean crop, noise crop, SNR, gain) from the DataLoader, mix it on the
-training device (Eq. 1), go to spectra (`analysis`), run the two-stage U-Net (bf16 autocast where the
-hardware has bf16 matrix units: `uses_bf16`),
+training device (Eq. 1), go to spectra (`analysis`), run the two-stage U-Net (bf16 autocast on a GPU,
+and on a CPU with AMX for the wider networks: `uses_bf16`),
 take Eq. 2's loss (plus an optional L2-SP pull toward the base weights when fine-tuning), clip the
 gradient norm, and step Adam at the schedule's learning rate. Every `validate_every` steps: validation
 loss and ΔSNR on the fixed validation mixtures; the best weights are kept; the run stops early after
