@@ -39,6 +39,7 @@ def test_two_gloo_processes_train_like_one_and_register_once(tiny_archive, tmp_p
     client = tracking.client(tiny_archive)
     run = client.get_run(distributed["run_id"])
     assert run.data.tags["system.world_size"] == "2" and run.info.status == "FINISHED"
+    assert run.data.tags["training.autocast"] == "none"  # tiny trains in float32 whatever the CPU
     losses = {name: [m.value for m in sorted(client.get_metric_history(run_id, "train_loss"), key=lambda m: m.step)]
               for name, run_id in (("ddp", distributed["run_id"]), ("single", single.run_id))}
     assert len(losses["ddp"]) == 4 and losses["ddp"] == pytest.approx(losses["single"], rel=1e-4)

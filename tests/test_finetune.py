@@ -185,6 +185,7 @@ def test_each_trial_is_a_nested_mlflow_run_under_the_study_run(archive, resumed)
     # Each trial run holds its validation ΔSNR curve and its parameters.
     some = next(r for r in children if r.data.tags.get("optuna.state") == "COMPLETE")
     assert "val_delta_snr_db" in some.data.metrics and "schedule.learning_rate" in some.data.params
+    assert some.data.tags["training.autocast"] == "none"  # tiny trains in float32 whatever the CPU
 
 
 # ------------------------------------------------------------------------------------- registration

@@ -686,7 +686,10 @@ def trial_objective(plan: Plan, study: optuna.Study, base_model, validation: Mix
 
         with tracking.start_run(plan.experiment, run_name=f"trial {trial.number}", nested=True, workspace=plan.workspace,
                                 tags={"optuna.study": plan.study_name, "optuna.trial": str(trial.number),
-                                      "workbench.kind": "finetune-trial", "run_dir": str(run_dir)}) as run:
+                                      "workbench.kind": "finetune-trial", "run_dir": str(run_dir),
+                                      "training.autocast": "bfloat16" if uses_bf16(
+                                          plan.recipe["schedule"]["precision"], torch.device(plan.accelerator),
+                                          base_model.config) else "none"}) as run:
             trial.set_user_attr(STUDY_RUN_ATTR, run.info.run_id)
             mlflow.log_params({k: str(v) for k, v in params.items()})
             result, _ = train_with_params(plan, params, run_dir, base_model=base_model, validation=validation,
