@@ -60,6 +60,7 @@ from workbench.model.overlap_add import (
 )
 from workbench.model_registry.resolve import load_device_model, load_model
 from workbench.progress import Progress, no_progress
+from workbench.recipes import PRECISIONS
 
 OUTPUT_TAG = "denoised"
 SIDECAR_SCHEMA = "workbench.denoise/1"
@@ -207,9 +208,6 @@ def choose_accelerator(accelerator: str = "auto") -> torch.device:
     if accelerator.startswith("cuda") and not torch.cuda.is_available():
         raise WorkbenchError(f"--accelerator {accelerator}: torch sees no CUDA device here (use cpu or auto)")
     return torch.device(accelerator)
-
-
-PRECISIONS = ("auto", "float32", "bf16")
 
 
 def inference_bf16(precision: str, device: torch.device) -> bool:

@@ -151,6 +151,7 @@ class TrainResult:
     run_dir: Path
     elapsed_s: float = 0.0
     steps_per_s: float = 0.0
+    autocast: str | None = None  # "bfloat16" when the network ran under bf16 autocast (`uses_bf16`)
 
     @property
     def last(self) -> dict | None:
@@ -331,6 +332,7 @@ def train(model: TwoStageUNet, schedule: Schedule, examples: TrainingExamples, v
     if dist.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
     bf16 = uses_bf16(schedule.precision, device, model.config)
+    autocast = "bfloat16" if bf16 else None
     model.to(device).train()
     bin_weights = low_band_weights(schedule.low_band_hz, schedule.low_band_weight)
     bin_weights = bin_weights.to(device) if bin_weights is not None else None
@@ -363,7 +365,7 @@ def train(model: TwoStageUNet, schedule: Schedule, examples: TrainingExamples, v
         _set_rng_state(tensors, document["rng"])
         step, history, best, bad_validations = document["step"], document["history"], document["best"], document["bad_validations"]
         if document.get("stopped", "completed") != "completed":  # it stopped early on purpose: stay stopped
-            return TrainResult(step, document["stopped"], {}, history, best, run_dir)
+            return TrainResult(step, document["stopped"], {}, history, best, run_dir, autocast=autocast)
 
     raw_model = model
     if dist.enabled:  # gradients are averaged across processes after each backward pass
@@ -467,4 +469,4 @@ def train(model: TwoStageUNet, schedule: Schedule, examples: TrainingExamples, v
     snapshot()
     elapsed = time.perf_counter() - started
     return TrainResult(step, stopped, losses, history, best, run_dir, elapsed,
-                       (step - steps_at_start) / elapsed if elapsed > 0 else 0.0)
+                       (step - steps_at_start) / elapsed if elapsed > 0 else 0.0, autocast)

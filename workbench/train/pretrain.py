@@ -46,7 +46,7 @@ from workbench.train.distributed import (
     init_distributed,
     shutdown_distributed,
 )
-from workbench.train.loop import Schedule, load_weights, train, uses_bf16
+from workbench.train.loop import Schedule, load_weights, train
 from workbench.workspace import Workspace
 
 RUN_FILE = "run.json"
@@ -202,9 +202,6 @@ class _MainRank:
             if self.offline is not None:
                 mlflow.set_tags({"trained_offline": "true",
                                  "trained_offline.data_digests": json.dumps(self.offline.get("data_digests", {}))})
-            else:
-                bf16 = uses_bf16(recipe["schedule"]["precision"], torch.device(device), config)
-                mlflow.set_tag("training.autocast", "bfloat16" if bf16 else "none")
             mlflow.set_tags({"workbench.kind": "pretrain", "recipe": recipe["name"],
                              "recipe.digest": recipe_digest(recipe), "model.size": config.size,
                              "model.parameters": str(count_parameters(config)), "run_dir": str(self.run_dir)})
@@ -224,6 +221,8 @@ class _MainRank:
         if self.offline is not None:  # its validations were never logged: log them at their steps
             for record in result.history:
                 tracking.log_metrics({k: v for k, v in record.items() if k != "step"}, record["step"])
+        else:  # what this machine ran; an adopted run's record says where and how it trained
+            mlflow.set_tag("training.autocast", result.autocast or "none")
         load_weights(model, result.best_weights)
         checkpoint = self.run_dir / CHECKPOINT_NAME
         model_lineage = {"kind": "pretrain", "recipe": recipe["name"], "recipe_digest": recipe_digest(recipe),

@@ -686,17 +686,15 @@ def trial_objective(plan: Plan, study: optuna.Study, base_model, validation: Mix
 
         with tracking.start_run(plan.experiment, run_name=f"trial {trial.number}", nested=True, workspace=plan.workspace,
                                 tags={"optuna.study": plan.study_name, "optuna.trial": str(trial.number),
-                                      "workbench.kind": "finetune-trial", "run_dir": str(run_dir),
-                                      "training.autocast": "bfloat16" if uses_bf16(
-                                          plan.recipe["schedule"]["precision"], torch.device(plan.accelerator),
-                                          base_model.config) else "none"}) as run:
+                                      "workbench.kind": "finetune-trial", "run_dir": str(run_dir)}) as run:
             trial.set_user_attr(STUDY_RUN_ATTR, run.info.run_id)
             mlflow.log_params({k: str(v) for k, v in params.items()})
             result, _ = train_with_params(plan, params, run_dir, base_model=base_model, validation=validation,
                                           progress=progress, stage=f"trial {trial.number}", on_validation=on_validation,
                                           log_metrics=tracking.log_metrics)
             pruned = result.stopped == "callback"
-            mlflow.set_tag("optuna.state", "PRUNED" if pruned else "COMPLETE")
+            mlflow.set_tags({"optuna.state": "PRUNED" if pruned else "COMPLETE",
+                             "training.autocast": result.autocast or "none"})
             if not pruned:
                 mlflow.log_metrics({"best_val_delta_snr_db": result.best["val_delta_snr_db"],
                                     "best_val_loss": result.best["val_loss"], "best_step": result.best["step"]})
