@@ -16,7 +16,8 @@ dropouts off), runs a fresh `finetune_device` study, pretrains the specialist, a
 equal-compute rival, the base model trained with the best trial's very settings (steps, learning rate,
 schedule, frozen layers, the machine's validation noise choosing the kept step) on the general model's
 noise mix instead of the machine's. A gain of the fine-tuned model over the control is specialisation,
-not merely more training. All five models and spectral gating are then scored on the machine's test
+not merely more training. When the recipe learns the machine's hum template ([finetune] hum_template),
+the base network behind that template is scored too: what the network's own fine-tuning adds. All five models and spectral gating are then scored on the machine's test
 fragments (the finetune protocol), and the script prints ΔSNR side by side, the paired gains of the
 fine-tuned model over the base and over the control (mean [95 % t-interval of per-fragment
 differences]), and the mains hum each model leaves (residual power at the hum's fundamental and first
@@ -38,6 +39,7 @@ other jobs (load about 12), as-is took 1454 s to fine-tune, 261 s for the contro
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
 import json
 import sys
@@ -58,6 +60,7 @@ VARIANTS = {
 }
 SPECIALIST = "specialist"
 CONTROL = "control (general noise)"
+BASE_WITH_HUM = "base + hum template"  # the base network behind the fine-tuned model's hum template: what the network's fine-tuning adds
 
 
 def variant_machine(workspace, target: str, name: str, speed: float) -> str:
@@ -116,10 +119,13 @@ def measure(workspace, machine: str, recipe: str, general_devices: list[str], sp
     uri = model_registry.model_uri(fitted.model_name, fitted.version)
     fine_tuned, _ = load_checkpoint(model_registry.fetch_checkpoint(uri, workspace)[0])
     started = time.perf_counter()
+    if fine_tuned.hum_template is not None:
+        scored_models[BASE_WITH_HUM] = copy.deepcopy(plan.base_model)
+        scored_models[BASE_WITH_HUM].hum_template = fine_tuned.hum_template
     scored = evaluate_models(plan, {**scored_models, FINE_TUNED: fine_tuned})
     timings["evaluate"] = time.perf_counter() - started
     snrs = fitted.snrs_db
-    models = [m for m in (BASE_MODEL, FINE_TUNED, CONTROL, SPECIALIST) if m in scored.methods]
+    models = [m for m in (BASE_MODEL, FINE_TUNED, CONTROL, BASE_WITH_HUM, SPECIALIST) if m in scored.methods]
     delta = {method: [scored.summary(method, snr).mean for snr in snrs] for method in (*models, SPECTRAL_GATING)}
     paired = {rival: [scored.paired(FINE_TUNED, rival, snr).to_dict() for snr in snrs]
               for rival in models if rival != FINE_TUNED}
@@ -186,14 +192,16 @@ def main() -> int:
         print(json.dumps({"recipe": args.recipe, "results": results}, indent=2))
         return 0
     snrs = results[0]["snrs_db"]
-    columns = [c for c in (BASE_MODEL, FINE_TUNED, CONTROL, SPECIALIST, SPECTRAL_GATING) if c in results[0]["delta_snr_db"]]
+    columns = [c for c in (BASE_MODEL, FINE_TUNED, CONTROL, BASE_WITH_HUM, SPECIALIST, SPECTRAL_GATING)
+               if any(c in r["delta_snr_db"] for r in results)]
     both = " / ".join(f"{s:g}" for s in snrs)
     print(f"ΔSNR (dB) on each machine's test fragments at {both} dB input, recipe {args.recipe} "
           f"({results[0]['fragments']} fragments)")
     print(f"{'variant':18s}" + "".join(f"{c[:18]:>18s}" for c in columns))
     for result in results:
         print(f"{result['variant']:18s}" + "".join(
-            " / ".join(f"{v:+.2f}" for v in result["delta_snr_db"][c]).rjust(18) for c in columns))
+            (" / ".join(f"{v:+.2f}" for v in result["delta_snr_db"][c]) if c in result["delta_snr_db"] else "-").rjust(18)
+            for c in columns))
     print(f"\npaired gain of the fine-tuned model (mean [95 % t-interval of per-fragment differences], dB) "
           f"at {both} dB input")
     for result in results:
@@ -206,7 +214,7 @@ def main() -> int:
           f"(all four together, at {both} dB input; per harmonic at {snrs[0]:g} dB)")
     for result in results:
         cells = []
-        for method in columns:
+        for method in [c for c in columns if c in result["hum_db"]]:
             total, harmonics = result["hum_db"][method], result["hum_harmonics_db"][method]
             if harmonics is None:
                 cells.append(f"{method}: no hum found")

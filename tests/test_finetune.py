@@ -58,7 +58,7 @@ def archive(tiny_archive_template, tmp_path_factory):
         # `resumed` kills the worker between its second trial's first saved step and that trial's end. Three
         # tiny steps came to take less than its 0.5 s poll once training got faster (issue 14), and the kill
         # missed; a validation of 4 × 3 s after every step keeps the window open whatever the step costs.
-        recipe(ws, "ft-test", validation=(4, 3.0))
+        recipe(ws, "ft-test", validation=(4, 3.0), hum_template=True)
         yield ws
 
 
@@ -218,6 +218,14 @@ def test_finetune_registers_a_version_with_tags_description_and_report_but_not_a
     assert float(tags["noise_minutes"]) > 0 and tags["promoted"] == "false"
     assert tags["gain_vs_base_10db"] == f"{gain['mean']:+.3f} [{gain['ci_low']:+.3f}, {gain['ci_high']:+.3f}] n=2"
     assert tags["gate"].startswith("not promoted: it may make recordings worse")
+    # The machine's hum template, learnt from its TRAIN noise, travels in the version's checkpoint.
+    assert tags["hum_template"] == data["hum_template"] and " Hz hum, harmonics 1" in tags["hum_template"]
+    from workbench.model.checkpoint import load_checkpoint
+    from workbench.model_registry import fetch_checkpoint, model_uri
+
+    device_model, info = load_checkpoint(fetch_checkpoint(model_uri(MODEL, version=1), archive)[0])
+    assert device_model.hum_template is not None and device_model.hum_template.summary() == tags["hum_template"]
+    assert info["hum_template"]["harmonics"][0] == 1
     assert DEVICE in version.description and "ΔSNR" in version.description and "paired gain" in version.description
     assert client.get_registered_model(MODEL).aliases == {}
     # The report is in the version's run, downloadable with the MLflow client, and on disk.

@@ -5,6 +5,9 @@ The path of one file, all of it streaming so memory does not grow with the recor
     input (any rate, C channels) ──StreamingResampler──▶ 44.1 kHz ──OverlapAdd(removed noise)──▶
     noise estimate at 44.1 kHz ──StreamingResampler──▶ input rate ──▶ output = input − strength · noise
 
+A device model with its machine's hum template (`workbench.audio.hum`) cancels the hum first, and the
+noise estimate is that hum plus what the network removes from the rest (`HumFirst`).
+
 The model only ever sees 44.1 kHz, but it is the *noise it removes* that travels back to the input's rate
 and is subtracted from the original samples. So `strength 0` returns the input bit for bit, every
 sample stays where it was (the output has exactly the input's frame count, trimmed by the exact count
@@ -35,6 +38,7 @@ import torchaudio
 
 from workbench import __version__
 from workbench.audio.dsp import MODEL_SAMPLE_RATE, StreamingResampler, resampled_length
+from workbench.audio.hum import HumCanceller, HumTemplate
 from workbench.audio.io import (
     AUDIO_SUFFIXES,
     atomic_audio_writer,
@@ -79,6 +83,44 @@ def removed_by(process: Process) -> Process:
     def removed(chunk: torch.Tensor) -> torch.Tensor:
         return chunk - process(chunk).to(chunk.device, chunk.dtype)
     return removed
+
+
+class HumFirst:
+    """What a device model removes, streamed at the model's rate: its machine's hum (`HumCanceller`), then
+    what the chunked network (`OverlapAdd` of `removed_by`) takes from the rest. Same push/flush as
+    `OverlapAdd`; the two removals are summed frame by frame, so strength scales them together."""
+
+    def __init__(self, canceller: HumCanceller, chunker: OverlapAdd):
+        self.canceller, self.chunker = canceller, chunker
+        channels = canceller.channels
+        self.signal = np.zeros((channels, 0), np.float32)  # input the canceller has not returned yet
+        self.hum = np.zeros((channels, 0), np.float32)  # hum cancelled, not yet matched by the network's output
+
+    @property
+    def chunks(self) -> int:
+        return self.chunker.chunks
+
+    def push(self, block: np.ndarray) -> np.ndarray:
+        self.signal = np.concatenate([self.signal, block], axis=1)
+        return self._with_hum(self.chunker.push(self._cancelled(self.canceller.push(block))))
+
+    def flush(self) -> np.ndarray:
+        last = self._with_hum(self.chunker.push(self._cancelled(self.canceller.flush())))
+        out = np.concatenate([last, self._with_hum(self.chunker.flush())], axis=1)
+        assert self.signal.shape[1] == 0 and self.hum.shape[1] == 0, "every frame's hum went out with it"
+        return out
+
+    def _cancelled(self, cancelled: np.ndarray) -> np.ndarray:
+        frames = cancelled.shape[1]
+        self.hum = np.concatenate([self.hum, self.signal[:, :frames] - cancelled], axis=1)
+        self.signal = self.signal[:, frames:]
+        return cancelled
+
+    def _with_hum(self, removed: np.ndarray) -> np.ndarray:
+        frames = removed.shape[1]
+        out = self.hum[:, :frames] + removed
+        self.hum = self.hum[:, frames:]
+        return out
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -127,11 +169,12 @@ def _clip_limits(subtype: str) -> tuple[float, float] | None:
 def denoise_stream(process: Process, input_path: Path, output_path: Path, *, strength: float = 1.0,
                    plan: ChunkPlan | None = None, subtype: str | None = None, format: str | None = None,
                    block_seconds: float = 4.0, progress: Progress = no_progress,
-                   stage: str | None = None, batch: int = 1) -> StreamResult:
+                   stage: str | None = None, batch: int = 1, hum_template: HumTemplate | None = None) -> StreamResult:
     """Denoise one file into `output_path` (atomically), streaming: memory does not grow with its length.
 
-    `process` maps 44.1 kHz chunks (channels, n) to their denoised version. The output keeps the
-    input's sample rate, channels and exact frame count, and its format/subtype unless given.
+    `process` maps 44.1 kHz chunks (channels, n) to their denoised version; a device model's
+    `hum_template` is cancelled before it (`HumFirst`). The output keeps the input's sample rate,
+    channels and exact frame count, and its format/subtype unless given.
     """
     strength = check_strength(strength)
     plan = plan or ChunkPlan.from_seconds()
@@ -143,6 +186,8 @@ def denoise_stream(process: Process, input_path: Path, output_path: Path, *, str
 
     to_model = StreamingResampler(rate, MODEL_SAMPLE_RATE, channels)
     chunker = OverlapAdd(removed_by(process), channels, plan, batch=batch)  # `batch` chunks per process call
+    if hum_template is not None:
+        chunker = HumFirst(HumCanceller(hum_template, channels), chunker)
     to_input = StreamingResampler(MODEL_SAMPLE_RATE, rate, channels)
     assert resampled_length(resampled_length(total, rate, MODEL_SAMPLE_RATE), MODEL_SAMPLE_RATE, rate) >= total
     # Original samples wait here until the noise estimate for them comes back (bounded by the latency).
@@ -406,7 +451,7 @@ def denoise_files(inputs: Iterable[Path], *, model_ref: str | Path | None = None
             stage = f"{number}/{len(jobs)} {job.input.name}" if len(jobs) > 1 else job.input.name
             job_batch = batch or chunk_batch(model, plan, device, job.info.channels)
             records.append(_restore(job, process, strength, plan, model_record, device, progress, stage, job_batch,
-                                    bf16))
+                                    bf16, model.hum_template))
     except BaseException:
         for folder in created:  # deepest first; folders that now hold earlier outputs stay
             with contextlib.suppress(OSError):
@@ -427,7 +472,8 @@ def _missing_folders(folders: Iterable[Path]) -> list[Path]:
 
 
 def _restore(job: Job, process: Process, strength: float, plan: ChunkPlan, model_record: dict,
-             device: torch.device, progress: Progress, stage: str, batch: int = 1, bf16: bool = False) -> dict:
+             device: torch.device, progress: Progress, stage: str, batch: int = 1, bf16: bool = False,
+             hum_template: HumTemplate | None = None) -> dict:
     """One input to its output and sidecar; returns the provenance record."""
     started_at = _utc_now()
     for stale in (job.output, job.sidecar):  # what a killed run left half-written for this very output
@@ -437,7 +483,8 @@ def _restore(job: Job, process: Process, strength: float, plan: ChunkPlan, model
                 partial.unlink(missing_ok=True)
     input_sha256 = sha256_file(job.input)
     result = denoise_stream(process, job.input, job.output, strength=strength, plan=plan,
-                            subtype=job.subtype, format=job.format, progress=progress, stage=stage, batch=batch)
+                            subtype=job.subtype, format=job.format, progress=progress, stage=stage, batch=batch,
+                            hum_template=hum_template)
     out_info = audio_info(job.output)
     record = {
         "schema": SIDECAR_SCHEMA,
@@ -450,6 +497,7 @@ def _restore(job: Job, process: Process, strength: float, plan: ChunkPlan, model
                    "clipped_samples": result.clipped_samples},
         "model": model_record,
         "settings": settings_record(strength, plan),
+        "hum_template": hum_template.to_dict() if hum_template is not None else None,
         "software": software_versions(),
         "compute": compute_facts(device, bf16),
         "started_at": started_at,

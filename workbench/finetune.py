@@ -11,7 +11,9 @@ The orchestrator; each step's work lives in its own module:
    trial trains the base with the shared loop (`workbench.train.loop.train`) on the machine's TRAIN noise
    and reports validation ΔSNR on its VALIDATION noise to the pruner; each trial is a nested MLflow run
    under the study's run.
-3. The best model (`best_model`, here): the best trial's kept weights, or that trial trained again.
+3. The best model (`best_model`, here): the best trial's kept weights, or that trial trained again; with
+   the recipe's [finetune] hum_template, the machine's hum template learnt from its TRAIN noise
+   (`machine_hum_template`), cancelled before the network wherever the device model runs.
 4. The evaluation (`workbench.evaluate.device_eval`): on the machine's TEST noise with the research
    protocol (fixed 10 s fragments at 10 and 16 dB) next to the noisy input, the base model, the current
    champion and spectral gating; the gate (`promotion_decision`) promotes only if, at every input SNR
@@ -35,7 +37,8 @@ import optuna
 import torch
 
 from workbench import tracking
-from workbench.audio.io import sha256_file
+from workbench.audio.hum import HumTemplate, learn_hum_template
+from workbench.audio.io import MODEL_SAMPLE_RATE, sha256_file
 from workbench.corpus import corpus_digest, corpus_files
 from workbench.devices import format_speed, get_device
 from workbench.errors import WorkbenchError
@@ -59,6 +62,7 @@ from workbench.model_registry import (
 from workbench.model_registry.device_models import RegisteredVersion, register_device_model, registered_version
 from workbench.model_registry.names import BASE_MODEL, CHAMPION_METHOD, FINE_TUNED
 from workbench.noise.library import NoiseLibrary
+from workbench.noise.profile import HUM_STANDS_OUT_DB
 from workbench.progress import Progress, no_progress
 from workbench.recipes import load_recipe, recipe_digest
 from workbench.train.loop import BEST_FILE, load_weights
@@ -81,6 +85,7 @@ from workbench.train.tuning import (
 from workbench.workspace import Workspace
 
 EXPERIMENT_PREFIX = "finetune-"
+HUM_TEMPLATE_SECONDS = 240.0  # blank tape averaged into a hum template (per machine, channels together)
 
 
 @dataclass
@@ -107,6 +112,7 @@ class FinetuneResult:
     paired: dict[str, dict[str, dict]] = field(default_factory=dict)
     min_gain_db: float = 0.0
     hum: list[dict] = field(default_factory=list)  # per method, set and input SNR: the mains hum left behind
+    hum_template: str = "none"  # the machine's hum cancelled before the network (HumTemplate.summary)
 
     @property
     def trials_summary(self) -> str:
@@ -267,6 +273,7 @@ def finetune_device(workspace: Workspace, device_id: str, *, speed: float | None
             if earlier is not None:
                 return _result_from_report(plan, info, earlier)
             model = best_model(plan, best, validation, progress)
+            model.hum_template = machine_hum_template(plan, progress)
             # 4. The evaluation: beside the baselines, the base model and the champion; the gate.
             champion = get_alias_version(device_model_name(plan.device.id), CHAMPION, plan.workspace)
             result = evaluate_models(plan, _scored_models(plan, model, champion), progress)
@@ -275,7 +282,7 @@ def finetune_device(workspace: Workspace, device_id: str, *, speed: float | None
             # 5. The registration: report, version, tags, @champion if the gate allows.
             registered = register_device_model(plan, study, info, best, model, result, lineage, champion, promoted,
                                                reason)
-            return _result_from_evaluation(plan, info, registered, result, champion)
+            return _result_from_evaluation(plan, info, registered, result, champion, model.hum_template)
 
 
 def _log_study_inputs(plan: Plan, validation, created: bool) -> dict:
@@ -305,6 +312,35 @@ def best_model(plan: Plan, best, validation, progress: Progress = no_progress):
     return model.eval()
 
 
+def machine_hum_template(plan: Plan, progress: Progress = no_progress) -> HumTemplate | None:
+    """The machine's hum template (`workbench.audio.hum`), learnt from its TRAIN noise at the speed with
+    the most of it whose noise profile shows a hum family, from the harmonics that stand out there; None
+    when the recipe does not ask for one ([finetune] hum_template) or no profile shows hum."""
+    if not plan.settings.hum_template:
+        return None
+    library = NoiseLibrary(plan.workspace)
+    found = []
+    for speed in plan.speeds:
+        profile = library.profile(plan.device.id, speed)
+        if profile is not None and profile.hum is not None:
+            snippets = [s for s in plan.noise["train"] if abs(float(s.speed_ips) - speed) < 1e-6]
+            found.append((sum(s.frames for s in snippets), profile.hum, snippets))
+    if not found:
+        return None
+    _, hum, snippets = max(found, key=lambda entry: entry[0])
+    harmonics = [k for k, (_, level) in enumerate(hum.harmonics_db, start=1) if level >= HUM_STANDS_OUT_DB]
+    kept, frames = [], 0
+    for snippet in snippets:  # enough blank tape for a steady average, not all of a large library
+        if frames >= HUM_TEMPLATE_SECONDS * MODEL_SAMPLE_RATE:
+            break
+        kept.append(snippet)
+        frames += snippet.frames
+    progress("hum template", 0, 1)
+    template = learn_hum_template(((s.channel, s.load()) for s in kept), hum.fundamental_hz, harmonics)
+    progress("hum template", 1, 1)
+    return template
+
+
 def _scored_models(plan: Plan, model, champion: int | None) -> dict:
     """The networks evaluated beside the baselines: base, fine-tuned and (if there is one) the champion."""
     models = {BASE_MODEL: plan.base_model.eval(), FINE_TUNED: model}
@@ -316,7 +352,7 @@ def _scored_models(plan: Plan, model, champion: int | None) -> dict:
 
 
 def _result_from_evaluation(plan: Plan, info: dict, registered: RegisteredVersion, result,
-                            champion: int | None) -> FinetuneResult:
+                            champion: int | None, hum_template: HumTemplate | None = None) -> FinetuneResult:
     """The result of a version registered now, summarised from its evaluation."""
     snrs = list(plan.evaluation.snrs_db)
     return FinetuneResult(plan.device.id, plan.speeds, plan.study_name, describe_storage(plan.storage_url),
@@ -324,7 +360,8 @@ def _result_from_evaluation(plan: Plan, info: dict, registered: RegisteredVersio
                           registered.reason, snrs, summary_by_method(result, snrs), registered.report_html,
                           registered.report_json, registered.run_id, plan.base, champion,
                           paired=paired_summary(result, snrs, champion), min_gain_db=plan.evaluation.min_gain_db,
-                          hum=result.to_dict()["hum"])
+                          hum=result.to_dict()["hum"],
+                          hum_template=hum_template.summary() if hum_template is not None else "none")
 
 
 def _result_from_report(plan: Plan, info: dict, registered: RegisteredVersion) -> FinetuneResult:
@@ -343,4 +380,5 @@ def _result_from_report(plan: Plan, info: dict, registered: RegisteredVersion) -
                           registered.reason, list(plan.evaluation.snrs_db), summary, registered.report_html, path,
                           registered.run_id, plan.base, None, registered_now=False, paired=pooled_paired(report),
                           min_gain_db=float((report.get("paired") or {}).get("min_gain_db") or 0.0),
-                          hum=report.get("evaluation", {}).get("hum", []))
+                          hum=report.get("evaluation", {}).get("hum", []),
+                          hum_template=(report.get("model") or {}).get("hum_template", "none"))

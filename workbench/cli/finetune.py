@@ -38,6 +38,10 @@ def finetune(
     at every input SNR, the new version's own ΔSNR interval lies above 0 and the paired 95 % interval of its
     gain over the base model and over the previous champion lies above the recipe's min_gain_db (default 0).
 
+    With [finetune] hum_template = true (finetune-cpu, finetune-paper), the machine's mains hum is learnt
+    from its blank tape as one waveform and cancelled before the network wherever the model runs (the
+    evaluation, `denoise`, the pyfunc model): the fine-tuned network alone does not take out the harmonics.
+
     Run it again to continue an interrupted study (finished trials are kept, a trial cut off is retried
     from its saved steps); run it on several machines with one `--storage` to share the trials. A study
     answers one question: its name ends in a digest of the base model, recipe, noise and music, so a run
@@ -71,6 +75,8 @@ def _show_finetune(result, device_id: str) -> None:
     if result.paired:
         console.print(paired_table("paired gain of the fine-tuned model (ΔSNR dB, mean [95 % t-interval], "
                                    f"must lie above {result.min_gain_db:+g})", result.paired, result.snrs_db))
+    if result.hum_template != "none":
+        console.print(f"hum template (cancelled before the network): {result.hum_template}")
     verdict = "[green]promoted to @champion[/]: it" if result.promoted else "[yellow]registered, not promoted[/]: it"
     console.print(f"{result.model_name} version {result.version}: {verdict} {result.reason}")
     console.print(f"report: {result.report_html}")

@@ -1,8 +1,9 @@
 """Checkpoints: safetensors weights plus a JSON sidecar that says what they are. Never pickle.
 
 `model.safetensors` holds the state dict; `model.json` beside it holds the architecture and its config,
-the size name, sample rate, STFT parameters, parameter count, the sha256 of the weights file and the
-lineage (where the weights came from). The config is also embedded in the safetensors header, so a
+the size name, sample rate, STFT parameters, parameter count, the sha256 of the weights file, the
+lineage (where the weights came from) and, for a device model, the machine's hum template
+(`workbench.audio.hum`: cancelled before the network wherever the model runs). The config is also embedded in the safetensors header, so a
 weights file that lost its sidecar still loads. Both files are written atomically.
 
 Loading checks every tensor name and shape against the config and refuses with one line listing what is
@@ -21,6 +22,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 import workbench
+from workbench.audio.hum import HumTemplate
 from workbench.audio.io import atomic_path, atomic_write_json, sha256_file
 from workbench.errors import WorkbenchError
 from workbench.model.stft import SAMPLE_RATE, STFT_PARAMS
@@ -56,6 +58,7 @@ def describe(model: TwoStageUNet, lineage: dict | None = None) -> dict:
         "stft": dict(STFT_PARAMS),
         "parameters": sum(p.numel() for p in model.parameters()),
         "dtype": "float32",
+        "hum_template": model.hum_template.to_dict() if model.hum_template is not None else None,
         "lineage": lineage or {},
         "software": {"workbench": workbench.__version__, "torch": torch.__version__},
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -71,7 +74,7 @@ def save_checkpoint(path: Path, model: TwoStageUNet, lineage: dict | None = None
              for name, tensor in model.state_dict().items()}
     with atomic_path(path) as temporary:
         save_file(state, str(temporary), metadata={CONFIG_METADATA_KEY: json.dumps(
-            {key: info[key] for key in ("format", "format_version", "architecture", "size", "config")})})
+            {key: info[key] for key in ("format", "format_version", "architecture", "size", "config", "hum_template")})})
         info["weights_file"] = path.name
         info["weights_sha256"] = sha256_file(temporary)
     atomic_write_json(config_path_for(path), info)
@@ -161,7 +164,13 @@ def load_checkpoint(path: Path, device: str | torch.device = "cpu") -> tuple[Two
     bad = [name for name, tensor in state.items() if not torch.isfinite(tensor).all()]
     if bad:
         raise WorkbenchError(f"{weights}: non-finite values in {_listed(bad)}")
-    return TwoStageUNet.from_state_dict(config, state, device), info
+    model = TwoStageUNet.from_state_dict(config, state, device)
+    if info.get("hum_template"):
+        try:
+            model.hum_template = HumTemplate.from_dict(info["hum_template"])
+        except (TypeError, KeyError, AssertionError, ValueError) as error:
+            raise WorkbenchError(f"{weights}: invalid hum template in checkpoint ({error})") from None
+    return model, info
 
 
 def checkpoint_summary(path: Path) -> dict:

@@ -27,6 +27,7 @@ import numpy as np
 import torch
 
 from workbench.audio.dsp import MODEL_SAMPLE_RATE
+from workbench.audio.hum import cancel_hum
 from workbench.errors import WorkbenchError
 from workbench.model.stft import FREQ_BINS, HOP
 from workbench.model.unet import denoise_waveform, for_inference
@@ -268,11 +269,13 @@ def chunk_batch(model: torch.nn.Module, plan: ChunkPlan, device: torch.device, c
 
 def denoise_samples(model: torch.nn.Module, samples: np.ndarray, plan: ChunkPlan | None = None,
                     device: torch.device | None = None, batch: int | None = None) -> np.ndarray:
-    """In-memory 44.1 kHz audio, (frames,) or (channels, frames), through `model` exactly as `workbench
-    denoise` runs it at full strength (same grid-aligned chunks and crossfades); same shape back.
+    """In-memory 44.1 kHz audio, (frames,) or (channels, frames), through `model` (its hum template first,
+    if it has one) exactly as `workbench denoise` runs it at full strength (same grid-aligned chunks and crossfades); same shape back.
     `batch` chunks per forward call (default: what the memory budget allows)."""
     samples = np.asarray(samples, dtype=np.float32)
     rows = np.atleast_2d(samples)
+    if model.hum_template is not None:  # a device model: its machine's hum goes first (workbench.audio.hum)
+        rows = cancel_hum(rows, model.hum_template)
     device = device or next(model.parameters()).device
     plan = plan or ChunkPlan.from_seconds(grid_frames=model_grid_frames(model))
     batch = batch or chunk_batch(model, plan, device, rows.shape[0])

@@ -459,6 +459,9 @@ class TwoStageUNet(nn.Module):
         self.encoder2 = Encoder(2 * ch0, config)
         self.decoder2 = Decoder(config)
         self.output_conv = conv(ch0, 2, 3)
+        # A device model's mains hum (workbench.audio.hum.HumTemplate), cancelled before the network runs:
+        # not a weight, it travels in the checkpoint's config (workbench.model.checkpoint).
+        self.hum_template = None
 
     @classmethod
     def from_state_dict(cls, config: ModelConfig, state: dict[str, Tensor],

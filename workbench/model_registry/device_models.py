@@ -40,6 +40,7 @@ from workbench.model_registry.names import (
     TAG_BEST_TRIAL,
     TAG_DEVICE,
     TAG_GATE,
+    TAG_HUM_TEMPLATE,
     TAG_MIN_GAIN,
     TAG_NOISE_MINUTES,
     TAG_NOISE_MINUTES_TEST,
@@ -159,6 +160,7 @@ def register_device_model(plan, study, info: dict, best, model, result, lineage:
                        "speeds_ips": [format_speed(s) for s in plan.speeds], "base": plan.base["uri"],
                        "best_trial": best.number, "best_params": best.params,
                        "previous_champion": f"v{champion}" if champion else "none",
+                       "hum_template": model.hum_template.summary() if model.hum_template is not None else "none",
                        "weights_sha256": json.loads(checkpoint.with_suffix(".json").read_text())["weights_sha256"]}
         report_dir = plan.study_dir / f"report-trial-{best.number:04d}"
         files = write_report(report_dir, result, title=f"{model_name}: fine-tuned to {plan.device.id}",
@@ -174,6 +176,7 @@ def register_device_model(plan, study, info: dict, best, model, result, lineage:
                 TAG_BASE_URI: plan.base["uri"], TAG_STUDY: plan.study_name, TAG_STUDY_STORAGE: storage,
                 TAG_STUDY_KEY: plan.study_key,
                 TAG_BEST_TRIAL: best.number, TAG_RECIPE: plan.recipe["name"],
+                TAG_HUM_TEMPLATE: model.hum_template.summary() if model.hum_template is not None else "none",
                 TAG_NOISE_MINUTES: plan.noise_minutes("train"), TAG_NOISE_MINUTES_TEST: plan.noise_minutes("test"),
                 TAG_PROMOTED: str(promoted).lower(), TAG_GATE: _verdict(promoted, reason)[:4900],
                 TAG_REASON: reason[:4900], TAG_MIN_GAIN: f"{plan.evaluation.min_gain_db:g}",

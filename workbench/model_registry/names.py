@@ -32,6 +32,7 @@ TAG_STUDY_STORAGE = "study_storage"
 TAG_STUDY_KEY = "study_key"  # the study's own id: which study (not just which name) registered a version
 TAG_BEST_TRIAL = "best_trial"
 TAG_RECIPE = "recipe"
+TAG_HUM_TEMPLATE = "hum_template"  # the machine's hum cancelled before the network, or "none"
 TAG_RECIPE_DIGEST = "recipe_digest"
 TAG_NOISE_MINUTES = "noise_minutes"
 TAG_NOISE_MINUTES_TEST = "noise_minutes_test"

@@ -98,6 +98,7 @@ DEFAULT_FINETUNE: dict[str, Any] = {
     "validate_every": 0,  # report validation ΔSNR to the pruner every N steps (0 = [schedule] validate_every)
     "freeze": [],  # layer groups that stay frozen unless the search says otherwise
     "l2sp_alpha": 0.0,  # L2-SP weight unless the search says otherwise
+    "hum_template": False,  # learn the machine's hum from its TRAIN noise, cancel it before the network
     "search": {},
     "pruner": {},
 }
@@ -242,6 +243,7 @@ class FinetuneSettings:
     validate_every: int
     freeze: tuple[str, ...]
     l2sp_alpha: float
+    hum_template: bool = False
     dimensions: list[Dimension] = field(default_factory=list)
     pruner: dict = field(default_factory=dict)
 
@@ -261,6 +263,8 @@ def finetune_settings(recipe: dict) -> FinetuneSettings:
     alpha = merged["l2sp_alpha"]
     if not isinstance(alpha, (int, float)) or isinstance(alpha, bool) or not math.isfinite(alpha) or alpha < 0:
         raise WorkbenchError(f"{source}: [finetune] l2sp_alpha must be a number >= 0 (got {alpha!r})")
+    if not isinstance(merged["hum_template"], bool):
+        raise WorkbenchError(f"{source}: [finetune] hum_template must be true or false (got {merged['hum_template']!r})")
     pruner = {**DEFAULT_PRUNER, **merged["pruner"]}
     if pruner["type"] not in PRUNERS:
         raise WorkbenchError(f"{source}: [finetune.pruner] type must be one of {', '.join(PRUNERS)} (got {pruner['type']!r})")
@@ -270,6 +274,7 @@ def finetune_settings(recipe: dict) -> FinetuneSettings:
         trials=merged["trials"], timeout_s=parse_duration(merged["timeout"], f"{source}: [finetune] timeout"),
         seed=merged["seed"], validate_every=validate_every,
         freeze=freeze_groups(merged["freeze"], f"{source}: [finetune] freeze"), l2sp_alpha=float(alpha),
+        hum_template=merged["hum_template"],
         dimensions=search_space(recipe), pruner=pruner)
 
 
