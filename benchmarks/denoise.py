@@ -15,7 +15,8 @@ that run's own:
    allocator, one chunk per forward call) just before, and the speed-up is printed. With --bf16, each
    size also runs at `--precision bf16` just after (bf16 autocast: fast on a CPU with AMX), with its
    speed-up over float32 and how far its output is from float32's (RMS of the difference re the
-   float32 output's, and the largest sample difference).
+   float32 output's, and the largest sample difference). With --hum, each size also runs as a device model
+   whose hum template (seven 60 Hz harmonics, workbench.audio.hum) is cancelled before the network.
 3. Streaming: the tiny model on a --short-minutes file and on a --long-minutes (default 60) file.
    Peak RSS must not grow with length; the child's RSS after imports is printed as the floor.
 
@@ -58,7 +59,11 @@ CHILD = textwrap.dedent("""
         from workbench.model.unet import SIZES, TwoStageUNet, reference_path
         torch.manual_seed(0)
         checkpoint = Path(args["folder"]) / f"{args['size']}.safetensors"
-        save_checkpoint(checkpoint, TwoStageUNet(SIZES[args["size"]]), lineage={"source": "benchmark: random weights"})
+        model = TwoStageUNet(SIZES[args["size"]])
+        if args.get("hum"):  # a device model: seven 60 Hz harmonics cancelled before the network
+            from workbench.audio.hum import HumTemplate
+            model.hum_template = HumTemplate(60.0, tuple(range(1, 8)), (tuple(0.3 ** k * (1 + 0j) for k in range(7)),), 1e-4, 1)
+        save_checkpoint(checkpoint, model, lineage={"source": "benchmark: random weights"})
         rss_imported = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # imports + one model built
         started = time.perf_counter()
         # "before": the landed main's path (plain network code, glibc's allocator, one chunk per call).
@@ -138,6 +143,7 @@ def main() -> None:
     parser.add_argument("--json", action="store_true", help="print the raw results as JSON too")
     parser.add_argument("--before", action="store_true", help="also time each size as the landed main ran it")
     parser.add_argument("--bf16", action="store_true", help="also time each size at --precision bf16")
+    parser.add_argument("--hum", action="store_true", help="also time each size as a device model with a hum template")
     options = parser.parse_args()
     sizes = [s for s in options.sizes.split(",") if s]
     results: dict = {"sizes": {}, "streaming": {}}
@@ -177,6 +183,12 @@ def main() -> None:
                       f"output {100 * relative:.2f} % RMS from float32's, largest sample difference "
                       f"{np.abs(rounded - exact).max():.1e}", flush=True)
                 run["bf16"] = {"rtf": low["rtf"], "speed_up": low["rtf"] / run["rtf"], "relative_rms": relative}
+            if options.hum:
+                device = run_child("model", size=size, audio=str(source), folder=str(folder / f"{size}-hum"),
+                                   accelerator=options.accelerator, hum=True)
+                print(f"{size:>6} with a hum template (7 harmonics cancelled first): {device['rtf']:.2f}x real time, "
+                      f"{device['rtf'] / run['rtf']:.2f}x the rate without", flush=True)
+                run["hum_template"] = {"rtf": device["rtf"], "ratio": device["rtf"] / run["rtf"]}
             run["extrapolated_from_s"] = run["audio_s"] if source != audio else None
             run["slower_than_noisereduce"] = reference["rtf"] / run["rtf"]
             results["sizes"][size] = run

@@ -226,6 +226,19 @@ def test_finetune_registers_a_version_with_tags_description_and_report_but_not_a
     device_model, info = load_checkpoint(fetch_checkpoint(model_uri(MODEL, version=1), archive)[0])
     assert device_model.hum_template is not None and device_model.hum_template.summary() == tags["hum_template"]
     assert info["hum_template"]["harmonics"][0] == 1
+    # The trials trained and validated on the machine's noise with that hum cancelled (copies; the library's
+    # snippets are untouched): the copies keep the hiss and lose the hum lines.
+    from workbench.audio.io import read_audio
+    from workbench.evaluate.metrics import hum_residual
+    from workbench.noise.library import NoiseLibrary
+
+    copies = sorted((archive.mixtures_dir / "hum-cancelled").rglob("*.wav"))
+    snippets = {s.sha256: s for s in NoiseLibrary(archive).snippets(device=DEVICE)}
+    assert copies and {c.stem for c in copies} <= set(snippets)
+    raw = snippets[copies[0].stem].load()
+    cancelled = read_audio(copies[0])[0][0]
+    lines = hum_residual(raw, cancelled, 44100, info["hum_template"]["fundamental_hz"], harmonics=1)
+    assert lines.relative_db[0] < -10.0 and 0.5 < np.std(cancelled) / np.std(raw) <= 1.0
     assert DEVICE in version.description and "ΔSNR" in version.description and "paired gain" in version.description
     assert client.get_registered_model(MODEL).aliases == {}
     # The report is in the version's run, downloadable with the MLflow client, and on disk.

@@ -109,6 +109,7 @@ def test_every_length_comes_back_sample_exact(template, frames):
     assert out.shape == x.shape and out.dtype == np.float32 and np.isfinite(out).all()
     if frames >= SR:
         assert np.std(out - x) > 0  # something was taken
+    assert np.array_equal(cancel_hum(np.zeros(frames, np.float32), template), np.zeros(frames, np.float32))  # silence stays
 
 
 def test_a_short_blank_recording_still_teaches_and_a_too_short_one_does_not():

@@ -144,8 +144,9 @@ def demo_stages(workspace: Workspace, settings: DemoSettings) -> Iterator[Stage]
         gains = result.paired.get(BASE_MODEL, {})  # input SNR -> fine-tuned − base, paired over fragments
         shown = "; ".join(f"{snr} dB input: {g['mean']:+.2f} dB [{g['ci_low']:+.2f}, {g['ci_high']:+.2f}]"
                           for snr, g in gains.items())
+        hum = "" if result.hum_template == "none" else f"; hum template: {result.hum_template}"
         return StageResult("finetune", f"{name} version {result.version} registered, {verdict}; fine-tuned − base "
-                           f"ΔSNR per fragment (95 % interval) at {shown}; report {result.report_html}",
+                           f"ΔSNR per fragment (95 % interval) at {shown}{hum}; report {result.report_html}",
                            {**result.to_dict(), "paired_gain_vs_base_db": gains},
                            reused=not result.registered_now)  # a refused version is found again, not retrained
 

@@ -11,9 +11,10 @@ The orchestrator; each step's work lives in its own module:
    trial trains the base with the shared loop (`workbench.train.loop.train`) on the machine's TRAIN noise
    and reports validation ΔSNR on its VALIDATION noise to the pruner; each trial is a nested MLflow run
    under the study's run.
-3. The best model (`best_model`, here): the best trial's kept weights, or that trial trained again; with
-   the recipe's [finetune] hum_template, the machine's hum template learnt from its TRAIN noise
-   (`machine_hum_template`), cancelled before the network wherever the device model runs.
+3. The best model (`best_model`, here): the best trial's kept weights, or that trial trained again. With
+   the recipe's [finetune] hum_template, the machine's hum template is learnt from its TRAIN noise first
+   (`machine_hum_template`); the trials train and validate on the noise with that hum cancelled
+   (`hum_cancelled_plan`), and the device model cancels it before the network wherever it runs.
 4. The evaluation (`workbench.evaluate.device_eval`): on the machine's TEST noise with the research
    protocol (fixed 10 s fragments at 10 and 16 dB) next to the noisy input, the base model, the current
    champion and spectral gating; the gate (`promotion_decision`) promotes only if, at every input SNR
@@ -28,6 +29,8 @@ The orchestrator; each step's work lives in its own module:
 from __future__ import annotations
 
 import copy
+import dataclasses
+import hashlib
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -37,8 +40,8 @@ import optuna
 import torch
 
 from workbench import tracking
-from workbench.audio.hum import HumTemplate, learn_hum_template
-from workbench.audio.io import MODEL_SAMPLE_RATE, sha256_file
+from workbench.audio.hum import HumTemplate, cancel_hum, learn_hum_template
+from workbench.audio.io import MODEL_SAMPLE_RATE, sha256_file, write_audio
 from workbench.corpus import corpus_digest, corpus_files
 from workbench.devices import format_speed, get_device
 from workbench.errors import WorkbenchError
@@ -257,13 +260,17 @@ def finetune_device(workspace: Workspace, device_id: str, *, speed: float | None
                      storage=storage, accelerator=accelerator)
     # 2. The study: join it, its fixed validation mixtures, its MLflow run (with the data's lineage), its trials.
     study = open_plan_study(plan)
+    # The machine's hum template, if the recipe asks: the network then trains and validates on the machine's
+    # noise with that hum cancelled, as it will meet it (the evaluation and lineage keep the noise as it is).
+    hum_template = machine_hum_template(plan, progress)
+    training = hum_cancelled_plan(plan, hum_template)
     progress("validation mixtures", 0, 1)
-    validation = validation_mixtures(plan)
+    validation = validation_mixtures(training)
     progress("validation mixtures", 1, 1)
     parent_id, created = study_run(plan, study)
     with tracking.start_run(plan.experiment, run_id=parent_id, workspace=plan.workspace):
-        lineage = _log_study_inputs(plan, validation, created)
-        tune(plan, study, validation, progress)
+        lineage = _log_study_inputs(plan, validation, created, hum_template)
+        tune(training, study, validation, progress)
         best, info = study.best_trial, study_summary(study)
         # Every worker of the study ends here having seen the same trials; one at a time, so the first
         # registers the best trial and the others find its version.
@@ -272,8 +279,8 @@ def finetune_device(workspace: Workspace, device_id: str, *, speed: float | None
             earlier = registered_version(plan, best.number)
             if earlier is not None:
                 return _result_from_report(plan, info, earlier)
-            model = best_model(plan, best, validation, progress)
-            model.hum_template = machine_hum_template(plan, progress)
+            model = best_model(training, best, validation, progress)
+            model.hum_template = hum_template
             # 4. The evaluation: beside the baselines, the base model and the champion; the gate.
             champion = get_alias_version(device_model_name(plan.device.id), CHAMPION, plan.workspace)
             result = evaluate_models(plan, _scored_models(plan, model, champion), progress)
@@ -282,10 +289,10 @@ def finetune_device(workspace: Workspace, device_id: str, *, speed: float | None
             # 5. The registration: report, version, tags, @champion if the gate allows.
             registered = register_device_model(plan, study, info, best, model, result, lineage, champion, promoted,
                                                reason)
-            return _result_from_evaluation(plan, info, registered, result, champion, model.hum_template)
+            return _result_from_evaluation(plan, info, registered, result, champion, hum_template)
 
 
-def _log_study_inputs(plan: Plan, validation, created: bool) -> dict:
+def _log_study_inputs(plan: Plan, validation, created: bool, hum_template: HumTemplate | None = None) -> dict:
     """Log what the study's trials are measured on into its run (the recipe and system once, when the run
     was created); returns the data's lineage."""
     if created:
@@ -296,7 +303,8 @@ def _log_study_inputs(plan: Plan, validation, created: bool) -> dict:
         return tracking.log_lineage(
             plan.workspace, {"training": plan.noise["train"], "validation": plan.noise["validation"], "test": plan.noise["test"]},
             {"training": plan.clean["train"], "validation": plan.clean["validation"], "test": plan.clean["test"]},
-            extra={"base_model": plan.base, "validation_mixtures": {"key": validation.key, "path": str(validation.path)}})
+            extra={"base_model": plan.base, "validation_mixtures": {"key": validation.key, "path": str(validation.path)},
+                   "hum_template": hum_template.to_dict() if hum_template is not None else None})
 
 
 def best_model(plan: Plan, best, validation, progress: Progress = no_progress):
@@ -339,6 +347,27 @@ def machine_hum_template(plan: Plan, progress: Progress = no_progress) -> HumTem
     template = learn_hum_template(((s.channel, s.load()) for s in kept), hum.fundamental_hz, harmonics)
     progress("hum template", 1, 1)
     return template
+
+
+def hum_cancelled_plan(plan: Plan, template: HumTemplate | None) -> Plan:
+    """`plan` with its TRAIN and VALIDATION noise replaced by copies with the machine's hum cancelled
+    (each snippet by its own channel's shape), written once under registry/mixtures/hum-cancelled/<digest>/;
+    `plan` itself without a template."""
+    if template is None:
+        return plan
+    digest = hashlib.sha256(json.dumps(template.to_dict(), sort_keys=True).encode()).hexdigest()[:16]
+    folder = plan.workspace.mixtures_dir / "hum-cancelled" / digest
+
+    def cancelled(snippet):
+        path = folder / f"{snippet.sha256}.wav"
+        if not path.is_file():
+            shape = template.shapes[snippet.channel] if snippet.channel < len(template.shapes) else None
+            own = dataclasses.replace(template, shapes=(shape,)) if shape is not None else template
+            write_audio(path, cancel_hum(snippet.load(), own), MODEL_SAMPLE_RATE, subtype="FLOAT")
+        return dataclasses.replace(snippet, path=path, sha256=f"{snippet.sha256}-hum-{digest}")
+
+    noise = {**plan.noise, **{split: [cancelled(s) for s in plan.noise[split]] for split in ("train", "validation")}}
+    return dataclasses.replace(plan, noise=noise)
 
 
 def _scored_models(plan: Plan, model, champion: int | None) -> dict:
