@@ -29,10 +29,9 @@ The orchestrator; each step's work lives in its own module:
 from __future__ import annotations
 
 import copy
-import dataclasses
 import hashlib
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -263,7 +262,7 @@ def finetune_device(workspace: Workspace, device_id: str, *, speed: float | None
     # The machine's hum template, if the recipe asks: the network then trains and validates on the machine's
     # noise with that hum cancelled, as it will meet it (the evaluation and lineage keep the noise as it is).
     hum_template = machine_hum_template(plan, progress)
-    training = hum_cancelled_plan(plan, hum_template)
+    training = hum_cancelled_plan(plan, hum_template, progress)
     progress("validation mixtures", 0, 1)
     validation = validation_mixtures(training)
     progress("validation mixtures", 1, 1)
@@ -349,7 +348,7 @@ def machine_hum_template(plan: Plan, progress: Progress = no_progress) -> HumTem
     return template
 
 
-def hum_cancelled_plan(plan: Plan, template: HumTemplate | None) -> Plan:
+def hum_cancelled_plan(plan: Plan, template: HumTemplate | None, progress: Progress = no_progress) -> Plan:
     """`plan` with its TRAIN and VALIDATION noise replaced by copies with the machine's hum cancelled
     (each snippet by its own channel's shape), written once under registry/mixtures/hum-cancelled/<digest>/;
     `plan` itself without a template."""
@@ -362,12 +361,21 @@ def hum_cancelled_plan(plan: Plan, template: HumTemplate | None) -> Plan:
         path = folder / f"{snippet.sha256}.wav"
         if not path.is_file():
             shape = template.shapes[snippet.channel] if snippet.channel < len(template.shapes) else None
-            own = dataclasses.replace(template, shapes=(shape,)) if shape is not None else template
+            own = replace(template, shapes=(shape,)) if shape is not None else template
             write_audio(path, cancel_hum(snippet.load(), own), MODEL_SAMPLE_RATE, subtype="FLOAT")
-        return dataclasses.replace(snippet, path=path, sha256=f"{snippet.sha256}-hum-{digest}")
+        return replace(snippet, path=path, sha256=f"{snippet.sha256}-hum-{digest}")
 
-    noise = {**plan.noise, **{split: [cancelled(s) for s in plan.noise[split]] for split in ("train", "validation")}}
-    return dataclasses.replace(plan, noise=noise)
+    noise, done = dict(plan.noise), 0
+    total = len(plan.noise["train"]) + len(plan.noise["validation"])
+    for split in ("train", "validation"):
+        copies = []
+        for snippet in plan.noise[split]:
+            progress("hum-cancelled noise", done, total)
+            copies.append(cancelled(snippet))
+            done += 1
+        noise[split] = copies
+    progress("hum-cancelled noise", total, total)
+    return replace(plan, noise=noise)
 
 
 def _scored_models(plan: Plan, model, champion: int | None) -> dict:
