@@ -23,6 +23,7 @@ samples for any block sizes (tests/test_hum.py).
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -99,6 +100,19 @@ class _Fit:
     centre: float  # seconds, on the signal's own time axis
 
 
+@functools.lru_cache(maxsize=8)
+def _mixer(frames: int, centre_hz: float, first: float, last: float) -> np.ndarray:
+    """exp(−i 2π centre t) over a block's times (every whole block has the same ones: computed once).
+    complex64 for the per-sample work: the sums are taken in complex128, their rounding far below the hiss."""
+    return np.exp(-2j * np.pi * centre_hz * np.linspace(first, last, frames)).astype(np.complex64)
+
+
+@functools.lru_cache(maxsize=8)
+def _hann(frames: int) -> np.ndarray:
+    """A fit's window: Hann without its zero end weights (a short block keeps all its samples)."""
+    return np.hanning(frames + 2)[1:-1]
+
+
 def _harmonic_amplitudes(samples: np.ndarray, weights: np.ndarray, times: np.ndarray, harmonics: np.ndarray,
                          centre_hz: float, offsets_hz: np.ndarray) -> np.ndarray:
     """(offsets, harmonics) complex amplitudes a with samples ≈ Re Σ a_k exp(i 2π k f t), f = centre + offset,
@@ -109,13 +123,13 @@ def _harmonic_amplitudes(samples: np.ndarray, weights: np.ndarray, times: np.nda
     pad = groups * GROUP_FRAMES - len(samples)
     group_times = np.pad(times, (0, pad), mode="edge").reshape(groups, GROUP_FRAMES).mean(axis=1)
     amplitudes = np.empty((len(offsets_hz), len(harmonics)), dtype=np.complex128)
-    down = np.exp(-2j * np.pi * centre_hz * times)
-    mixed, power = weighted.astype(np.complex128), 0
+    down = _mixer(len(samples), float(centre_hz), float(times[0]), float(times[-1]))
+    mixed, power = weighted.astype(np.complex64), 0
     for column, k in enumerate(harmonics):  # increasing k: mixed = weighted · down^k by repeated products
         for _ in range(k - power):
             mixed *= down
         power = k
-        summed = np.pad(mixed, (0, pad)).reshape(groups, GROUP_FRAMES).sum(axis=1)
+        summed = np.pad(mixed, (0, pad)).reshape(groups, GROUP_FRAMES).sum(axis=1, dtype=np.complex128)
         amplitudes[:, column] = np.exp(-2j * np.pi * k * np.outer(offsets_hz, group_times)) @ summed
     return amplitudes * (2.0 / weights.sum())
 
@@ -126,7 +140,7 @@ def _fit_block(samples: np.ndarray, start: int, shapes: list[np.ndarray], templa
     `start`), by least squares over the harmonics' amplitudes; of several shapes, the one that explains
     most of the block."""
     n = len(samples)
-    weights = np.hanning(n + 2)[1:-1]  # no zero end weights: a short block keeps all its samples
+    weights = _hann(n)
     centre = start / sample_rate + (n - 1) / (2 * sample_rate)
     times = np.arange(n) / sample_rate - (n - 1) / (2 * sample_rate)  # block-local: phases at the centre
     harmonics = np.asarray(template.harmonics)
@@ -160,10 +174,10 @@ def _fit_block(samples: np.ndarray, start: int, shapes: list[np.ndarray], templa
 def _synthesise(fit: _Fit, harmonics: Sequence[int], start: int, frames: int, sample_rate: int) -> np.ndarray:
     """The fitted hum over frames [start, start + frames)."""
     times = (start + np.arange(frames)) / sample_rate - fit.centre
-    rotation = np.exp(1j * (2 * np.pi * fit.frequency_hz * times + fit.phase))
-    coefficients = np.zeros(max(harmonics) + 1, np.complex128)
+    rotation = np.exp(1j * (2 * np.pi * fit.frequency_hz * times + fit.phase)).astype(np.complex64)
+    coefficients = np.zeros(max(harmonics) + 1, np.complex64)
     coefficients[list(harmonics)] = fit.gain * fit.shape
-    hum = np.zeros(frames, np.complex128)  # Horner: Σ_k c_k z^k = z(c_1 + z(c_2 + …))
+    hum = np.zeros(frames, np.complex64)  # Horner: Σ_k c_k z^k = z(c_1 + z(c_2 + …))
     for c in coefficients[:0:-1]:
         hum = (hum + c) * rotation
     return hum.real
@@ -287,7 +301,7 @@ def learn_hum_template(recordings: Iterable[tuple[int, np.ndarray]], fundamental
 
     def amplitudes_of(block: np.ndarray, at: np.ndarray) -> np.ndarray:
         n = len(block)
-        return _harmonic_amplitudes(block, np.hanning(n + 2)[1:-1], np.arange(n) / sample_rate - (n - 1) / (2 * sample_rate),
+        return _harmonic_amplitudes(block, _hann(n), np.arange(n) / sample_rate - (n - 1) / (2 * sample_rate),
                                     k, fundamental_hz, at)
 
     # Pass 1: per block, the frequency that gathers most of the family's power, the fundamental as phase reference.
