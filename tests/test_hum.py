@@ -29,8 +29,7 @@ def hum(seconds: float, channel: int = 0, level: float = 1e-3, drift_hz: float =
     cycles = mains * t - drift_hz * 37.0 / (2 * np.pi) * np.cos(2 * np.pi * t / 37.0)  # ∫ f(t) dt
     out = np.zeros_like(t)
     for k, level_db in LEVELS_DB.items():
-        out += level * 10 ** (level_db / 20) * np.cos(2 * np.pi * k * cycles + PHASES[channel][k] - k * PHASES[channel][1]
-                                                      + k * PHASES[channel][1])
+        out += level * 10 ** (level_db / 20) * np.cos(2 * np.pi * k * cycles + PHASES[channel][k])
     return out
 
 

@@ -279,9 +279,10 @@ def cancel_hum(samples: np.ndarray, template: HumTemplate, sample_rate: int = MO
 def learn_hum_template(recordings: Iterable[tuple[int, np.ndarray]], fundamental_hz: float,
                        harmonics: Sequence[int], sample_rate: int = MODEL_SAMPLE_RATE) -> HumTemplate | None:
     """The hum template of a machine's blank tape: `recordings` are (channel, mono samples) pairs, every
-    whole block of them is used (hop half a block; a recording shorter than a block is one block). Two passes: the harmonics' phases are first taken
-    relative to each block's fundamental, then relative to the phase the first template fits (which the
-    hiss disturbs less than the fundamental's alone). None when there is not one whole block."""
+    whole block of them is used (hop half a block; a recording shorter than a block, down to
+    MIN_LEARN_SECONDS, is one block). Two passes: the harmonics' phases are first taken relative to each
+    block's fundamental, then relative to the phase the first template fits (which the hiss disturbs less
+    than the fundamental's alone). None when no recording is long enough."""
     harmonics = tuple(sorted({1, *(int(k) for k in harmonics)}))
     frames = round(BLOCK_SECONDS * sample_rate)
     blocks_by_channel: dict[int, list[np.ndarray]] = {}

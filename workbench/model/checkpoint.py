@@ -3,8 +3,9 @@
 `model.safetensors` holds the state dict; `model.json` beside it holds the architecture and its config,
 the size name, sample rate, STFT parameters, parameter count, the sha256 of the weights file, the
 lineage (where the weights came from) and, for a device model, the machine's hum template
-(`workbench.audio.hum`: cancelled before the network wherever the model runs). The config is also embedded in the safetensors header, so a
-weights file that lost its sidecar still loads. Both files are written atomically.
+(`workbench.audio.hum`: cancelled before the network wherever the model runs). The config and the
+template are also embedded in the safetensors header, so a weights file that lost its sidecar still
+loads. Both files are written atomically.
 
 Loading checks every tensor name and shape against the config and refuses with one line listing what is
 missing, unexpected or mis-shaped; a corrupt or truncated file, or weights that do not match their
