@@ -299,6 +299,8 @@ def test_models_list_and_show(archive, resumed, cli_module):
     said = " ".join(table.stdout.split())
     assert "full report:" in said and "fine-tuned" in said and "paired gain" in said and "ΔPEAQ" in said
     assert f"{gain['mean']:+.2f} [{gain['ci_low']:+.2f}, {gain['ci_high']:+.2f}]" in said
+    assert " Hz hum, harmonics 1" in data["versions"][0]["hum_template"]
+    assert f"version 1: hum template (cancelled before the network): {data['versions'][0]['hum_template']}" in said
 
 
 # ------------------------------------------------------------------------------------- pruning and the gate

@@ -83,6 +83,9 @@ def _show_model(shown: dict) -> None:
         table.add_row(str(v["version"]), ", ".join(f"@{a}" for a in v["aliases"]) or "—", deltas, *peaq,
                       v["promoted"] or "—", _when(v["created"]))
     console.print(table)
+    for v in shown["versions"]:
+        if v.get("hum_template", "none") != "none":
+            console.print(f"version {v['version']}: hum template (cancelled before the network): {v['hum_template']}")
     report = shown["report"]
     if report:
         summary = Table(title=f"report of version {shown['report_version']}: pooled test results (mean [95 % CI])")

@@ -24,6 +24,7 @@ from workbench.model_registry.names import (
     PAIRED_GAIN_PREFIX,
     REPORT_ARTIFACT_DIR,
     TAG_GATE,
+    TAG_HUM_TEMPLATE,
     TAG_PROMOTED,
     TAG_REPORT,
     device_model_name,
@@ -69,6 +70,7 @@ def _versions(registry, name: str) -> list[dict]:
             "delta_snr_db": _delta_tags(tags), "delta_peaq": _delta_tags(tags, DELTA_PEAQ_PREFIX),
             "paired_gain_db": _paired_tags(tags),
             "promoted": tags.get(TAG_PROMOTED), "gate": tags.get(TAG_GATE, ""),
+            "hum_template": tags.get(TAG_HUM_TEMPLATE, "none"),
             "run_id": version.run_id, "description": version.description or "", "tags": tags,
         })
     return sorted(versions, key=lambda v: v["version"])
