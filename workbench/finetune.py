@@ -360,8 +360,8 @@ def hum_cancelled_plan(plan: Plan, template: HumTemplate | None, progress: Progr
     def cancelled(snippet):
         path = folder / f"{snippet.sha256}.wav"
         if not path.is_file():
-            shape = template.shapes[snippet.channel] if snippet.channel < len(template.shapes) else None
-            own = replace(template, shapes=(shape,)) if shape is not None else template
+            own = (replace(template, shapes=(template.shapes[snippet.channel],))
+                   if snippet.channel < len(template.shapes) else template)
             write_audio(path, cancel_hum(snippet.load(), own), MODEL_SAMPLE_RATE, subtype="FLOAT")
         return replace(snippet, path=path, sha256=f"{snippet.sha256}-hum-{digest}")
 

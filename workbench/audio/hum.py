@@ -40,6 +40,7 @@ ROBUST_PASSES = 2  # reweighted fits after the first: each harmonic weighed by 1
 INTERFERENCE_FLOOR = 0.05  # … plus (this × the fundamental's amplitude)²: clean lines do not weigh infinitely
 MIN_LEARN_SECONDS = 0.5  # blank-tape recordings shorter than this teach nothing (2 Hz lines at best)
 GROUP_FRAMES = 441  # samples summed before the frequency search (10 ms: the search's phase error < 0.1 rad)
+OFFSETS_HZ = np.arange(-FREQUENCY_SPAN_HZ, FREQUENCY_SPAN_HZ + FREQUENCY_STEP_HZ / 2, FREQUENCY_STEP_HZ)
 
 
 @dataclass(frozen=True)
@@ -100,30 +101,45 @@ class _Fit:
     centre: float  # seconds, on the signal's own time axis
 
 
+# Every whole block has the same times, window and mixer: computed once per block length (read-only).
+
+def _frozen(array: np.ndarray) -> np.ndarray:
+    array.setflags(write=False)
+    return array
+
+
 @functools.lru_cache(maxsize=8)
-def _mixer(frames: int, centre_hz: float, first: float, last: float) -> np.ndarray:
-    """exp(−i 2π centre t) over a block's times (every whole block has the same ones: computed once).
-    complex64 for the per-sample work: the sums are taken in complex128, their rounding far below the hiss."""
-    return np.exp(-2j * np.pi * centre_hz * np.linspace(first, last, frames)).astype(np.complex64)
+def _block_times(frames: int, sample_rate: int) -> np.ndarray:
+    """A block's times in seconds from its centre: fitted phases are the centre's."""
+    return _frozen(np.arange(frames) / sample_rate - (frames - 1) / (2 * sample_rate))
 
 
 @functools.lru_cache(maxsize=8)
 def _hann(frames: int) -> np.ndarray:
     """A fit's window: Hann without its zero end weights (a short block keeps all its samples)."""
-    return np.hanning(frames + 2)[1:-1]
+    return _frozen(np.hanning(frames + 2)[1:-1])
 
 
-def _harmonic_amplitudes(samples: np.ndarray, weights: np.ndarray, times: np.ndarray, harmonics: np.ndarray,
-                         centre_hz: float, offsets_hz: np.ndarray) -> np.ndarray:
+@functools.lru_cache(maxsize=8)
+def _mixer(frames: int, centre_hz: float, sample_rate: int) -> np.ndarray:
+    """exp(−i 2π centre t) over a block's times, complex64 for the per-sample work (the sums are taken in
+    complex128, their rounding far below the hiss)."""
+    return _frozen(np.exp(-2j * np.pi * centre_hz * _block_times(frames, sample_rate)).astype(np.complex64))
+
+
+def _harmonic_amplitudes(samples: np.ndarray, harmonics: np.ndarray, centre_hz: float, offsets_hz: np.ndarray,
+                         sample_rate: int) -> np.ndarray:
     """(offsets, harmonics) complex amplitudes a with samples ≈ Re Σ a_k exp(i 2π k f t), f = centre + offset,
-    the window-normalised DFT at each k·f. The samples are mixed down by k·centre, summed in groups of
-    GROUP_FRAMES, and the small offsets applied per group."""
+    t from the block's centre: the Hann-windowed, window-normalised DFT at each k·f. The samples are mixed
+    down by k·centre, summed in groups of GROUP_FRAMES, and the small offsets applied per group."""
+    n = len(samples)
+    weights, times = _hann(n), _block_times(n, sample_rate)
     weighted = samples * weights
     groups = math.ceil(len(samples) / GROUP_FRAMES)
     pad = groups * GROUP_FRAMES - len(samples)
     group_times = np.pad(times, (0, pad), mode="edge").reshape(groups, GROUP_FRAMES).mean(axis=1)
     amplitudes = np.empty((len(offsets_hz), len(harmonics)), dtype=np.complex128)
-    down = _mixer(len(samples), float(centre_hz), float(times[0]), float(times[-1]))
+    down = _mixer(n, float(centre_hz), sample_rate)
     mixed, power = weighted.astype(np.complex64), 0
     for column, k in enumerate(harmonics):  # increasing k: mixed = weighted · down^k by repeated products
         for _ in range(k - power):
@@ -139,14 +155,10 @@ def _fit_block(samples: np.ndarray, start: int, shapes: list[np.ndarray], templa
     """Frequency, phase and gain of the template in samples[...] (a Hann-windowed block starting at frame
     `start`), by least squares over the harmonics' amplitudes; of several shapes, the one that explains
     most of the block."""
-    n = len(samples)
-    weights = _hann(n)
-    centre = start / sample_rate + (n - 1) / (2 * sample_rate)
-    times = np.arange(n) / sample_rate - (n - 1) / (2 * sample_rate)  # block-local: phases at the centre
+    centre = start / sample_rate + (len(samples) - 1) / (2 * sample_rate)
     harmonics = np.asarray(template.harmonics)
-    offsets = np.arange(-FREQUENCY_SPAN_HZ, FREQUENCY_SPAN_HZ + FREQUENCY_STEP_HZ / 2, FREQUENCY_STEP_HZ)
-    amplitudes = _harmonic_amplitudes(samples.astype(np.float64), weights, times, harmonics,
-                                      template.fundamental_hz, offsets)
+    amplitudes = _harmonic_amplitudes(samples.astype(np.float64), harmonics, template.fundamental_hz, OFFSETS_HZ,
+                                      sample_rate)
     phases = np.linspace(0.0, 2 * np.pi, PHASE_STEPS, endpoint=False)
     turns = np.exp(-1j * np.outer(phases, harmonics))  # (phases, harmonics)
 
@@ -158,7 +170,7 @@ def _fit_block(samples: np.ndarray, start: int, shapes: list[np.ndarray], templa
         value = max(float(match[phase_index, offset_index]), 0.0)
         # No ceiling from the blank tape's level: a transfer's hum is as loud as its replay made it (and the
         # evaluation scales the noise to each input SNR); least squares never takes out more than is there.
-        return (_Fit(template.fundamental_hz + float(offsets[offset_index]), float(phases[phase_index]),
+        return (_Fit(template.fundamental_hz + float(OFFSETS_HZ[offset_index]), float(phases[phase_index]),
                      value / energy, shape, centre), value ** 2 / energy, int(offset_index))
 
     # The shape that explains most of the block (the least-squares residual falls by match² / ‖shape‖²).
@@ -298,37 +310,35 @@ def learn_hum_template(recordings: Iterable[tuple[int, np.ndarray]], fundamental
         return None
     channels = sorted(blocks_by_channel)
     k = np.asarray(harmonics)
-    offsets = np.arange(-FREQUENCY_SPAN_HZ, FREQUENCY_SPAN_HZ + FREQUENCY_STEP_HZ / 2, FREQUENCY_STEP_HZ)
 
-    def amplitudes_of(block: np.ndarray, at: np.ndarray) -> np.ndarray:
-        n = len(block)
-        return _harmonic_amplitudes(block, _hann(n), np.arange(n) / sample_rate - (n - 1) / (2 * sample_rate),
-                                    k, fundamental_hz, at)
+    def averaged(place) -> tuple[tuple[tuple[complex, ...], ...], float]:
+        """Per channel, every block's harmonic amplitudes turned to the block's reference phase (`place`:
+        block, channel -> amplitudes, phase) and averaged, as a shape (fundamental 1); and the fundamental's
+        mean amplitude over the channels."""
+        shapes, levels = [], []
+        for channel in channels:
+            total = np.zeros(len(k), np.complex128)
+            for block in blocks_by_channel[channel]:
+                a, phase = place(block, channel)
+                total += a * np.exp(-1j * k * phase)
+            levels.append(abs(total[0]) / len(blocks_by_channel[channel]))
+            shape = total / total[0] if abs(total[0]) > 0 else np.ones(len(k), np.complex128)
+            shapes.append(tuple(complex(v) for v in shape))
+        return tuple(shapes), float(np.mean(levels))
 
-    # Pass 1: per block, the frequency that gathers most of the family's power, the fundamental as phase reference.
-    shapes, levels = [], []
-    for channel in channels:
-        total = np.zeros(len(k), np.complex128)
-        for block in blocks_by_channel[channel]:
-            amplitudes = amplitudes_of(block, offsets)
-            a = amplitudes[int(np.argmax((np.abs(amplitudes) ** 2).sum(axis=1)))]
-            total += a * np.exp(-1j * k * np.angle(a[0]))
-        levels.append(abs(total[0]) / len(blocks_by_channel[channel]))
-        shapes.append(total / total[0] if abs(total[0]) > 0 else np.ones(len(k), np.complex128))
-    first = HumTemplate(float(fundamental_hz), harmonics, tuple(tuple(s) for s in shapes), float(np.mean(levels)),
-                        sum(len(b) for b in blocks_by_channel.values()))
+    def by_power(block: np.ndarray, channel: int) -> tuple[np.ndarray, float]:
+        """Pass 1: the frequency that gathers most of the family's power; the fundamental's phase."""
+        amplitudes = _harmonic_amplitudes(block, k, fundamental_hz, OFFSETS_HZ, sample_rate)
+        a = amplitudes[int(np.argmax((np.abs(amplitudes) ** 2).sum(axis=1)))]
+        return a, float(np.angle(a[0]))
 
-    # Pass 2: each block placed by the first template, its harmonics taken at that frequency and phase.
-    shapes, levels = [], []
-    for shape, channel in zip(first.shapes, channels):
-        shape = np.asarray(shape)
-        total = np.zeros(len(k), np.complex128)
-        for block in blocks_by_channel[channel]:
-            fit = _fit_block(block, 0, [shape], first, sample_rate)
-            offset = np.array([fit.frequency_hz - fundamental_hz])
-            a = amplitudes_of(block, offset)[0]
-            total += a * np.exp(-1j * k * fit.phase)
-        levels.append(abs(total[0]) / len(blocks_by_channel[channel]))
-        shapes.append(total / total[0] if abs(total[0]) > 0 else np.ones(len(k), np.complex128))
-    return HumTemplate(float(fundamental_hz), harmonics, tuple(tuple(complex(v) for v in s) for s in shapes),
-                       float(np.mean(levels)), first.blocks)
+    blocks = sum(len(b) for b in blocks_by_channel.values())
+    first = HumTemplate(float(fundamental_hz), harmonics, *averaged(by_power), blocks)
+
+    def by_first_template(block: np.ndarray, channel: int) -> tuple[np.ndarray, float]:
+        """Pass 2: the block placed by the first template; its harmonics at that frequency, that phase."""
+        fit = _fit_block(block, 0, [np.asarray(first.shapes[channels.index(channel)])], first, sample_rate)
+        offset = np.array([fit.frequency_hz - fundamental_hz])
+        return _harmonic_amplitudes(block, k, fundamental_hz, offset, sample_rate)[0], fit.phase
+
+    return HumTemplate(float(fundamental_hz), harmonics, *averaged(by_first_template), blocks)

@@ -270,8 +270,8 @@ def chunk_batch(model: torch.nn.Module, plan: ChunkPlan, device: torch.device, c
 def denoise_samples(model: torch.nn.Module, samples: np.ndarray, plan: ChunkPlan | None = None,
                     device: torch.device | None = None, batch: int | None = None) -> np.ndarray:
     """In-memory 44.1 kHz audio, (frames,) or (channels, frames), through `model` (its hum template first,
-    if it has one) exactly as `workbench denoise` runs it at full strength (same grid-aligned chunks and crossfades); same shape back.
-    `batch` chunks per forward call (default: what the memory budget allows)."""
+    if it has one) exactly as `workbench denoise` runs it at full strength (same grid-aligned chunks and
+    crossfades); same shape back. `batch` chunks per forward call (default: what the memory budget allows)."""
     samples = np.asarray(samples, dtype=np.float32)
     rows = np.atleast_2d(samples)
     if model.hum_template is not None:  # a device model: its machine's hum goes first (workbench.audio.hum)

@@ -134,6 +134,7 @@ def register_device_model(plan, study, info: dict, best, model, result, lineage:
         "recipe_digest": recipe_digest(plan.recipe), "noise_digest": lineage["noise"]["training"]["digest"],
         "corpus_digest": lineage["corpus"]["training"]["digest"]})
     description = _description(plan, result, info, promoted, reason, champion)
+    hum_template = model.hum_template.summary() if model.hum_template is not None else "none"
     splits = (("train", "training"), ("validation", "validation"), ("test", "test"))
     with tracking.start_run(plan.experiment, run_name=f"evaluate and register trial {best.number}", nested=True,
                             workspace=plan.workspace, tags={tracking.TAG_RUN_KIND: KIND_FINETUNE_MODEL,
@@ -160,7 +161,7 @@ def register_device_model(plan, study, info: dict, best, model, result, lineage:
                        "speeds_ips": [format_speed(s) for s in plan.speeds], "base": plan.base["uri"],
                        "best_trial": best.number, "best_params": best.params,
                        "previous_champion": f"v{champion}" if champion else "none",
-                       "hum_template": model.hum_template.summary() if model.hum_template is not None else "none",
+                       "hum_template": hum_template,
                        "weights_sha256": json.loads(checkpoint.with_suffix(".json").read_text())["weights_sha256"]}
         report_dir = plan.study_dir / f"report-trial-{best.number:04d}"
         files = write_report(report_dir, result, title=f"{model_name}: fine-tuned to {plan.device.id}",
@@ -176,7 +177,7 @@ def register_device_model(plan, study, info: dict, best, model, result, lineage:
                 TAG_BASE_URI: plan.base["uri"], TAG_STUDY: plan.study_name, TAG_STUDY_STORAGE: storage,
                 TAG_STUDY_KEY: plan.study_key,
                 TAG_BEST_TRIAL: best.number, TAG_RECIPE: plan.recipe["name"],
-                TAG_HUM_TEMPLATE: model.hum_template.summary() if model.hum_template is not None else "none",
+                TAG_HUM_TEMPLATE: hum_template,
                 TAG_NOISE_MINUTES: plan.noise_minutes("train"), TAG_NOISE_MINUTES_TEST: plan.noise_minutes("test"),
                 TAG_PROMOTED: str(promoted).lower(), TAG_GATE: _verdict(promoted, reason)[:4900],
                 TAG_REASON: reason[:4900], TAG_MIN_GAIN: f"{plan.evaluation.min_gain_db:g}",
