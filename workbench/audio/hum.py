@@ -127,26 +127,44 @@ def _mixer(frames: int, centre_hz: float, sample_rate: int) -> np.ndarray:
     return _frozen(np.exp(-2j * np.pi * centre_hz * _block_times(frames, sample_rate)).astype(np.complex64))
 
 
-def _harmonic_amplitudes(samples: np.ndarray, harmonics: np.ndarray, centre_hz: float, offsets_hz: np.ndarray,
-                         sample_rate: int) -> np.ndarray:
+@functools.lru_cache(maxsize=8)
+def _group_times(frames: int, sample_rate: int) -> np.ndarray:
+    """The mean time of each group of GROUP_FRAMES of a block (the last group padded with its last time)."""
+    groups = math.ceil(frames / GROUP_FRAMES)
+    times = np.pad(_block_times(frames, sample_rate), (0, groups * GROUP_FRAMES - frames), mode="edge")
+    return _frozen(times.reshape(groups, GROUP_FRAMES).mean(axis=1))
+
+
+@functools.lru_cache(maxsize=64)
+def _offset_turns(frames: int, k: int, sample_rate: int) -> np.ndarray:
+    """(OFFSETS_HZ, groups) exp(−i 2π k offset t_group): moves harmonic k's group sums from k·centre to
+    k·(centre + offset) for every offset of the search."""
+    return _frozen(np.exp(-2j * np.pi * k * np.outer(OFFSETS_HZ, _group_times(frames, sample_rate))))
+
+
+def _harmonic_amplitudes(samples: np.ndarray, harmonics: np.ndarray, centre_hz: float, sample_rate: int,
+                         offset_hz: float | None = None) -> np.ndarray:
     """(offsets, harmonics) complex amplitudes a with samples ≈ Re Σ a_k exp(i 2π k f t), f = centre + offset,
-    t from the block's centre: the Hann-windowed, window-normalised DFT at each k·f. The samples are mixed
-    down by k·centre, summed in groups of GROUP_FRAMES, and the small offsets applied per group."""
+    t from the block's centre: the Hann-windowed, window-normalised DFT at each k·f, for every offset of
+    OFFSETS_HZ, or for `offset_hz` alone (one row). The samples are mixed down by k·centre, summed in groups
+    of GROUP_FRAMES, and the small offsets applied per group."""
     n = len(samples)
-    weights, times = _hann(n), _block_times(n, sample_rate)
-    weighted = samples * weights
-    groups = math.ceil(len(samples) / GROUP_FRAMES)
-    pad = groups * GROUP_FRAMES - len(samples)
-    group_times = np.pad(times, (0, pad), mode="edge").reshape(groups, GROUP_FRAMES).mean(axis=1)
-    amplitudes = np.empty((len(offsets_hz), len(harmonics)), dtype=np.complex128)
+    weights = _hann(n)
+    groups = math.ceil(n / GROUP_FRAMES)
+    mixed = np.zeros(groups * GROUP_FRAMES, np.complex64)  # zero-padded to whole groups
+    mixed[:n] = samples * weights
     down = _mixer(n, float(centre_hz), sample_rate)
-    mixed, power = weighted.astype(np.complex64), 0
+    rows = len(OFFSETS_HZ) if offset_hz is None else 1
+    amplitudes = np.empty((rows, len(harmonics)), dtype=np.complex128)
+    power = 0
     for column, k in enumerate(harmonics):  # increasing k: mixed = weighted · down^k by repeated products
         for _ in range(k - power):
-            mixed *= down
+            mixed[:n] *= down
         power = k
-        summed = np.pad(mixed, (0, pad)).reshape(groups, GROUP_FRAMES).sum(axis=1, dtype=np.complex128)
-        amplitudes[:, column] = np.exp(-2j * np.pi * k * np.outer(offsets_hz, group_times)) @ summed
+        summed = mixed.reshape(groups, GROUP_FRAMES).sum(axis=1, dtype=np.complex128)
+        turns = (_offset_turns(n, int(k), sample_rate) if offset_hz is None else
+                 np.exp(-2j * np.pi * k * offset_hz * _group_times(n, sample_rate))[None, :])
+        amplitudes[:, column] = turns @ summed
     return amplitudes * (2.0 / weights.sum())
 
 
@@ -157,8 +175,7 @@ def _fit_block(samples: np.ndarray, start: int, shapes: list[np.ndarray], templa
     most of the block."""
     centre = start / sample_rate + (len(samples) - 1) / (2 * sample_rate)
     harmonics = np.asarray(template.harmonics)
-    amplitudes = _harmonic_amplitudes(samples.astype(np.float64), harmonics, template.fundamental_hz, OFFSETS_HZ,
-                                      sample_rate)
+    amplitudes = _harmonic_amplitudes(samples.astype(np.float64), harmonics, template.fundamental_hz, sample_rate)
     phases = np.linspace(0.0, 2 * np.pi, PHASE_STEPS, endpoint=False)
     turns = np.exp(-1j * np.outer(phases, harmonics))  # (phases, harmonics)
 
@@ -328,7 +345,7 @@ def learn_hum_template(recordings: Iterable[tuple[int, np.ndarray]], fundamental
 
     def by_power(block: np.ndarray, channel: int) -> tuple[np.ndarray, float]:
         """Pass 1: the frequency that gathers most of the family's power; the fundamental's phase."""
-        amplitudes = _harmonic_amplitudes(block, k, fundamental_hz, OFFSETS_HZ, sample_rate)
+        amplitudes = _harmonic_amplitudes(block, k, fundamental_hz, sample_rate)
         a = amplitudes[int(np.argmax((np.abs(amplitudes) ** 2).sum(axis=1)))]
         return a, float(np.angle(a[0]))
 
@@ -338,7 +355,7 @@ def learn_hum_template(recordings: Iterable[tuple[int, np.ndarray]], fundamental
     def by_first_template(block: np.ndarray, channel: int) -> tuple[np.ndarray, float]:
         """Pass 2: the block placed by the first template; its harmonics at that frequency, that phase."""
         fit = _fit_block(block, 0, [np.asarray(first.shapes[channels.index(channel)])], first, sample_rate)
-        offset = np.array([fit.frequency_hz - fundamental_hz])
-        return _harmonic_amplitudes(block, k, fundamental_hz, offset, sample_rate)[0], fit.phase
+        offset = fit.frequency_hz - fundamental_hz
+        return _harmonic_amplitudes(block, k, fundamental_hz, sample_rate, offset)[0], fit.phase
 
     return HumTemplate(float(fundamental_hz), harmonics, *averaged(by_first_template), blocks)
