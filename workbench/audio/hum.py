@@ -175,7 +175,7 @@ def _fit_block(samples: np.ndarray, start: int, shapes: list[np.ndarray], templa
     most of the block."""
     centre = start / sample_rate + (len(samples) - 1) / (2 * sample_rate)
     harmonics = np.asarray(template.harmonics)
-    amplitudes = _harmonic_amplitudes(samples.astype(np.float64), harmonics, template.fundamental_hz, sample_rate)
+    amplitudes = _harmonic_amplitudes(samples, harmonics, template.fundamental_hz, sample_rate)
     phases = np.linspace(0.0, 2 * np.pi, PHASE_STEPS, endpoint=False)
     turns = np.exp(-1j * np.outer(phases, harmonics))  # (phases, harmonics)
 
