@@ -116,6 +116,36 @@ def test_loss_is_equation_2():
     assert denoising_loss(s1, s2, clean).item() == pytest.approx(0.75)
 
 
+def test_the_snr_loss_is_each_examples_squared_error_in_db_averaged_over_the_batch():
+    clean = torch.zeros(2, 2, 3, FREQ_BINS)
+    clean[1] = 10.0
+    s2 = clean.clone()
+    s2[0] += 0.1  # the quiet example's error: -20 dB
+    s2[1] += 1.0  # the loud one's, ten times the size: +0 dB
+    s1 = clean + 1.0
+    assert denoising_loss(s1, s2, clean, loss="snr").item() == pytest.approx((-20 + 0) / 2 + 0, abs=1e-4)
+    # Each example counts alike: the batch's loss is the mean of the examples' own.
+    alone = [denoising_loss(s1[i:i + 1], s2[i:i + 1], clean[i:i + 1], loss="snr").item() for i in range(2)]
+    assert denoising_loss(s1, s2, clean, loss="snr").item() == pytest.approx(sum(alone) / 2)
+    # Halving an example's error takes 20·log10(2) dB off its term (its stage-2 share), wherever it lies.
+    halved = s2.clone()
+    halved[1] = clean[1] + 0.5
+    gain = denoising_loss(s1, s2, clean, loss="snr") - denoising_loss(s1, halved, clean, loss="snr")
+    assert gain.item() == pytest.approx(20 * math.log10(2) / 2, abs=1e-4)
+    # An exact estimate stays finite.
+    assert math.isfinite(denoising_loss(clean, clean, clean, loss="snr").item())
+
+
+def test_the_stage_1_estimate_weighs_in_the_loss_as_asked():
+    clean = torch.zeros(1, 2, 3, FREQ_BINS)
+    s1, s2 = torch.full_like(clean, 0.5), torch.full_like(clean, -0.25)
+    assert denoising_loss(s1, s2, clean, stage1_weight=0.0).item() == pytest.approx(0.25)  # S2 alone
+    assert denoising_loss(s1, s2, clean, stage1_weight=0.5).item() == pytest.approx(0.5)
+    s1.requires_grad_(True), s2.requires_grad_(True)
+    denoising_loss(s1, s2, clean, loss="snr", stage1_weight=0.0).backward()
+    assert s1.grad is None and s2.grad.abs().min() > 0  # stage 1 then learns only through what S2 needs of it
+
+
 def test_low_band_weights_keep_the_loss_size_and_weigh_the_hum_bins():
     assert low_band_weights(0.0, 30.0) is None and low_band_weights(350.0, 0.0) is None
     weights = low_band_weights(350.0, 30.0)

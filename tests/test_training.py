@@ -89,6 +89,8 @@ def test_bundled_recipes_load_and_the_paper_recipe_is_the_paper():
     ("[schedule]\nbetas = [0.5]", "betas must be two numbers"),
     ("[schedule]\nlow_band_weight = -1", "low_band_weight must be >= 0"),
     ("[schedule]\nprecision = 'fp16'", "precision must be one of auto, float32, bf16"),
+    ("[schedule]\nloss = 'mse'", "loss must be one of l1, snr"),
+    ("[schedule]\nstage1_weight = -0.5", "stage1_weight must be >= 0"),
     ("[trainning]\nsteps = 3", "unknown key 'trainning'"),
     ("[schedule\nsteps = 3", "not valid TOML"),
 ])
@@ -208,12 +210,12 @@ def test_parameter_groups_name_real_parameters():
         parameter_group(model, "encoder")
 
 
-def _tiny_run(sources, tmp_path, **schedule):
+def _tiny_run(sources, tmp_path, mixing=MixingSpec(), **schedule):
     from workbench.model.unet import SIZES, TwoStageUNet
 
-    examples = TrainingExamples(sources["music"], sources["noise"], RATE // 4, MixingSpec(), seed=2)
+    examples = TrainingExamples(sources["music"], sources["noise"], RATE // 4, mixing, seed=2)
     validation = stored_mixtures(tmp_path / "mixtures", "validation", sources["music"], sources["noise"], 2, 0.25,
-                                 MixingSpec(), 9)
+                                 mixing, 9)
     torch.manual_seed(0)
     model = TwoStageUNet(SIZES["tiny"])
     settings = dict(steps=6, batch_size=2, learning_rate=2e-3, validate_every=2, checkpoint_every=4, grad_clip=1.0)
@@ -336,6 +338,19 @@ def test_validation_callback_and_plateau_stop_the_run(sources, tmp_path):
     again = train(*_tiny_run(sources, tmp_path, steps=8, learning_rate=1e-12, patience=1)[:3], validation,
                   tmp_path / "plateau", resume=True)
     assert again.stopped == "plateau" and again.step == 2 and again.losses == {}  # stopped on purpose stays stopped
+
+
+def test_the_snr_loss_trains_and_keeps_its_best_validation_below_zero(sources, tmp_path):
+    """The "snr" loss is in dB, below zero for quiet examples (here 40 dB down): the best validation is
+    still the lowest one (with a loss below zero, "better by a fraction of the best" is a fraction of its size)."""
+    quiet = MixingSpec(gain_low=-40.0, gain_high=-40.0)
+    model, schedule, examples, validation = _tiny_run(sources, tmp_path, quiet, steps=4, validate_every=1, loss="snr",
+                                                      stage1_weight=0.0)
+    result = train(model, schedule, examples, validation, tmp_path / "snr", validate_at_start=True)
+    losses = [h["val_loss"] for h in result.history]
+    assert len(losses) == 5 and max(losses) < 0
+    assert result.best["val_loss"] == min(losses) and min(losses) < losses[0]  # it learnt, by its own measure
+    assert all(math.isfinite(loss) for loss in result.losses.values())
 
 
 # ---------------------------------------------------------------------------------------------- pretrain

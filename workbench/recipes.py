@@ -59,6 +59,8 @@ DEFAULTS: dict[str, dict[str, Any]] = {
         "patience": 0,  # stop after this many validations without a better validation loss; 0 = never
         "low_band_hz": 0.0,  # bins centred below this weigh 1 + low_band_weight in the loss (mean kept 1);
         "low_band_weight": 0.0,  # 0 = the paper's Eq. 2, every bin alike
+        "loss": "l1",  # l1 (the paper's Eq. 2) | snr (each example's negative SNR): workbench.model.unet.denoising_loss
+        "stage1_weight": 1.0,  # the stage-1 estimate's share of the loss: 1 as in the paper, 0 for the final estimate alone
         "precision": "auto",  # auto (bf16 on CUDA, and on CPUs with AMX for networks 16 channels wide) | float32 | bf16
     },
 }
@@ -69,6 +71,7 @@ TOP_LEVEL_KEYS = ("name", "description")
 SNR_DISTRIBUTIONS = ("log-uniform", "uniform")
 SCHEDULE_SHAPES = ("step", "cosine", "constant")
 PRECISIONS = ("auto", "float32", "bf16")  # [schedule] precision: workbench.train.loop.uses_bf16
+LOSSES = ("l1", "snr")  # [schedule] loss: workbench.model.unet.denoising_loss
 MODEL_SIZES = ("paper", "small", "tiny")  # workbench.model.SIZES; kept here so loading a recipe needs no torch
 
 
@@ -227,6 +230,9 @@ def validate_recipe(recipe: dict[str, Any], source: str = "recipe") -> None:
     _number(source, "[schedule] patience", schedule["patience"], integer=True, minimum=0)
     _number(source, "[schedule] low_band_hz", schedule["low_band_hz"], minimum=0)
     _number(source, "[schedule] low_band_weight", schedule["low_band_weight"], minimum=0)
+    _number(source, "[schedule] stage1_weight", schedule["stage1_weight"], minimum=0)
+    if schedule["loss"] not in LOSSES:
+        raise WorkbenchError(f"{source}: [schedule] loss must be one of {', '.join(LOSSES)} (got {schedule['loss']!r})")
     if schedule["precision"] not in PRECISIONS:
         raise WorkbenchError(f"{source}: [schedule] precision must be one of {', '.join(PRECISIONS)} "
                              f"(got {schedule['precision']!r})")
@@ -272,7 +278,8 @@ def recipe_params(recipe: dict[str, Any]) -> dict[str, str]:
 # At that value they stay out of the digest, so a recipe digested earlier keeps its digest: the boxed
 # model's card still matches recipes/general.toml, and a study resumed after an upgrade is the same study.
 NEUTRAL_LATER_KEYS = {("schedule", "low_band_hz"): 0.0, ("schedule", "low_band_weight"): 0.0,
-                      ("schedule", "precision"): "auto"}
+                      ("schedule", "precision"): "auto", ("schedule", "loss"): "l1",
+                      ("schedule", "stage1_weight"): 1.0}
 
 
 def recipe_digest(recipe: dict[str, Any]) -> str:

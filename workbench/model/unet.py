@@ -48,6 +48,7 @@ from torch import Tensor, nn
 
 from workbench.errors import WorkbenchError
 from workbench.model.stft import FREQ_BINS, N_FFT, SAMPLE_RATE, analysis, synthesis
+from workbench.recipes import LOSSES
 
 FREQ_EMBEDDINGS = 10
 INPUT_KERNEL = 7
@@ -521,15 +522,37 @@ def count_parameters(config: ModelConfig) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def denoising_loss(s1: Tensor, s2: Tensor, clean_spec: Tensor, bin_weights: Tensor | None = None) -> Tensor:
-    """Eq. 2 of the paper: mean |S2 − Y| + mean |S1 − Y| over batch, real/imag, frames and bins.
+SNR_LOSS_FLOOR = 1e-12  # added to the "snr" loss's mean squared error: an exact estimate stays finite
 
+
+def denoising_loss(s1: Tensor, s2: Tensor, clean_spec: Tensor, bin_weights: Tensor | None = None,
+                   loss: str = "l1", stage1_weight: float = 1.0) -> Tensor:
+    """The training loss of the final estimate S2, plus `stage1_weight` times that of the stage-1 estimate S1,
+    against the clean spectrum Y.
+
+    "l1" is Eq. 2 of the paper (with both stages weighed alike): mean |S − Y| over batch, real/imag, frames
+    and bins. "snr" is each example's 10·log10 of its mean squared error, averaged over the batch: its
+    negative SNR in dB but for the clean example's own power, a constant no weight changes. By Parseval that
+    is the waveform's SNR, the figure the evaluation averages over fragments, each example counting alike
+    however loud it is, where L1 weighs a loud example's error more and a large error no more than its size.
+    Only S2 is ever heard; S1's term asks stage 1 for a clean estimate of its own, which pretraining wants
+    and fine-tuning for one machine need not (recipes/finetune-cpu.toml).
     `bin_weights` (FREQ_BINS,), of mean 1 (`low_band_weights`), weighs each frequency bin's error; None
-    is the paper's loss."""
-    if bin_weights is None:
-        return (s2 - clean_spec).abs().mean() + (s1 - clean_spec).abs().mean()
-    assert bin_weights.shape == (clean_spec.shape[-1],), f"one weight per bin, got {tuple(bin_weights.shape)}"
-    return ((s2 - clean_spec).abs() * bin_weights).mean() + ((s1 - clean_spec).abs() * bin_weights).mean()
+    weighs every bin alike."""
+    assert loss in LOSSES and stage1_weight >= 0, (loss, stage1_weight)
+    if bin_weights is not None:
+        assert bin_weights.shape == (clean_spec.shape[-1],), f"one weight per bin, got {tuple(bin_weights.shape)}"
+
+    def stage_loss(estimate: Tensor) -> Tensor:
+        error = (estimate - clean_spec).abs() if loss == "l1" else (estimate - clean_spec).square()
+        if bin_weights is not None:
+            error = error * bin_weights
+        if loss == "l1":
+            return error.mean()
+        return (10 * torch.log10(error.flatten(1).mean(dim=1) + SNR_LOSS_FLOOR)).mean()
+
+    total = stage_loss(s2)
+    return total + stage1_weight * stage_loss(s1) if stage1_weight else total
 
 
 def low_band_weights(below_hz: float, extra_weight: float) -> Tensor | None:

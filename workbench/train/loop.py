@@ -21,6 +21,7 @@ holds the best weights so far.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import random
@@ -50,7 +51,8 @@ from workbench.train.distributed import Distributed
 STATE_FILE = "state.safetensors"
 BEST_FILE = "best.safetensors"
 VALIDATION_BATCH = 8
-MIN_IMPROVEMENT = 1e-4  # a validation loss must beat the best by this fraction to count as progress
+MIN_IMPROVEMENT = 1e-4  # a validation loss must beat the best by this fraction of its size to count as progress
+                        # (of its size: the "snr" loss is in dB, below zero)
 
 # Named groups of the network's parameters (prefixes of `TwoStageUNet.named_parameters()`), for freezing
 # when fine-tuning. Stage 1 ends at the supervised attention module; stage 2 produces the output.
@@ -90,6 +92,8 @@ class Schedule:
     l2sp_alpha: float = 0.0  # weight of (α/2)·‖w − w_base‖² over the trained parameters
     low_band_hz: float = 0.0  # the loss weighs bins below this by 1 + low_band_weight (model.unet.low_band_weights)
     low_band_weight: float = 0.0
+    loss: str = "l1"  # l1 (the paper's Eq. 2) | snr: model.unet.denoising_loss
+    stage1_weight: float = 1.0  # the stage-1 estimate's share of the loss (1: the paper's; 0: the final estimate alone)
     precision: str = "auto"  # auto | float32 | bf16: the network's arithmetic in training (`uses_bf16`)
 
     @classmethod
@@ -254,8 +258,8 @@ def load_weights(model: torch.nn.Module, path: Path) -> None:
 
 @torch.no_grad()
 def validate(model: TwoStageUNet, mixtures: Mixtures, device: torch.device, dist: Distributed = Distributed(),
-             bf16: bool = False, bin_weights: torch.Tensor | None = None) -> dict[str, float]:
-    """The training loss (Eq. 2, with the schedule's bin weights) and ΔSNR (estimate's SNR minus the noisy input's, in dB) on fixed mixtures.
+             bf16: bool = False, loss_of: Callable[..., torch.Tensor] = denoising_loss) -> dict[str, float]:
+    """The training loss (`loss_of(s1, s2, clean_spec)`: the schedule's, see `train`) and ΔSNR (estimate's SNR minus the noisy input's, in dB) on fixed mixtures.
 
     With DDP each rank scores every world_size-th mixture and the sums are combined, so all ranks get the
     same numbers.
@@ -271,7 +275,7 @@ def validate(model: TwoStageUNet, mixtures: Mixtures, device: torch.device, dist
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
             s1, s2 = model(analysis(noisy))
         s1, s2 = s1.float(), s2.float()
-        loss_sum += float(denoising_loss(s1, s2, analysis(clean), bin_weights)) * len(chosen)
+        loss_sum += float(loss_of(s1, s2, analysis(clean))) * len(chosen)
         estimate = synthesis(s2, noisy.shape[-1])
         clean_np, noisy_np, estimate_np = (t.cpu().numpy() for t in (clean, noisy, estimate))
         input_snr = snr_db(clean_np, noisy_np)
@@ -335,7 +339,8 @@ def train(model: TwoStageUNet, schedule: Schedule, examples: TrainingExamples, v
     autocast = "bfloat16" if bf16 else None
     model.to(device).train()
     bin_weights = low_band_weights(schedule.low_band_hz, schedule.low_band_weight)
-    bin_weights = bin_weights.to(device) if bin_weights is not None else None
+    loss_of = functools.partial(denoising_loss, bin_weights=bin_weights.to(device) if bin_weights is not None else None,
+                                loss=schedule.loss, stage1_weight=schedule.stage1_weight)
 
     # Fine-tuning: frozen groups keep their weights; Adam sees only the parameters that train.
     frozen = {name for group in schedule.freeze for name in parameter_group(model, group)}
@@ -374,7 +379,7 @@ def train(model: TwoStageUNet, schedule: Schedule, examples: TrainingExamples, v
 
     def keep_if_best(record: dict) -> None:
         nonlocal best, bad_validations
-        if best is None or record["val_loss"] < best["val_loss"] * (1 - MIN_IMPROVEMENT):
+        if best is None or record["val_loss"] < best["val_loss"] - MIN_IMPROVEMENT * abs(best["val_loss"]):
             best, bad_validations = record, 0
             if dist.is_main:
                 with atomic_path(run_dir / BEST_FILE) as temporary:
@@ -392,7 +397,7 @@ def train(model: TwoStageUNet, schedule: Schedule, examples: TrainingExamples, v
         dist.barrier()
 
     if validate_at_start and step == 0 and not history:
-        record = {"step": 0, **validate(raw_model, validation, device, dist, bf16, bin_weights)}
+        record = {"step": 0, **validate(raw_model, validation, device, dist, bf16, loss_of)}
         history.append(record)
         keep_if_best(record)
         if dist.is_main and log_metrics:
@@ -414,7 +419,7 @@ def train(model: TwoStageUNet, schedule: Schedule, examples: TrainingExamples, v
                 noisy_spec, clean_spec = analysis(noisy), analysis(target)
                 with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
                     s1, s2 = model(noisy_spec)
-                loss = denoising_loss(s1.float(), s2.float(), clean_spec, bin_weights)
+                loss = loss_of(s1.float(), s2.float(), clean_spec)
                 objective = loss
                 if anchors is not None:
                     pull = sum(((p - a) ** 2).sum() for (_, p), a in zip(trainable, anchors))
@@ -435,7 +440,7 @@ def train(model: TwoStageUNet, schedule: Schedule, examples: TrainingExamples, v
                     log_metrics({"train_loss": losses[step], "learning_rate": learning_rate}, step)
 
                 if step % schedule.validate_every == 0 or step == schedule.steps:
-                    metrics = validate(raw_model, validation, device, dist, bf16, bin_weights)
+                    metrics = validate(raw_model, validation, device, dist, bf16, loss_of)
                     record = {"step": step, **metrics}
                     history.append(record)
                     keep_if_best(record)
@@ -463,7 +468,7 @@ def train(model: TwoStageUNet, schedule: Schedule, examples: TrainingExamples, v
             snapshot()  # everything up to the last completed step; `resume=True` continues from here
             raise
     if not history or history[-1]["step"] != step:  # e.g. resumed after the last step: score the end state
-        record = {"step": step, **validate(raw_model, validation, device, dist, bf16, bin_weights)}
+        record = {"step": step, **validate(raw_model, validation, device, dist, bf16, loss_of)}
         history.append(record)
         keep_if_best(record)
     snapshot()
