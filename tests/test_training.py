@@ -93,6 +93,9 @@ def test_bundled_recipes_load_and_the_paper_recipe_is_the_paper():
     ("[schedule]\nstage1_weight = -0.5", "stage1_weight must be >= 0"),
     ("[trainning]\nsteps = 3", "unknown key 'trainning'"),
     ("[schedule\nsteps = 3", "not valid TOML"),
+    ("extends = 'no-such-recipe'\n", "extends 'no-such-recipe': recipe 'no-such-recipe' not found"),
+    ("extends = 3\n", "extends must name a recipe"),
+    ("extends = 'quickstart'\n[schedule]\nsteps = 0", "steps must be >= 1"),
 ])
 def test_bad_recipes_fail_with_one_line_naming_file_and_key(tmp_path, text, message):
     path = tmp_path / "bad.toml"
@@ -115,6 +118,36 @@ def test_recipes_resolve_workspace_before_bundled_and_keep_extension_sections(wo
         apply_overrides(recipe, {"schedule.stepz": 1})
     with pytest.raises(WorkbenchError, match="not found"):
         load_recipe("no-such-recipe")
+
+
+def test_a_recipe_that_extends_another_states_only_what_differs(workspace):
+    workspace.recipes_dir.mkdir()
+    (workspace.recipes_dir / "short.toml").write_text(
+        'extends = "finetune-cpu"\n[schedule]\nsteps = 7\n[data]\nsnr_db = { high = 30.0 }\n'
+        '[finetune.search]\n"schedule.learning_rate" = { high = 2e-3 }\n')
+    parent, short = load_recipe("finetune-cpu"), load_recipe("short")
+    # Its own name, description and source; the parent's every other key, with this file's laid over them.
+    assert (short["name"], short["description"]) == ("short", "")
+    assert short["source"] == str(workspace.recipes_dir / "short.toml")
+    assert short["schedule"]["steps"] == 7 and parent["schedule"]["steps"] != 7
+    assert short["schedule"] == {**parent["schedule"], "steps": 7}
+    assert short["data"]["snr_db"] == {**parent["data"]["snr_db"], "high": 30.0}
+    assert short["finetune"]["search"]["schedule.learning_rate"] == \
+        {**parent["finetune"]["search"]["schedule.learning_rate"], "high": 2e-3}
+    assert short["finetune"]["hum_template"] == parent["finetune"]["hum_template"]
+    expected = json.loads(json.dumps(parent))
+    expected["schedule"]["steps"], expected["data"]["snr_db"]["high"] = 7, 30.0
+    expected["finetune"]["search"]["schedule.learning_rate"]["high"] = 2e-3
+    assert recipe_digest(short) == recipe_digest(expected)
+    # Two levels, and a circle refused with one line.
+    (workspace.recipes_dir / "shorter.toml").write_text('extends = "short"\n[schedule]\nbatch_size = 2\n')
+    shorter = load_recipe("shorter")
+    assert (shorter["schedule"]["steps"], shorter["schedule"]["batch_size"], shorter["name"]) == (7, 2, "shorter")
+    (workspace.recipes_dir / "a.toml").write_text('extends = "b"\n')
+    (workspace.recipes_dir / "b.toml").write_text('extends = "a"\n')
+    with pytest.raises(WorkbenchError, match="cannot extend in a circle") as error:
+        load_recipe("a")
+    assert "\n" not in str(error.value)
 
 
 # --------------------------------------------------------------------------------------------------- data

@@ -9,6 +9,10 @@ the code that owns them and carried through here untouched.
 `load_recipe(name_or_path)` finds a recipe (a path; else `recipes/NAME.toml` in the workspace; else the
 bundled `recipes/NAME.toml`), fills in the defaults (the tape paper's settings) and validates it, raising
 one-line errors that name the file and the key. `recipe_params(recipe)` flattens the result for MLflow.
+
+A recipe may start from another: `extends = "finetune-cpu"` (a name or a path, found the same way) takes
+that recipe's file and lays this one over it, table by table and key by key, so it states only what differs.
+Its name and description are its own, never the parent's.
 """
 
 from __future__ import annotations
@@ -107,14 +111,48 @@ def load_recipe(name_or_path: str | Path, workspace: Workspace | None = None,
     (the file it came from).
     """
     path = recipe_path(name_or_path, workspace)
+    recipe = build_recipe(_read_extended(path, workspace), source=str(path), default_name=path.stem)
+    return apply_overrides(recipe, overrides) if overrides else recipe
+
+
+def _read_toml(path: Path) -> dict[str, Any]:
     try:
-        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+        return tomllib.loads(path.read_text(encoding="utf-8"))
     except tomllib.TOMLDecodeError as error:
         raise WorkbenchError(f"{path}: not valid TOML ({error})") from None
     except UnicodeDecodeError:
         raise WorkbenchError(f"{path}: not a UTF-8 text file") from None
-    recipe = build_recipe(raw, source=str(path), default_name=path.stem)
-    return apply_overrides(recipe, overrides) if overrides else recipe
+
+
+def _read_extended(path: Path, workspace: Workspace | None, chain: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """The recipe file's table laid over the one it `extends` (recursively), before defaults are filled in."""
+    raw = _read_toml(path)
+    parent_name = raw.pop("extends", None)
+    if parent_name is None:
+        return raw
+    if not isinstance(parent_name, str) or not parent_name:
+        raise WorkbenchError(f"{path}: extends must name a recipe, e.g. extends = \"finetune-cpu\"")
+    try:
+        parent = recipe_path(parent_name, workspace)
+    except WorkbenchError as error:
+        raise WorkbenchError(f"{path}: extends {parent_name!r}: {error}") from None
+    if parent in (*chain, path):
+        raise WorkbenchError(f"{path}: extends {parent_name!r}, which leads back to {parent}: recipes cannot extend in a circle")
+    base = _read_extended(parent, workspace, (*chain, path))
+    for own in ("name", "description"):  # a derived recipe is a recipe of its own
+        base.pop(own, None)
+    return _laid_over(base, raw)
+
+
+def _laid_over(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
+    """`top` over `base`: tables merged key by key, every other value replaced."""
+    merged = copy.deepcopy(base)
+    for key, value in top.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _laid_over(merged[key], value)
+        else:
+            merged[key] = copy.deepcopy(value)
+    return merged
 
 
 def build_recipe(raw: dict[str, Any], source: str = "recipe", default_name: str = "recipe") -> dict[str, Any]:
