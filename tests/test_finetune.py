@@ -396,6 +396,18 @@ def test_search_space_errors_name_the_key(archive, cli_module):
     assert result.code == 2 and "schedule.nonsense" in result.stderr and "ft-bad.toml" in result.stderr
 
 
+def test_steps_replace_the_recipes_and_make_a_study_of_their_own(archive):
+    from workbench.finetune import make_plan
+
+    as_written = make_plan(archive, DEVICE, recipe="ft-test")
+    shorter = make_plan(archive, DEVICE, recipe="ft-test", steps=2)
+    assert shorter.recipe["schedule"]["steps"] == 2 != as_written.recipe["schedule"]["steps"]
+    assert {k: v for k, v in shorter.recipe["schedule"].items() if k != "steps"} == \
+        {k: v for k, v in as_written.recipe["schedule"].items() if k != "steps"}
+    # A study answers one question: trials of another length must not join the recipe's own.
+    assert shorter.study_name != as_written.study_name
+
+
 # ------------------------------------------------------------------------------------- the recipe's search space
 
 def _space(search: dict, **finetune) -> dict:

@@ -193,12 +193,12 @@ def _plan_identity(base_path: Path, base: dict, recipe: dict, noise: dict[str, l
 
 
 def make_plan(workspace: Workspace, device_id: str, *, speed: float | None = None, base: str | None = None,
-              recipe: str | Path = "quickstart", trials: int | None = None, timeout: str | float | None = None,
-              storage: str | None = None, accelerator: str = "auto") -> Plan:
+              recipe: str | Path = "quickstart", steps: int | None = None, trials: int | None = None,
+              timeout: str | float | None = None, storage: str | None = None, accelerator: str = "auto") -> Plan:
     """Validate every input (one-line errors) and gather the data selection; nothing is trained or written."""
     device = get_device(workspace, device_id)
     speeds = [device.check_speed(speed)] if speed is not None else list(device.speeds_ips)
-    loaded = load_recipe(recipe, workspace)
+    loaded = load_recipe(recipe, workspace, {"schedule.steps": steps} if steps is not None else None)
     settings = finetune_settings(loaded)
     evaluation = evaluation_settings(loaded)
 
@@ -249,14 +249,17 @@ def make_plan(workspace: Workspace, device_id: str, *, speed: float | None = Non
 # ------------------------------------------------------------------------------------------ the command
 
 def finetune_device(workspace: Workspace, device_id: str, *, speed: float | None = None, base: str | None = None,
-                    recipe: str | Path = "quickstart", trials: int | None = None, timeout: str | float | None = None,
-                    storage: str | None = None, accelerator: str = "auto",
+                    recipe: str | Path = "quickstart", steps: int | None = None, trials: int | None = None,
+                    timeout: str | float | None = None, storage: str | None = None, accelerator: str = "auto",
                     progress: Progress = no_progress) -> FinetuneResult:
-    """Tune, evaluate, report and register a device model; see the module docstring."""
+    """Tune, evaluate, report and register a device model; see the module docstring.
+
+    `steps` replaces the recipe's schedule.steps (each trial's length); the study's name changes with it.
+    """
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     # 1. The plan: every input checked, nothing written yet.
-    plan = make_plan(workspace, device_id, speed=speed, base=base, recipe=recipe, trials=trials, timeout=timeout,
-                     storage=storage, accelerator=accelerator)
+    plan = make_plan(workspace, device_id, speed=speed, base=base, recipe=recipe, steps=steps, trials=trials,
+                     timeout=timeout, storage=storage, accelerator=accelerator)
     # 2. The study: join it, its fixed validation mixtures, its MLflow run (with the data's lineage), its trials.
     study = open_plan_study(plan)
     # The machine's hum template, if the recipe asks: the network then trains and validates on the machine's

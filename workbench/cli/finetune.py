@@ -18,6 +18,8 @@ def finetune(
                                   "(default: models:/tape-denoiser-general@base, else its latest version)."),
     recipe: str = typer.Option("finetune-cpu", "--recipe", "-r", metavar="R",
                                help="Recipe name or TOML path: schedule, search space, pruner, evaluation."),
+    steps: int = typer.Option(None, "--steps", metavar="N", min=1,
+                              help="Training steps of each trial (default: the recipe's schedule.steps)."),
     trials: int = typer.Option(None, "--trials", metavar="N", min=1,
                                help="Finished trials the study should reach (default: the recipe's)."),
     timeout: str = typer.Option(None, "--timeout", metavar="DUR",
@@ -58,8 +60,9 @@ def finetune(
 
     workspace = find_workspace()
     with progress_bars(enabled=not as_json) as progress:
-        result = finetune_device(workspace, device_id, speed=speed, base=base, recipe=recipe, trials=trials,
-                                 timeout=timeout, storage=storage, accelerator=accelerator, progress=progress)
+        result = finetune_device(workspace, device_id, speed=speed, base=base, recipe=recipe, steps=steps,
+                                 trials=trials, timeout=timeout, storage=storage, accelerator=accelerator,
+                                 progress=progress)
     render(result, as_json, lambda result: _show_finetune(result, device_id))
 
 
