@@ -8,8 +8,8 @@ champion are reused when registered. `fresh=True` deletes the demo workspace fir
 Stages: render the archive → capture-noise for each blank tape → register the clean corpus → register
 the boxed general model (models/general/, trained with `workbench pretrain --recipe general` on every
 archive machine's noise but the one the demo fine-tunes) as @base, in seconds → fine-tune that device
-with the finetune-cpu recipe's Optuna study, evaluate and register it → denoise a sample transfer with
-the device's champion → list the registry.
+with the finetune-demo recipe's Optuna study (finetune-cpu with fewer steps: the demo's ten minutes),
+evaluate and register it → denoise a sample transfer with the device's champion → list the registry.
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ INGEST_BY_SCALE = {"demo": (5.0, (80.0, 10.0, 10.0)), "small": (1.0, (60.0, 20.0
 class DemoSettings:
     folder: Path = DEFAULT_FOLDER
     scale: str = "demo"  # the synthetic archive's size: "demo" (minutes of audio) or "small" (tests)
-    recipe: str = "finetune-cpu"  # the fine-tuning recipe (the general model comes from the box)
+    recipe: str = "finetune-demo"  # the fine-tuning recipe (the general model comes from the box)
     trials: int | None = None  # None: the recipe's own number
     seed: int = 0
     fresh: bool = False

@@ -16,7 +16,9 @@ def demo(
     folder: Path = typer.Option(Path("demo"), "--folder", help="The demo's own workspace (created; git-ignored)."),
     fresh: bool = typer.Option(False, "--fresh", help="Delete the demo workspace first and start over."),
     scale: str = typer.Option("demo", "--scale", help="Archive size: demo (minutes of audio) or small (seconds)."),
-    recipe: str = typer.Option("finetune-cpu", "--recipe", help="Recipe for fine-tuning the demo's machine."),
+    recipe: str = typer.Option("finetune-demo", "--recipe",
+                               help="Recipe for fine-tuning the demo's machine (finetune-demo: finetune-cpu in "
+                                    "fewer steps, to fit ten minutes; --recipe finetune-cpu for the full schedule)."),
     trials: int = typer.Option(None, "--trials", help="Optuna trials for the fine-tuning study (default: the recipe's)."),
     as_json: bool = json_option("every stage's result"),
 ) -> None:
