@@ -52,6 +52,7 @@ def finetune(
     Examples:
 
         workbench finetune --device uher-4000-l --trials 6
+        workbench finetune --device uher-4000-l --steps 800  # a shorter schedule than the recipe's
         workbench finetune --device revox-a77 --speed 7.5 --recipe finetune-paper --accelerator cuda
         workbench finetune --device revox-a77 --storage postgresql://db/optuna  # each host
     """
