@@ -12,7 +12,7 @@ export DO_NOT_TRACK := true
 .PHONY: demo test test-fast bench lock lock-check
 
 # The lock goes in through uv (the lock's own uv, installed first with its hashes checked): it downloads and
-# unpacks in parallel, where pip unpacks one file at a time in Python. On a 2-core machine: pip 3.7-4.0 min
+# unpacks in parallel, where pip unpacks one file at a time in Python. On a 2-core machine: pip 4.0 min
 # (3.1 min of it CPU), uv 51 s (2.1 min the first time, beside two training runs). uv hard-links from a cache
 # inside .venv that is deleted afterwards: the disk peaked 5.3 GB above the start, against pip's 7.3 GB, for
 # a 5.2 GB .venv. Should uv fail, pip installs the same lock.

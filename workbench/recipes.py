@@ -137,7 +137,8 @@ def _read_extended(path: Path, workspace: Workspace | None, chain: tuple[Path, .
     except WorkbenchError as error:
         raise WorkbenchError(f"{path}: extends {parent_name!r}: {error}") from None
     if parent in (*chain, path):
-        raise WorkbenchError(f"{path}: extends {parent_name!r}, which leads back to {parent}: recipes cannot extend in a circle")
+        raise WorkbenchError(f"{path}: extends {parent_name!r}, which leads back to {parent}: "
+                             "recipes cannot extend in a circle")
     base = _read_extended(parent, workspace, (*chain, path))
     for own in ("name", "description"):  # a derived recipe is a recipe of its own
         base.pop(own, None)
