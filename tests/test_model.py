@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 
 import pytest
@@ -134,6 +135,27 @@ def test_the_snr_loss_is_each_examples_squared_error_in_db_averaged_over_the_bat
     assert gain.item() == pytest.approx(20 * math.log10(2) / 2, abs=1e-4)
     # An exact estimate stays finite.
     assert math.isfinite(denoising_loss(clean, clean, clean, loss="snr").item())
+
+
+def test_the_snr_plus_l1_loss_counts_a_spread_error_above_a_concentrated_one_of_the_same_power():
+    clean = torch.zeros(1, 2, 4, FREQ_BINS)
+    # An error of the same size in every bin: both dB terms equal 20·log10 of it.
+    even = clean + 0.1
+    assert denoising_loss(even, even, clean, loss="snr+l1", stage1_weight=0.0).item() == pytest.approx(-20.0, abs=1e-4)
+    # The same squared error concentrated in one bin: the snr loss cannot tell the two apart; snr+l1 counts
+    # the spread one (a hiss left in every quiet bin) as worse, by half the absolute term's difference.
+    concentrated = clean.clone()
+    concentrated[0, 0, 0, 0] = 0.1 * math.sqrt(clean.numel())
+    snr = [denoising_loss(s, s, clean, loss="snr", stage1_weight=0.0).item() for s in (even, concentrated)]
+    assert snr[0] == pytest.approx(snr[1], abs=1e-4)
+    both = [denoising_loss(s, s, clean, loss="snr+l1", stage1_weight=0.0).item() for s in (even, concentrated)]
+    assert both[0] - both[1] == pytest.approx(0.5 * 10 * math.log10(clean.numel()), abs=0.01)  # less the floor
+    # Each example counts alike, and an exact estimate stays finite.
+    pair = torch.cat([even, 10 * even])
+    loss_of = functools.partial(denoising_loss, loss="snr+l1", stage1_weight=0.0)
+    alone = [loss_of(pair[i:i + 1], pair[i:i + 1], clean).item() for i in range(2)]
+    assert loss_of(pair, pair, torch.cat([clean, clean])).item() == pytest.approx(sum(alone) / 2)
+    assert math.isfinite(denoising_loss(clean, clean, clean, loss="snr+l1", stage1_weight=0.0).item())
 
 
 def test_the_stage_1_estimate_weighs_in_the_loss_as_asked():

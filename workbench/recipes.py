@@ -63,7 +63,7 @@ DEFAULTS: dict[str, dict[str, Any]] = {
         "patience": 0,  # stop after this many validations without a better validation loss; 0 = never
         "low_band_hz": 0.0,  # bins centred below this weigh 1 + low_band_weight in the loss (mean kept 1);
         "low_band_weight": 0.0,  # 0 = the paper's Eq. 2, every bin alike
-        "loss": "l1",  # l1 (the paper's Eq. 2) | snr (each example's negative SNR): workbench.model.unet.denoising_loss
+        "loss": "l1",  # l1 (the paper's Eq. 2) | snr (each example's negative SNR) | snr+l1: workbench.model.unet.denoising_loss
         "stage1_weight": 1.0,  # the stage-1 estimate's share of the loss: 1 as in the paper, 0 for the final estimate alone
         "precision": "auto",  # auto (bf16 on CUDA, and on CPUs with AMX for networks 16 channels wide) | float32 | bf16
     },
@@ -75,7 +75,7 @@ TOP_LEVEL_KEYS = ("name", "description")
 SNR_DISTRIBUTIONS = ("log-uniform", "uniform")
 SCHEDULE_SHAPES = ("step", "cosine", "constant")
 PRECISIONS = ("auto", "float32", "bf16")  # [schedule] precision: workbench.train.loop.uses_bf16
-LOSSES = ("l1", "snr")  # [schedule] loss: workbench.model.unet.denoising_loss
+LOSSES = ("l1", "snr", "snr+l1")  # [schedule] loss: workbench.model.unet.denoising_loss
 MODEL_SIZES = ("paper", "small", "tiny")  # workbench.model.SIZES; kept here so loading a recipe needs no torch
 
 

@@ -535,21 +535,29 @@ def denoising_loss(s1: Tensor, s2: Tensor, clean_spec: Tensor, bin_weights: Tens
     negative SNR in dB but for the clean example's own power, a constant no weight changes. By Parseval that
     is the waveform's SNR, the figure the evaluation averages over fragments, each example counting alike
     however loud it is, where L1 weighs a loud example's error more and a large error no more than its size.
+    "snr+l1" is the mean of the "snr" term and each example's 20·log10 of its mean |S − Y|, both in dB: the
+    squared error chases the SNR, where the largest errors lie; the absolute error counts the small errors in
+    the quiet bins too, which a listener (and PEAQ) hears and the snr loss alone leaves (recipes/finetune-cpu.toml).
     Only S2 is ever heard; S1's term asks stage 1 for a clean estimate of its own, which pretraining wants
-    and fine-tuning for one machine need not (recipes/finetune-cpu.toml).
+    and fine-tuning for one machine need not.
     `bin_weights` (FREQ_BINS,), of mean 1 (`low_band_weights`), weighs each frequency bin's error; None
     weighs every bin alike."""
     assert loss in LOSSES and stage1_weight >= 0, (loss, stage1_weight)
     if bin_weights is not None:
         assert bin_weights.shape == (clean_spec.shape[-1],), f"one weight per bin, got {tuple(bin_weights.shape)}"
 
+    def weighed(error: Tensor) -> Tensor:
+        return error * bin_weights if bin_weights is not None else error
+
     def stage_loss(estimate: Tensor) -> Tensor:
-        error = (estimate - clean_spec).abs() if loss == "l1" else (estimate - clean_spec).square()
-        if bin_weights is not None:
-            error = error * bin_weights
+        error = estimate - clean_spec
         if loss == "l1":
-            return error.mean()
-        return (10 * torch.log10(error.flatten(1).mean(dim=1) + SNR_LOSS_FLOOR)).mean()
+            return weighed(error.abs()).mean()
+        squared_db = 10 * torch.log10(weighed(error.square()).flatten(1).mean(dim=1) + SNR_LOSS_FLOOR)
+        if loss == "snr":
+            return squared_db.mean()
+        absolute_db = 20 * torch.log10(weighed(error.abs()).flatten(1).mean(dim=1) + SNR_LOSS_FLOOR ** 0.5)
+        return (0.5 * (squared_db + absolute_db)).mean()
 
     total = stage_loss(s2)
     return total + stage1_weight * stage_loss(s1) if stage1_weight else total

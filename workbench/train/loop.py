@@ -92,7 +92,7 @@ class Schedule:
     l2sp_alpha: float = 0.0  # weight of (α/2)·‖w − w_base‖² over the trained parameters
     low_band_hz: float = 0.0  # the loss weighs bins below this by 1 + low_band_weight (model.unet.low_band_weights)
     low_band_weight: float = 0.0
-    loss: str = "l1"  # l1 (the paper's Eq. 2) | snr: model.unet.denoising_loss
+    loss: str = "l1"  # l1 (the paper's Eq. 2) | snr | snr+l1: model.unet.denoising_loss
     stage1_weight: float = 1.0  # the stage-1 estimate's share of the loss (1: the paper's; 0: the final estimate alone)
     precision: str = "auto"  # auto | float32 | bf16: the network's arithmetic in training (`uses_bf16`)
 
