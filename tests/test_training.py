@@ -373,13 +373,15 @@ def test_validation_callback_and_plateau_stop_the_run(sources, tmp_path):
     assert again.stopped == "plateau" and again.step == 2 and again.losses == {}  # stopped on purpose stays stopped
 
 
-def test_the_snr_loss_trains_and_keeps_its_best_validation_below_zero(sources, tmp_path):
-    """The "snr" loss is in dB, below zero for quiet examples (here 40 dB down): the best validation is
-    still the lowest one (with a loss below zero, "better by a fraction of the best" is a fraction of its size)."""
+@pytest.mark.parametrize("loss", ["snr", "snr+l1"])
+def test_the_db_losses_train_and_keep_their_best_validation_below_zero(sources, tmp_path, loss):
+    """The "snr" and "snr+l1" losses are in dB, below zero for quiet examples (here 40 dB down): the best
+    validation is still the lowest one (with a loss below zero, "better by a fraction of the best" is a
+    fraction of its size)."""
     quiet = MixingSpec(gain_low=-40.0, gain_high=-40.0)
-    model, schedule, examples, validation = _tiny_run(sources, tmp_path, quiet, steps=4, validate_every=1, loss="snr",
+    model, schedule, examples, validation = _tiny_run(sources, tmp_path, quiet, steps=4, validate_every=1, loss=loss,
                                                       stage1_weight=0.0)
-    result = train(model, schedule, examples, validation, tmp_path / "snr", validate_at_start=True)
+    result = train(model, schedule, examples, validation, tmp_path / "run", validate_at_start=True)
     losses = [h["val_loss"] for h in result.history]
     assert len(losses) == 5 and max(losses) < 0
     assert result.best["val_loss"] == min(losses) and min(losses) < losses[0]  # it learnt, by its own measure
