@@ -18,7 +18,8 @@ export DO_NOT_TRACK := true
 # a 5.2 GB .venv. Should uv fail, pip installs the same lock.
 # --compile-bytecode: uv, unlike pip, leaves the .pyc files to the first import, and where the environment sets
 # PYTHONDONTWRITEBYTECODE every process compiles torch and mlflow again: 4.4 s to import torch, against 2.2 s
-# compiled. The test suite starts dozens of workbench processes.
+# compiled. The test suite starts dozens of workbench processes: `make test` 10.8 min before, 7.7 min after; a
+# fresh clone's install, compiling included, took 45 s.
 UV_REQUIREMENT := $(VENV)/uv-requirement.txt
 UV_CACHE := $(VENV)/.uv-cache
 
