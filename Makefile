@@ -13,13 +13,12 @@ export DO_NOT_TRACK := true
 
 # The lock goes in through uv (the lock's own uv, installed first with its hashes checked): it downloads and
 # unpacks in parallel, where pip unpacks one file at a time in Python. On a 2-core machine: pip 4.0 min
-# (3.1 min of it CPU), uv 51 s (2.1 min the first time, beside two training runs). uv hard-links from a cache
-# inside .venv that is deleted afterwards: the disk peaked 5.3 GB above the start, against pip's 7.3 GB, for
-# a 5.2 GB .venv. Should uv fail, pip installs the same lock.
+# (3.1 min of it CPU), uv 45 s on a fresh clone, compiling the bytecode included. uv hard-links from a cache
+# inside .venv that is deleted afterwards: before compiling, the disk peaked 5.3 GB above the start, against
+# pip's 7.3 GB, for a 5.2 GB .venv (5.5 GB compiled). Should uv fail, pip installs the same lock.
 # --compile-bytecode: uv, unlike pip, leaves the .pyc files to the first import, and where the environment sets
 # PYTHONDONTWRITEBYTECODE every process compiles torch and mlflow again: 4.4 s to import torch, against 2.2 s
-# compiled. The test suite starts dozens of workbench processes: `make test` 10.8 min before, 7.7 min after; a
-# fresh clone's install, compiling included, took 45 s.
+# compiled. The test suite starts dozens of workbench processes: `make test` 10.8 min before, 7.7 min after.
 UV_REQUIREMENT := $(VENV)/uv-requirement.txt
 UV_CACHE := $(VENV)/.uv-cache
 
