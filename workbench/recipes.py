@@ -65,7 +65,7 @@ DEFAULTS: dict[str, dict[str, Any]] = {
         "low_band_weight": 0.0,  # 0 = the paper's Eq. 2, every bin alike
         "loss": "l1",  # l1 (the paper's Eq. 2) | snr (each example's negative SNR) | snr+l1: workbench.model.unet.denoising_loss
         "stage1_weight": 1.0,  # the stage-1 estimate's share of the loss: 1 as in the paper, 0 for the final estimate alone
-        "precision": "auto",  # auto (bf16 on CUDA, and on CPUs with AMX for networks 16 channels wide) | float32 | bf16
+        "precision": "auto",  # auto (bf16 on CUDA, and on CPUs with bf16 in hardware for networks 16 channels wide) | float32 | bf16
     },
 }
 
