@@ -109,6 +109,36 @@ def test_channels_last_holds_through_the_whole_network(grad):
     assert not flipped, f"convolution inputs not channels-last: {flipped}"
 
 
+def test_bf16_training_keeps_every_feature_map_in_bf16():
+    """Under CPU bf16 autocast (how `auto` trains the wider networks on a CPU with bf16 in hardware) a training
+    step casts only the 2-channel spectra in and out. CPU autocast runs replication padding in float32, and a
+    padded map that came back float32 was cast to bf16 again by every convolution reading it, and its gradient
+    back: 127 casts of feature maps in this step before `_replicate_pad` kept the padding in bf16."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    casts = []
+
+    class RecordCasts(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            kwargs = kwargs or {}
+            if func is torch.ops.aten._to_copy.default and kwargs.get("dtype", args[0].dtype) != args[0].dtype:
+                casts.append(tuple(args[0].shape))
+            return func(*args, **kwargs)
+
+    model = _model("tiny").train().to(memory_format=torch.channels_last)
+    spec, clean = torch.randn(2, 2, 24, FREQ_BINS), torch.randn(2, 2, 24, FREQ_BINS)
+    with RecordCasts():
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            s1, s2 = model(spec)
+        assert s2.dtype == torch.bfloat16  # (S1 adds the float32 input spectrum: float32)
+        ((s1.float() - clean).abs().mean() + (s2.float() - clean).abs().mean()).backward()
+    # Full-size maps only, not the frequency embedding's single row.
+    full_size = [shape for shape in casts if len(shape) == 4 and shape[-2] > 1 and shape[-1] >= FREQ_BINS // 2]
+    assert full_size, "the spectra are cast: the recording saw the step"
+    assert all(shape[1] == 2 for shape in full_size), f"feature maps cast: {[s for s in full_size if s[1] != 2]}"
+    assert all(parameter.grad is not None and parameter.grad.dtype == torch.float32 for parameter in model.parameters())
+
+
 def test_cpu_inference_pads_no_dense_block_input(monkeypatch):
     """Channels-last inference convolves with oneDNN's zero padding and adds the mirrored border back
     (`_replicate_conv3x3`): the only 3×3 paddings left are the attention module's two and the output
