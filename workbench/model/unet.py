@@ -202,7 +202,7 @@ def _replicate_pad(x: Tensor) -> Tensor:
     would come back float32 and be cast to bf16 again by every convolution that reads it, and each gradient
     cast back in the backward pass: 3/4 of a million casts of full-resolution maps per small training step.
     Padding copies values, exact in any dtype, so it runs with autocast off. On 2 cores with AVX-512 bf16
-    (benchmarks/train.py, bf16): small 1.44 -> 1.53 samples/s, paper 0.33 -> 0.36."""
+    (benchmarks/train.py, bf16, a run before and one after): small 1.44 -> 1.53 samples/s, paper 0.33 -> 0.36."""
     if x.device.type in ("cpu", "cuda") and torch.is_autocast_enabled(x.device.type):
         with torch.autocast(x.device.type, enabled=False):
             return F.pad(x, (1, 1, 1, 1), mode="replicate")
