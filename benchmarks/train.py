@@ -15,8 +15,8 @@ library, a minute of synthetic music), all with the same segment length and batc
    (the plain reference network code, `reference_path()`, with glibc's default allocator, in float32:
    landed main), `after float32` (the fast path with the allocator tuned) and `after` (the same at the
    recipes' default precision, "auto": bf16 autocast on a CUDA GPU, and on a CPU with bf16 in hardware (AMX or
-   AVX-512 bf16) for networks at least 16 channels wide; `workbench.train.loop.uses_bf16`), interleaved --repeats times; the speed-ups
-   are the best samples/s over before's.
+   AVX-512 bf16) for networks at least 16 channels wide; `workbench.train.loop.uses_bf16`), interleaved
+   --repeats times; the speed-ups are the best samples/s over before's.
 
     .venv/bin/python benchmarks/train.py [--sizes tiny,small,paper] [--segment 1.0] [--batch 4]
                                           [--steps 12] [--paper-steps 3] [--workers 2] [--accelerator cpu|cuda]
