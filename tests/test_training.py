@@ -16,7 +16,7 @@ from workbench.audio.crops import loop_with_crossfades
 from workbench.audio.io import sha256_file, write_audio
 from workbench.errors import WorkbenchError
 from workbench.recipes import apply_overrides, load_recipe, recipe_digest, recipe_params
-from workbench.train.data import MixingSpec, StepBatches, TrainingExamples, stored_mixtures, training_batches
+from workbench.train.data import HumSpec, MixingSpec, StepBatches, TrainingExamples, stored_mixtures, training_batches
 from workbench.train.loop import (PARAMETER_GROUPS, Schedule, _optimizer_from_flat, _optimizer_to_flat,
                                   learning_rate_at, parameter_group, read_state, train, uses_bf16)
 
@@ -91,6 +91,11 @@ def test_bundled_recipes_load_and_the_paper_recipe_is_the_paper():
     ("[schedule]\nprecision = 'fp16'", "precision must be one of auto, float32, bf16"),
     ("[schedule]\nloss = 'mse'", "loss must be one of l1, snr"),
     ("[schedule]\nstage1_weight = -0.5", "stage1_weight must be >= 0"),
+    ("[data]\nhum = { share = 1.5 }", "hum.share is a share of the examples, 0 to 1"),
+    ("[data]\nhum = { share = 0.5, mains_hz = [] }", "hum.mains_hz must be a list of frequencies"),
+    ("[data]\nhum = { level_db_low = 3, level_db_high = -3 }", "is above hum.level_db_high"),
+    ("[data]\nhum = { harmonics = 0 }", "hum.harmonics must be >= 1"),
+    ("[data]\nhum = { shares = 0.5 }", "unknown key [data] hum.shares"),
     ("[trainning]\nsteps = 3", "unknown key 'trainning'"),
     ("[schedule\nsteps = 3", "not valid TOML"),
     ("extends = 'no-such-recipe'\n", "extends 'no-such-recipe': recipe 'no-such-recipe' not found"),
@@ -176,6 +181,42 @@ def test_examples_are_a_function_of_the_index_and_skip_silence(sources):
         assert 6.0 <= float(item["snr_db"]) <= 32.0 and -6.0 <= float(item["gain_db"]) <= 0.0
     with pytest.raises(WorkbenchError, match="as long as"):
         TrainingExamples(sources["music"], sources["noise"], RATE * 10, MixingSpec(), seed=3)
+
+
+def test_hum_families_go_into_a_share_of_the_noise_and_leave_every_other_draw_as_it_was(sources):
+    """[data] hum: the examples given a hum family differ from the plain ones only by that family (a mains
+    frequency from the list, the fundamental at the drawn level re the noise crop); every other example, and
+    every clean crop, SNR and gain, is what it is without hum."""
+    plain = TrainingExamples(sources["music"], sources["noise"], RATE // 2, MixingSpec(), seed=5)
+    spec = HumSpec(share=0.5, mains_hz=(50.0, 60.0), level_db_low=-6.0, level_db_high=6.0, harmonics=5)
+    hummed = TrainingExamples(sources["music"], sources["noise"], RATE // 2, MixingSpec(), seed=5, hum=spec)
+    added = []
+    for index in range(40):
+        (item, origin), (expected, _) = hummed.example(index), plain.example(index)
+        for key in ("clean", "snr_db", "gain_db"):
+            assert torch.equal(item[key], expected[key])
+        if origin.get("hum") is None:
+            assert torch.equal(item["noise"], expected["noise"])
+            continue
+        hum = (item["noise"] - expected["noise"]).double().numpy()
+        spectrum = np.abs(np.fft.rfft(hum * np.hanning(hum.size)))
+        mains = origin["hum"]["mains_hz"]
+        assert mains in (50.0, 60.0) and -6.0 <= origin["hum"]["level_db"] <= 6.0
+        # bins are 2 Hz apart: the five harmonics hold the family's energy, nothing between them
+        lines = np.zeros_like(spectrum, dtype=bool)
+        for k in range(1, 6):
+            lines[round(k * mains / 2) - 2:round(k * mains / 2) + 3] = True
+        assert np.sum(spectrum[lines] ** 2) > 0.999 * np.sum(spectrum ** 2)
+        noise_rms = float(expected["noise"].double().pow(2).mean().sqrt())
+        fundamental = np.zeros_like(hum)  # the fundamental alone, fitted at its frequency
+        t = np.arange(hum.size) / RATE
+        basis = np.stack([np.sin(2 * np.pi * mains * t), np.cos(2 * np.pi * mains * t)], axis=1)
+        fundamental = basis @ np.linalg.lstsq(basis, hum, rcond=None)[0]
+        level_db = 20 * math.log10(np.sqrt(np.mean(fundamental ** 2)) / noise_rms)
+        assert abs(level_db - origin["hum"]["level_db"]) < 0.8  # the drift and the level's slow breathing
+        added.append(mains)
+    assert 10 <= len(added) <= 30 and set(added) == {50.0, 60.0}
+    assert torch.equal(hummed.example(7)[0]["noise"], hummed.example(7)[0]["noise"])  # still a pure function
 
 
 def test_batches_do_not_depend_on_workers_or_on_ddp_sharding(sources):
@@ -310,6 +351,9 @@ def test_a_later_key_at_its_neutral_value_leaves_the_recipe_digest_as_it_was():
     earlier["schedule"] = {k: v for k, v in recipe["schedule"].items() if not k.startswith("low_band_")}
     assert recipe_digest(recipe) == recipe_digest(earlier)  # as digested before low_band_* existed
     assert recipe_digest(apply_overrides(recipe, {"schedule.low_band_weight": 5.0})) != recipe_digest(recipe)
+    earlier["data"] = {k: v for k, v in recipe["data"].items() if k != "hum"}
+    assert recipe_digest(recipe) == recipe_digest(earlier)  # as digested before [data] hum existed
+    assert recipe_digest(apply_overrides(recipe, {"data.hum.share": 0.5})) != recipe_digest(recipe)
 
 
 def test_the_schedules_low_band_weights_reach_training_and_validation(sources, tmp_path):
@@ -451,6 +495,37 @@ def test_pretrain_learns_is_tracked_registers_and_the_registered_model_denoises_
     before = process_whole(lambda chunk: denoise_waveform(untrained, chunk), mixture["noisy"][None], plan)[0]
     noisy_snr = snr_db(mixture["clean"], mixture["noisy"])
     assert snr_db(mixture["clean"], restored) - noisy_snr > snr_db(mixture["clean"], before) - noisy_snr + 1.0
+
+
+@pytest.mark.slow  # end to end: pretrain runs
+def test_pretrain_starts_from_a_models_weights_and_records_them(tiny_archive, tmp_path, cli):
+    """--start-from: step 0 validates the starting model itself (the boxed one here, tiny like the recipe), its
+    sha256 goes into the registered model's lineage; a model of another size and a resume are refused."""
+    from workbench.model.boxed import BOXED_CHECKPOINT
+    from workbench.model.checkpoint import load_checkpoint, read_checkpoint_info
+    from workbench.train.loop import validate
+    from workbench.train.pretrain import _prepare_data, pretrain
+    from workbench.train.distributed import Distributed
+
+    recipe = write_recipe(tmp_path, steps=2, validate_every=2)
+    started = cli("pretrain", "--recipe", recipe, "--accelerator", "cpu", "--workers", "0", "--json",
+                  "--start-from", str(BOXED_CHECKPOINT))
+    assert started.code == 0, started.stderr
+    report = started.json()
+    boxed, _ = load_checkpoint(BOXED_CHECKPOINT)
+    data = _prepare_data(tiny_archive, load_recipe(recipe, tiny_archive), Distributed(), lambda *a, **k: None)
+    expected = validate(boxed, data.validation, torch.device("cpu"), Distributed())
+    assert report["initial"]["val_loss"] == pytest.approx(expected["val_loss"], rel=1e-5)
+    lineage = read_checkpoint_info(Path(report["checkpoint"]))["lineage"]
+    assert lineage["start_from"]["weights_sha256"] == read_checkpoint_info(BOXED_CHECKPOINT)["weights_sha256"]
+
+    small = tmp_path / "small.toml"
+    small.write_text(training_recipe(2, 2).replace('size = "tiny"', 'size = "small"'))
+    assert 'size = "small"' in small.read_text()
+    refused = cli("pretrain", "--recipe", small, "--accelerator", "cpu", "--start-from", str(BOXED_CHECKPOINT))
+    assert refused.code != 0 and "a 'tiny' network" in refused.stderr and "'small'" in refused.stderr
+    with pytest.raises(WorkbenchError, match="a resumed run continues from its own"):
+        pretrain(tiny_archive, recipe, resume=True, start_from=str(BOXED_CHECKPOINT))
 
 
 def read_mixture(workspace) -> dict:

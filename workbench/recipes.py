@@ -46,6 +46,9 @@ DEFAULTS: dict[str, dict[str, Any]] = {
         "silence_dbfs": -50.0,  # clean crops quieter than this (RMS) are drawn again
         "seed": 20230601,
         "num_workers": 2,  # DataLoader worker processes (0 = load in the training process)
+        # A synthetic mains-hum family added to a share of the training examples' tape noise (0 = none, the
+        # paper's data): workbench.train.data.HumSpec.
+        "hum": {"share": 0.0, "mains_hz": [50.0, 60.0], "level_db_low": -12.0, "level_db_high": 6.0, "harmonics": 8},
     },
     "schedule": {
         "steps": 320_000,
@@ -248,6 +251,20 @@ def validate_recipe(recipe: dict[str, Any], source: str = "recipe") -> None:
     _number(source, "[data] silence_dbfs", data["silence_dbfs"])
     _number(source, "[data] seed", data["seed"], integer=True, minimum=0)
     _number(source, "[data] num_workers", data["num_workers"], integer=True, minimum=0)
+    hum = data["hum"]
+    share = _number(source, "[data] hum.share", hum["share"], minimum=0)
+    if share > 1:
+        raise WorkbenchError(f"{source}: [data] hum.share is a share of the examples, 0 to 1 (got {share!r})")
+    if not isinstance(hum["mains_hz"], list) or not hum["mains_hz"]:
+        raise WorkbenchError(f"{source}: [data] hum.mains_hz must be a list of frequencies like [50.0, 60.0] "
+                             f"(got {hum['mains_hz']!r})")
+    for frequency in hum["mains_hz"]:
+        _number(source, "[data] hum.mains_hz entries", frequency, minimum=0, exclusive=True)
+    level_low = _number(source, "[data] hum.level_db_low", hum["level_db_low"])
+    level_high = _number(source, "[data] hum.level_db_high", hum["level_db_high"])
+    if level_low > level_high:
+        raise WorkbenchError(f"{source}: [data] hum.level_db_low ({level_low:g}) is above hum.level_db_high ({level_high:g})")
+    _number(source, "[data] hum.harmonics", hum["harmonics"], integer=True, minimum=1)
 
     _number(source, "[schedule] steps", schedule["steps"], integer=True, minimum=1)
     _number(source, "[schedule] batch_size", schedule["batch_size"], integer=True, minimum=1)
@@ -318,7 +335,7 @@ def recipe_params(recipe: dict[str, Any]) -> dict[str, str]:
 # model's card still matches recipes/general.toml, and a study resumed after an upgrade is the same study.
 NEUTRAL_LATER_KEYS = {("schedule", "low_band_hz"): 0.0, ("schedule", "low_band_weight"): 0.0,
                       ("schedule", "precision"): "auto", ("schedule", "loss"): "l1",
-                      ("schedule", "stage1_weight"): 1.0}
+                      ("schedule", "stage1_weight"): 1.0, ("data", "hum"): DEFAULTS["data"]["hum"]}
 
 
 def recipe_digest(recipe: dict[str, Any]) -> str:

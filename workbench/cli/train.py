@@ -95,6 +95,9 @@ def pretrain_command(
     noise_from: list[str] = typer.Option(None, "--noise-from", metavar="ID",
                                          help="Train on this machine's noise only (repeat for several; default: the "
                                               "recipe's data.devices, else every machine in the noise library)."),
+    start_from: str = typer.Option(None, "--start-from", metavar="REF",
+                                   help="Start from this model's weights instead of a fresh network: a checkpoint "
+                                        "file or models:/NAME@ALIAS (of the recipe's network size)."),
     as_json: bool = json_option(),
 ) -> None:
     """Train the general tape-noise model on the noise library and clean corpus; register it in MLflow.
@@ -109,6 +112,7 @@ def pretrain_command(
         workbench pretrain --recipe quickstart
         workbench pretrain --recipe pretrain-paper --accelerator cuda
         workbench pretrain --noise-from uher-4000-l --noise-from revox-a77 --alias base
+        workbench pretrain --recipe general-hum --start-from models:/tape-denoiser-general@base
         torchrun --nproc-per-node 4 -m workbench pretrain --recipe pretrain-paper
     """
     from workbench.train.distributed import is_main_process
@@ -120,7 +124,8 @@ def pretrain_command(
     try:
         with progress_bars(show) as progress:
             result = pretrain(workspace, recipe, resume=resume, steps=steps, accelerator=accelerator,
-                              num_workers=workers, alias=alias, noise_devices=noise_from or None, progress=progress)
+                              num_workers=workers, alias=alias, noise_devices=noise_from or None,
+                              start_from=start_from, progress=progress)
     except KeyboardInterrupt:
         err_console.print(f"interrupted: state saved; continue with `workbench pretrain --recipe {recipe} --resume`")
         raise

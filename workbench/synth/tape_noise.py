@@ -63,12 +63,13 @@ from __future__ import annotations
 
 import hashlib
 import math
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 
+from workbench.audio.dsp import MODEL_SAMPLE_RATE
 from workbench.devices import Device, PlaybackEq, format_speed, parse_playback_eq
 from workbench.errors import WorkbenchError
 from workbench.progress import Progress, no_progress
@@ -185,13 +186,20 @@ def _device_rng(device_id: str) -> np.random.Generator:
     return np.random.default_rng(np.random.SeedSequence(int.from_bytes(digest[:16], "big")))
 
 
+def hum_harmonics_db(uniform, highest: int) -> tuple[float, ...]:
+    """Levels of hum harmonics 2 .. `highest` relative to the fundamental (dB), drawn with `uniform(low, high)`:
+    falling 2.5 dB a harmonic, each a few dB lower at random, the odd ones lifted by one random emphasis
+    (transformer fields give odd harmonics, rectifier buzz even ones)."""
+    odd_emphasis = uniform(0.0, 8.0)
+    return tuple(round(-2.5 * k - uniform(0.0, 8.0) + (odd_emphasis if k % 2 else 0.0), 1) for k in range(2, highest + 1))
+
+
 def device_signature(device: Device) -> TapeSignature:
     """The device's stable signature: format defaults, moved by a hash of its id, then its overrides."""
     base = _FORMAT_DEFAULTS[_format_family(device.format)]
     rng = _device_rng(device.id)
     uniform = lambda low, high: float(rng.uniform(low, high))  # noqa: E731  (fixed draw order below)
-    odd_emphasis = uniform(0.0, 8.0)  # transformer fields give odd harmonics, rectifier buzz even ones
-    harmonics = tuple(round(-2.5 * k - uniform(0.0, 8.0) + (odd_emphasis if k % 2 else 0.0), 1) for k in range(2, 9))
+    harmonics = hum_harmonics_db(uniform, 8)
     values = dict(
         mains_hz=50,
         hum_dbfs=round(uniform(-80.0, -70.0), 1),
@@ -570,7 +578,7 @@ class TapeNoiseRenderer:
         electronics.filter(white(electronics_rng, channels, taps))
 
         channel_gain = (10 ** (np.asarray(sig.channel_offsets_db) / 20))[:, None].astype(np.float32)
-        hum = _Hum(sig, sr, channels, phase_rng)
+        hum = _Hum(sig.mains_hz, sig.hum_dbfs, sig.hum_harmonics_db, sig.hum_drift_hz, sr, channels, phase_rng)
         rumble_gain = phase_rng.uniform(0.8, 1.0, (channels, 1)).astype(np.float32)
         capstan_phase = float(phase_rng.uniform(0, 1))
         capstan_amplitude = math.sqrt(2) * 10 ** ((sig.rumble_dbfs - 6.0) / 20)
@@ -629,17 +637,18 @@ class _Hum:
     phase: exact phase continuity at any length for the cost of one interpolation per sample.
     """
 
-    def __init__(self, signature: TapeSignature, sample_rate: int, channels: int, rng: np.random.Generator):
-        self.mains = float(signature.mains_hz)
+    def __init__(self, mains_hz: float, hum_dbfs: float, harmonics_db: Sequence[float], drift_hz: float,
+                 sample_rate: int, channels: int, rng: np.random.Generator):
+        self.mains = float(mains_hz)
         weights = rng.uniform(0.5, 1.0, 3)
-        self.drift_amplitudes = signature.hum_drift_hz * weights / weights.sum()  # Hz, peaks add to hum_drift_hz
+        self.drift_amplitudes = drift_hz * weights / weights.sum()  # Hz, peaks add to drift_hz
         self.drift_periods = rng.uniform(20.0, 200.0, 3)  # seconds
         self.drift_phases = rng.uniform(0, 2 * math.pi, 3)
         self.breath_period = float(rng.uniform(30.0, 120.0))
         self.breath_phase = float(rng.uniform(0, 2 * math.pi))
-        levels = [0.0, *signature.hum_harmonics_db]
-        harmonics = [k for k in range(1, len(levels) + 1) if k * (self.mains + signature.hum_drift_hz) < 0.45 * sample_rate]
-        amplitude = np.array([math.sqrt(2) * 10 ** ((signature.hum_dbfs + levels[k - 1]) / 20) for k in harmonics])
+        levels = [0.0, *harmonics_db]
+        harmonics = [k for k in range(1, len(levels) + 1) if k * (self.mains + drift_hz) < 0.45 * sample_rate]
+        amplitude = np.array([math.sqrt(2) * 10 ** ((hum_dbfs + levels[k - 1]) / 20) for k in harmonics])
         channel_level = 10 ** (rng.uniform(-2.0, 2.0, (channels, 1)) / 20) if channels > 1 else np.ones((1, 1))
         phases = rng.uniform(0, 2 * math.pi, (1, len(harmonics))) + (
             rng.uniform(-0.3, 0.3, (channels, len(harmonics))) if channels > 1 else 0.0)
@@ -671,6 +680,18 @@ class _Hum:
     def block(self, t: np.ndarray) -> np.ndarray:
         cycles, breath = self.cycles(t), self._slow(t, self._breath)
         return np.stack([_periodic(table, cycles) * breath for table in self.tables]).astype(np.float32)
+
+
+def hum_family(rng: np.random.Generator, frames: int, mains_hz: float, highest_harmonic: int,
+               sample_rate: int = MODEL_SAMPLE_RATE) -> np.ndarray:
+    """`frames` mono samples of a random mains-hum family on `mains_hz`: harmonics up to `highest_harmonic` at
+    levels drawn as a machine's are (`hum_harmonics_db`), a drift of 0.02-0.08 Hz, random phases, the
+    fundamental's RMS 1 (its level is the caller's). Training data adds it to tape noise: a general model
+    that has heard hum families in general does not leave an unheard machine's in place."""
+    harmonics = hum_harmonics_db(lambda low, high: float(rng.uniform(low, high)), highest_harmonic)
+    hum = _Hum(mains_hz, 0.0, harmonics, float(rng.uniform(0.02, 0.08)), sample_rate, 1, rng)
+    start = float(rng.uniform(0.0, 600.0))  # somewhere in ten minutes of the drift
+    return hum.block(start + np.arange(frames) / sample_rate)[0]
 
 
 # --- writing --------------------------------------------------------------------------------------------------

@@ -9,6 +9,10 @@ and gain for Eq. 1. Step s of a run with batch size B uses examples s·B .. s·B
   the number of DataLoader workers (the "data position" is the step);
 - with DDP, rank r of W takes its slice of the same global batch: W processes see the batches one would.
 
+A recipe may add a synthetic mains-hum family to a share of the examples' tape noise ([data] hum, `HumSpec`),
+drawn from a generator of its own (seed, index, HUM_STREAM), so the examples without one are the very same
+as with no hum at all. Validation mixtures never get one: they are the archive's noise as it is.
+
 Loading happens in DataLoader workers (numpy + soundfile); mixing happens on the training device with
 `workbench.audio.mixing.mix_at_snr`. Validation (and test) mixtures are built the same way from the
 held-out splits, mixed once, and stored in `registry/mixtures/` under a digest of everything that made
@@ -53,15 +57,61 @@ class MixingSpec:
         return cls(snr["distribution"], float(snr["low"]), float(snr["high"]), float(gain["low"]), float(gain["high"]))
 
 
+HUM_STREAM = 0x48554D  # the third word of a hum family's generator seed: independent of the example's own draws
+
+
+@dataclass(frozen=True)
+class HumSpec:
+    """[data] hum: a `share` of the training examples get a mains-hum family on `mains_hz` (one drawn per
+    example) with harmonics up to `harmonics`, its fundamental's RMS drawn uniformly in [level_db_low,
+    level_db_high] dB relative to the example's tape-noise crop (`workbench.synth.tape_noise.hum_family`)."""
+
+    share: float = 0.0
+    mains_hz: tuple[float, ...] = (50.0, 60.0)
+    level_db_low: float = -12.0
+    level_db_high: float = 6.0
+    harmonics: int = 8
+
+    @classmethod
+    def from_recipe(cls, data: dict) -> "HumSpec":
+        hum = data["hum"]
+        return cls(float(hum["share"]), tuple(float(f) for f in hum["mains_hz"]), float(hum["level_db_low"]),
+                   float(hum["level_db_high"]), int(hum["harmonics"]))
+
+    def add_to(self, noise: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, dict | None]:
+        """`noise` with a hum family added (for a `share` of generators), and what was added (None: nothing)."""
+        from workbench.synth.tape_noise import hum_family
+
+        if self.share <= 0 or rng.random() >= self.share:
+            return noise, None
+        mains = float(self.mains_hz[int(rng.integers(len(self.mains_hz)))])
+        level_db = float(rng.uniform(self.level_db_low, self.level_db_high))
+        hum = hum_family(rng, noise.shape[0], mains, self.harmonics)  # fundamental's RMS 1
+        noise_rms = float(np.sqrt(np.mean(np.square(noise, dtype=np.float64))))
+        assert noise_rms > 0, "tape-noise crops are never digital silence (capture-noise refuses those)"
+        noisy = (noise + np.float32(noise_rms * 10 ** (level_db / 20)) * hum).astype(np.float32)
+        return noisy, {"mains_hz": mains, "level_db": level_db}
+
+
 class TrainingExamples(Crops, torch.utils.data.Dataset):
     """Example i = (clean crop, noise crop, SNR dB, gain dB), a pure function of (seed, i); the crops are
-    `workbench.audio.crops.Crops`'s, drawn with a generator seeded by (seed, i)."""
+    `workbench.audio.crops.Crops`'s, drawn with a generator seeded by (seed, i); with a `hum` spec, a hum
+    family is added to a share of the noise crops."""
 
     def __init__(self, clean_files: Sequence[AudioSource], noise_snippets: Sequence[AudioSource],
-                 segment_frames: int, mixing: MixingSpec, seed: int, silence_dbfs: float = -50.0):
+                 segment_frames: int, mixing: MixingSpec, seed: int, silence_dbfs: float = -50.0,
+                 hum: HumSpec | None = None):
         super().__init__(clean_files, noise_snippets, segment_frames, silence_dbfs)
         self.mixing = mixing
         self.seed = int(seed)
+        self.hum = hum
+
+    @classmethod
+    def from_recipe(cls, clean_files: Sequence[AudioSource], noise_snippets: Sequence[AudioSource],
+                    data: dict) -> "TrainingExamples":
+        """The examples a recipe's [data] section describes."""
+        return cls(clean_files, noise_snippets, round(data["segment_seconds"] * MODEL_SAMPLE_RATE),
+                   MixingSpec.from_recipe(data), data["seed"], data["silence_dbfs"], HumSpec.from_recipe(data))
 
     def __len__(self) -> int:  # examples are endless; the sampler decides which indices are used
         return 2**62
@@ -70,12 +120,15 @@ class TrainingExamples(Crops, torch.utils.data.Dataset):
         rng = np.random.default_rng([self.seed, int(index)])
         clean, clean_source = self.clean_crop(rng)
         noise, noise_source = self.noise_crop(rng)
+        sources = {"clean": clean_source, "noise": noise_source}
+        if self.hum is not None and self.hum.share > 0:
+            noise, sources["hum"] = self.hum.add_to(noise, np.random.default_rng([self.seed, int(index), HUM_STREAM]))
         generator = torch.Generator().manual_seed(int(rng.integers(0, 2**63 - 1)))
         m = self.mixing
         snr = sample_snr_db(1, m.snr_low, m.snr_high, m.snr_distribution, generator)[0]
         gain = sample_gain_db(1, m.gain_low, m.gain_high, generator)[0]
         item = {"clean": torch.from_numpy(clean), "noise": torch.from_numpy(noise), "snr_db": snr, "gain_db": gain}
-        return item, {"clean": clean_source, "noise": noise_source}
+        return item, sources
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         return self.example(index)[0]

@@ -7,6 +7,8 @@
 2. Build (once, then reuse) the stored validation mixtures.
 3. Start or reopen the MLflow run: the recipe as params, the data as dataset inputs, system facts.
 4. Train with the shared loop (`loop.train`), logging metrics per step; resumable from `registry/runs/`.
+   The network starts from a fresh initialisation, or from a model's weights (`start_from`: the boxed
+   general model continued on an archive's own noise, or on hum families, costs a fraction of training anew).
 5. Save the best weights as a checkpoint and register it as a new version of `tape-denoiser-general`.
 
 A run folder trained where MLflow is not installed (`benchmarks/pretrain_offline.py` on a GPU machine with
@@ -29,7 +31,6 @@ from pathlib import Path
 import torch
 
 from workbench import tracking
-from workbench.audio.dsp import MODEL_SAMPLE_RATE
 from workbench.audio.io import atomic_write_json
 from workbench.corpus import corpus_files
 from workbench.devices import format_speed, get_device
@@ -40,7 +41,7 @@ from workbench.noise.library import NoiseLibrary
 from workbench.model_registry import GENERAL_MODEL, model_uri, register_checkpoint, set_alias
 from workbench.progress import Progress, no_progress
 from workbench.recipes import load_recipe, recipe_digest, validation_seconds
-from workbench.train.data import MixingSpec, Mixtures, TrainingExamples, recipe_validation_mixtures
+from workbench.train.data import Mixtures, TrainingExamples, recipe_validation_mixtures
 from workbench.train.distributed import (
     Distributed,
     init_distributed,
@@ -152,9 +153,25 @@ def _prepare_data(workspace: Workspace, recipe: dict, dist: Distributed, progres
     train_clean = corpus_files(workspace, "train", data["corpora"])
     validation_clean = corpus_files(workspace, "validation", data["corpora"])
     validation = recipe_validation_mixtures(recipe, workspace.mixtures_dir, "validation", validation_clean, validation_noise)
-    examples = TrainingExamples(train_clean, train_noise, round(data["segment_seconds"] * MODEL_SAMPLE_RATE),
-                                MixingSpec.from_recipe(data), data["seed"], data["silence_dbfs"])
+    examples = TrainingExamples.from_recipe(train_clean, train_noise, data)
     return _Data(train_noise, validation_noise, train_clean, validation_clean, validation, examples)
+
+
+def _start_weights(workspace: Workspace, ref: str, model: TwoStageUNet) -> dict:
+    """Load the weights of checkpoint or model `ref` into `model` (the recipe's network); returns what the run
+    records of them (the checkpoint's sha256 and lineage)."""
+    from workbench.model.checkpoint import load_checkpoint, read_checkpoint_info
+    from workbench.model_registry import resolve_checkpoint
+
+    path, facts = resolve_checkpoint(ref, workspace)
+    start, _ = load_checkpoint(path)
+    if start.config != model.config:
+        raise WorkbenchError(f"{ref}: a {start.config.size!r} network {start.config.channels}, but the recipe trains "
+                             f"{model.config.size!r} {model.config.channels}; start from a model of the recipe's size")
+    model.load_state_dict(start.state_dict())
+    info = read_checkpoint_info(path)
+    return {"ref": str(ref), "uri": facts.get("uri"), "version": facts.get("version"),
+            "weights_sha256": info.get("weights_sha256"), "lineage": info.get("lineage", {})}
 
 
 def _run_dir(workspace: Workspace, recipe: dict, dist: Distributed, resume: bool) -> tuple[Path, dict]:
@@ -180,6 +197,7 @@ class _MainRank:
     run_id: str | None = None
     lineage: dict = field(default_factory=dict)
     offline: dict | None = None  # what an adopted run records of where it trained (run.json's "trained_offline")
+    start_from: dict | None = None  # the weights the network started from (`_start_weights`), None: a fresh start
 
     @contextlib.contextmanager
     def run(self, run_info: dict, resume: bool, device: str, world_size: int, config) -> Iterator[_MainRank]:
@@ -195,7 +213,11 @@ class _MainRank:
             if not resume or self.offline is not None:
                 started = run_info.get("started") or _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
                 atomic_write_json(self.run_dir / RUN_FILE, {**run_info, "run_id": self.run_id, "recipe": recipe,
-                                                            "started": started, "finished": False})
+                                                            "started": started, "finished": False,
+                                                            **({"start_from": self.start_from} if self.start_from else {})})
+            if self.start_from:
+                mlflow.set_tags({"start_from": self.start_from["uri"] or self.start_from["ref"],
+                                 "start_from.weights_sha256": self.start_from["weights_sha256"] or ""})
             tracking.log_recipe(recipe)
             # An adopted run's tags describe the machine that trained it, not this one.
             tracking.log_system_info(device, world_size, info=self.offline["system"] if self.offline else None)
@@ -231,6 +253,8 @@ class _MainRank:
                          "corpus_digest": lineage["corpus"]["training"]["digest"],
                          "devices": lineage["noise"]["training"]["devices"],
                          "validation": {k: result.best[k] for k in ("val_loss", "val_delta_snr_db", "val_input_snr_db")}}
+        if self.start_from:
+            model_lineage["start_from"] = self.start_from
         if self.offline is not None:
             model_lineage["trained_offline"] = {k: self.offline[k] for k in ("system", "data_digests", "seconds")
                                                 if k in self.offline}
@@ -240,7 +264,9 @@ class _MainRank:
                             "best_step": best["step"]})
         description = (
             f"General tape-noise model from `workbench pretrain --recipe {recipe['name']}` "
-            f"({size} size, {result.step} steps, stopped: {result.stopped}). Validation at step "
+            f"({size} size, {result.step} steps"
+            f"{', from ' + (self.start_from['uri'] or self.start_from['ref']) if self.start_from else ''}, "
+            f"stopped: {result.stopped}). Validation at step "
             f"{best['step']} on {len(validation)} fixed mixtures ({validation_seconds(recipe):g} s, input SNR "
             f"{best['val_input_snr_db']:.1f} dB on average): ΔSNR {best['val_delta_snr_db']:+.2f} dB, loss "
             f"{best['val_loss']:.4f}. Noise: {', '.join(lineage['noise']['training']['devices'])} "
@@ -251,7 +277,8 @@ class _MainRank:
                 "val_delta_snr_db": f"{best['val_delta_snr_db']:.3f}",
                 "devices": ",".join(lineage["noise"]["training"]["devices"]),
                 "noise_digest": lineage["noise"]["training"]["digest"],
-                "corpus_digest": lineage["corpus"]["training"]["digest"], "run_id": self.run_id}
+                "corpus_digest": lineage["corpus"]["training"]["digest"], "run_id": self.run_id,
+                **({"start_from": self.start_from["uri"] or self.start_from["ref"]} if self.start_from else {})}
         version = register_checkpoint(checkpoint, GENERAL_MODEL, tags=tags,
                                       description=description, workspace=self.workspace)
         if alias:
@@ -264,14 +291,18 @@ class _MainRank:
 
 def pretrain(workspace: Workspace, recipe_ref: str | Path, *, resume: bool = False, steps: int | None = None,
              accelerator: str | None = None, num_workers: int | None = None, alias: str | None = None,
-             noise_devices: list[str] | None = None, progress: Progress = no_progress) -> PretrainResult:
+             noise_devices: list[str] | None = None, start_from: str | None = None,
+             progress: Progress = no_progress) -> PretrainResult:
     """Train and register the general model; see the module docstring.
 
     `steps` overrides the recipe's step count, `noise_devices` its machines (data.devices); `alias` (e.g.
-    "base") is moved to the new version.
+    "base") is moved to the new version. `start_from` (a checkpoint file or model URI, of the recipe's network
+    size) gives the starting weights; a resumed run keeps the ones it started from.
     Ctrl-C (or SIGTERM) saves the state and raises KeyboardInterrupt; `resume=True` continues the last
     unfinished run of the recipe exactly, in the same MLflow run.
     """
+    if resume and start_from is not None:
+        raise WorkbenchError("--start-from gives a new run its first weights; a resumed run continues from its own")
     # 1. The recipe and the torch device; under torchrun, this process's rank.
     recipe = _recipe(workspace, recipe_ref, steps, noise_devices)
     device = default_device() if accelerator in (None, "", "auto") else accelerator
@@ -288,8 +319,9 @@ def pretrain(workspace: Workspace, recipe_ref: str | Path, *, resume: bool = Fal
         # 4. The network: the same initial weights on every rank and every fresh run.
         torch.manual_seed(recipe["data"]["seed"])
         model = TwoStageUNet(get_config(recipe["model"]["size"]))
+        started_from = _start_weights(workspace, start_from, model) if start_from is not None else run_info.get("start_from")
         # 5. Train, rank 0 logging into the MLflow run; 6. rank 0 saves and registers the best weights.
-        main = _MainRank(workspace, recipe, run_dir, data) if dist.is_main else None
+        main = _MainRank(workspace, recipe, run_dir, data, start_from=started_from) if dist.is_main else None
         version = checkpoint = uri = None
         with main.run(run_info, resume, device, dist.world_size, model.config) if main else contextlib.nullcontext():
             result = train(model, Schedule.from_recipe(recipe), data.examples, data.validation, run_dir, device=device,

@@ -59,12 +59,11 @@ from optuna.storages.journal import JournalFileBackend
 from optuna.trial import TrialState
 
 from workbench import tracking
-from workbench.audio.dsp import MODEL_SAMPLE_RATE
 from workbench.errors import WorkbenchError
 from workbench.evaluate.report import BASELINE_ATTR
 from workbench.progress import Progress, no_progress
 from workbench.recipes import DEFAULTS, apply_overrides
-from workbench.train.data import MixingSpec, Mixtures, TrainingExamples, recipe_validation_mixtures
+from workbench.train.data import Mixtures, TrainingExamples, recipe_validation_mixtures
 from workbench.train.loop import PARAMETER_GROUPS, Schedule, read_state, train, uses_bf16, validate
 
 if TYPE_CHECKING:  # the plan is finetune's, and finetune imports this module
@@ -661,8 +660,7 @@ def train_with_params(plan: Plan, params: dict, run_dir: Path, *, base_model, va
     """Train a copy of the base with one trial's parameters (resuming `run_dir` if it holds a state)."""
     recipe, schedule = trial_schedule(plan, params)
     data = recipe["data"]
-    examples = TrainingExamples(plan.clean["train"], plan.noise["train"], round(data["segment_seconds"] * MODEL_SAMPLE_RATE),
-                                MixingSpec.from_recipe(data), data["seed"], data["silence_dbfs"])
+    examples = TrainingExamples.from_recipe(plan.clean["train"], plan.noise["train"], data)
     model = copy.deepcopy(base_model)
     base_weights = {name: p.detach().clone() for name, p in base_model.named_parameters()} if schedule.l2sp_alpha > 0 else None
     resume = read_state(run_dir) is not None
