@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import re
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -280,6 +281,30 @@ def test_refusals_are_one_line_and_write_nothing(tmp_path, cli, tiny_checkpoint,
 
     assert not out.exists()
     assert sorted(_files_under(tmp_path / "in") + _files_under(tmp_path / "models")) == sorted(before)
+
+
+def test_denoise_files_look_models_up_in_the_workspace_given_not_the_current_one(tmp_path, tiny_checkpoint, workspace,
+                                                                                   monkeypatch):
+    """The demo restores its transfer in its own workspace whatever the current folder: from a folder outside
+    any workspace it had failed ("not inside a workspace"), and inside another one it cached the model there."""
+    from workbench import model_registry
+    from workbench.denoise import denoise_files
+
+    version = model_registry.register_checkpoint(tiny_checkpoint, "tape-denoiser-revox-a77", workspace=workspace)
+    model_registry.set_alias("tape-denoiser-revox-a77", "champion", version, workspace=workspace)
+    source = tmp_path / "side-a.wav"
+    write_audio(source, _tones(44_100, 11_025), 44_100)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.delenv("WORKBENCH_HOME")
+    monkeypatch.chdir(elsewhere)
+    [by_device] = denoise_files([source], device_id="revox-a77", out_dir=tmp_path / "a", workspace=workspace)
+    [by_uri] = denoise_files([source], model_ref="models:/tape-denoiser-revox-a77@champion", out_dir=tmp_path / "b",
+                             workspace=workspace)
+    for record in (by_device, by_uri):
+        assert record["model"]["uri"] == f"models:/tape-denoiser-revox-a77/{version}"
+        assert Path(record["model"]["checkpoint"]).is_relative_to(workspace.root)
+    assert list(elsewhere.iterdir()) == []
 
 
 def test_device_champion_from_the_registry(tmp_path, cli, tiny_checkpoint, workspace):

@@ -161,7 +161,8 @@ def demo_stages(workspace: Workspace, settings: DemoSettings) -> Iterator[Stage]
             return StageResult("denoise", f"{expected} already restored", {"output": str(expected)}, reused=True)
         # What `workbench denoise --device` does: the champion, else the general model @base, said plainly
         # (a version the gate refused may make recordings worse, so it restores nothing).
-        records = denoise_files([source], device_id=state["device"], out_dir=out_dir, overwrite=True, progress=progress)
+        records = denoise_files([source], device_id=state["device"], out_dir=out_dir, overwrite=True, workspace=workspace,
+                                progress=progress)
         model = records[0]["model"]
         ref = model["uri"]
         which = ref + (f" ({model['note']})" if model.get("note") else "")

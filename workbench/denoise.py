@@ -65,6 +65,7 @@ from workbench.model.overlap_add import (
 from workbench.model_registry.resolve import load_device_model, load_model
 from workbench.progress import Progress, no_progress
 from workbench.recipes import PRECISIONS
+from workbench.workspace import Workspace
 
 OUTPUT_TAG = "denoised"
 SIDECAR_SCHEMA = "workbench.denoise/1"
@@ -421,11 +422,13 @@ def denoise_files(inputs: Iterable[Path], *, model_ref: str | Path | None = None
                   out_dir: Path = Path("denoised"), output: Path | None = None, strength: float = 1.0,
                   chunk_seconds: float = DEFAULT_CHUNK_SECONDS, format: str | None = None,
                   subtype: str | None = None, accelerator: str = "auto", overwrite: bool = False,
-                  batch: int | None = None, precision: str = "auto", progress: Progress = no_progress) -> list[dict]:
+                  batch: int | None = None, precision: str = "auto", workspace: Workspace | None = None,
+                  progress: Progress = no_progress) -> list[dict]:
     """Restore transfers with a model; returns each output's provenance record (also its sidecar JSON).
 
     Give exactly one of `model_ref` (checkpoint file or MLflow URI) and `device_id` (that replay
-    machine's champion). Every input and output is checked, and the model loaded, before the first
+    machine's champion), both looked up in `workspace`'s registry (default: the current workspace; a
+    checkpoint file needs none). Every input and output is checked, and the model loaded, before the first
     file is written. `batch` chunks go through the network per call (default: what the memory budget
     allows, see `chunk_batch`); the output does not depend on it. `precision`: see `inference_bf16`.
     """
@@ -436,8 +439,8 @@ def denoise_files(inputs: Iterable[Path], *, model_ref: str | Path | None = None
     jobs = plan_jobs(inputs, out_dir=out_dir, output=output, format=format, subtype=subtype, overwrite=overwrite)
     device = choose_accelerator(accelerator)
     bf16 = inference_bf16(precision, device)
-    model, model_record = (load_model(model_ref, device) if model_ref is not None
-                           else load_device_model(device_id, device))
+    model, model_record = (load_model(model_ref, device, workspace) if model_ref is not None
+                           else load_device_model(device_id, device, workspace))
     plan = ChunkPlan.from_seconds(chunk_seconds, grid_frames=model_grid_frames(model))
     process = model_process(model, device, bf16)
     earlier = {job.output: _earlier_restoration(job, model_record, settings_record(strength, plan)) for job in jobs}

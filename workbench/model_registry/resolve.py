@@ -180,33 +180,35 @@ def resolve_base(workspace: Workspace, ref: str | None) -> tuple[Path, dict]:
                   "run_id": facts["run_id"]}
 
 
-def load_model(ref: str | Path, accelerator="cpu"):
-    """Load the model a `--model` REF names (see `resolve_checkpoint`).
+def load_model(ref: str | Path, accelerator="cpu", workspace: Workspace | None = None):
+    """Load the model a `--model` REF names (see `resolve_checkpoint`); a registered model from `workspace`'s
+    registry (default: the current one).
 
     Returns the model (eval mode, on `accelerator`) and its provenance: name, version, uri, run_id,
     aliases, checkpoint path and sha256, and the checkpoint's config.
     """
-    path, facts = _registered_or_file(str(ref))
+    path, facts = _registered_or_file(str(ref), workspace)
     return _load(path, facts, accelerator)
 
 
-def load_device_model(device_id: str, accelerator="cpu"):
-    """A replay machine's champion model from the workspace's registry (`--device ID`).
+def load_device_model(device_id: str, accelerator="cpu", workspace: Workspace | None = None):
+    """A replay machine's champion model from `workspace`'s registry (`--device ID`; default: the current one).
 
     A machine with no champion yet (none fine-tuned, or the gate refused every version) is restored with
     the general model @base instead, and the provenance says so in `note` (the CLI prints it; the sidecar
     keeps it), with `fallback_for_device` naming the machine."""
     from workbench.devices import get_device
 
-    get_device(find_workspace(), device_id)  # an unknown machine is its own, clearer error
+    workspace = workspace or find_workspace()
+    get_device(workspace, device_id)  # an unknown machine is its own, clearer error
     try:
-        path, provenance = _registered_or_file(champion_uri(device_id))
+        path, provenance = _registered_or_file(champion_uri(device_id), workspace)
     except WorkbenchError as error:
         champion_error = error
     else:
         return _load(path, provenance, accelerator)
     try:
-        path, provenance = _registered_or_file(GENERAL_BASE_URI)
+        path, provenance = _registered_or_file(GENERAL_BASE_URI, workspace)
     except WorkbenchError:
         raise WorkbenchError(f"device {device_id} has no champion model yet ({champion_error}) and there is no general "
                              f"model {GENERAL_BASE_URI} to use instead; fine-tune one with "
@@ -216,7 +218,7 @@ def load_device_model(device_id: str, accelerator="cpu"):
     return _load(path, {**provenance, "note": note, "fallback_for_device": device_id}, accelerator)
 
 
-def _registered_or_file(ref: str) -> tuple[Path, dict]:
+def _registered_or_file(ref: str, workspace: Workspace | None = None) -> tuple[Path, dict]:
     """`resolve_checkpoint` with MLflow's own errors (a store that refuses, a bad URI) as one line."""
     mlflow_errors: tuple[type[Exception], ...] = ()
     if is_model_uri(ref):  # only URIs need MLflow (1.4 s to import): a checkpoint file is read without it
@@ -224,7 +226,7 @@ def _registered_or_file(ref: str) -> tuple[Path, dict]:
 
         mlflow_errors = (MlflowException,)
     try:
-        path, facts = resolve_checkpoint(ref)
+        path, facts = resolve_checkpoint(ref, workspace)
     except mlflow_errors as error:
         reason = " ".join(str(getattr(error, "message", error)).split())
         raise WorkbenchError(f"{ref}: unknown model URI ({reason[:300]})") from None
