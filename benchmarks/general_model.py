@@ -116,18 +116,29 @@ def write_card(checkpoint: Path, recipe_name: str, rows: list[dict], protocol: d
                    "commands": [f"python benchmarks/pretrain_offline.py --folder WORKSPACE --out RUNS --recipe {recipe['name']}",
                                 f"workbench pretrain --recipe {recipe['name']} --resume --alias base"]
                                if training.get("data_digests_where_trained") else
-                               [f"workbench pretrain --recipe {recipe['name']} --alias base"]},
+                               [f"workbench pretrain --recipe {recipe['name']} --alias base"
+                                + (" --start-from models:/tape-denoiser-general@base" if lineage.get("start_from") else "")]},
         "data": {"devices": lineage.get("devices", []), "noise_digest": lineage.get("noise_digest"),
                  "corpus_digest": lineage.get("corpus_digest"),
                  "archive": "the synthetic archive (workbench synth archive / the demo's stage 1, scale demo, seed 0)"},
         "steps": lineage.get("steps", training.get("steps")), "best_step": lineage.get("best_step"),
         "training": training,
+        **({"start_from": started_from(lineage["start_from"])} if lineage.get("start_from") else {}),
         "evaluation": {"protocol": protocol, "targets_delta_snr_db_seen": TARGETS, "machines": rows},
     }
     card_path = checkpoint.parent / "card.json"
     card_path.write_text(json.dumps(card, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     (checkpoint.parent / "MODEL_CARD.md").write_text(card_markdown(card), encoding="utf-8")
     return card_path
+
+
+def started_from(start: dict) -> dict:
+    """What a card says of the model a checkpoint was continued from (`pretrain --start-from`): its weights,
+    recipe, steps and, for a boxed model, the card it shipped with (read from git history by its sha256 alone)."""
+    lineage = start.get("lineage", {})
+    return {"weights_sha256": start.get("weights_sha256"), "recipe": lineage.get("recipe"),
+            "recipe_digest": lineage.get("recipe_digest"), "steps": lineage.get("steps"),
+            "trained_offline": lineage.get("trained_offline", {}).get("system")}
 
 
 def card_markdown(card: dict) -> str:
@@ -148,6 +159,12 @@ def card_markdown(card: dict) -> str:
         "demo's cassette deck technics-tr575-a and machine_fit's variants of it.",
         f"- Steps: {card['steps']} (best validation at step {card['best_step']}); time "
         f"{(training['seconds'] or 0) / 60:.0f} min wall-clock; hardware: {training['hardware']}.",
+        *([f"- Started from: the weights sha256 `{card['start_from']['weights_sha256']}`, recipe "
+           f"`{card['start_from']['recipe']}` (digest `{card['start_from']['recipe_digest']}`), "
+           f"{card['start_from']['steps']} steps"
+           + (f" on {card['start_from']['trained_offline'].get('gpu') or 'another machine'}"
+              if card['start_from'].get('trained_offline') else "")
+           + ": the boxed model before this one (git history holds it and its card)."] if card.get("start_from") else []),
         *[f"- Note: {note}" for note in training.get("notes", [])],
         "",
         f"Evaluation: the project's own protocol (`workbench.finetune.evaluate_models`): {protocol['fragments']} "

@@ -50,6 +50,9 @@ class BoxedRegistration:
 
     def summary(self) -> str:
         steps, recipe = self.card.get("steps"), self.card.get("recipe", {}).get("name")
+        start = self.card.get("start_from")
+        if start:  # continued from an earlier model: the steps of both
+            steps = f"{start.get('steps')} + {steps}"
         where = "already registered as" if self.reused else "registered as"
         alias = f" (@{self.alias})" if self.alias else ""
         return (f"the boxed general model (recipe {recipe}, {steps} steps) {where} "
@@ -113,5 +116,8 @@ def card_description(card: dict) -> str:
         for row in card.get("evaluation", {}).get("machines", []))
     return (f"The boxed general tape-noise model (models/general/), from `workbench pretrain --recipe "
             f"{card['recipe']['name']}` ({card['size']} size, {card['steps']} steps, {card['training']['seconds'] / 60:.0f} "
-            f"min on {card['training']['hardware']}), on the noise of {', '.join(card['data']['devices'])}. "
+            f"min on {card['training']['hardware']}"
+            + (f"; continued from the weights {card['start_from']['weights_sha256'][:12]}…, recipe "
+               f"{card['start_from']['recipe']}, {card['start_from']['steps']} steps" if card.get("start_from") else "")
+            + f"), on the noise of {', '.join(card['data']['devices'])}. "
             f"ΔSNR by input SNR on each machine's test noise: {rows}.")
