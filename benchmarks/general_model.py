@@ -133,8 +133,8 @@ def write_card(checkpoint: Path, recipe_name: str, rows: list[dict], protocol: d
 
 
 def started_from(start: dict) -> dict:
-    """What a card says of the model a checkpoint was continued from (`pretrain --start-from`): its weights,
-    recipe, steps and, for a boxed model, the card it shipped with (read from git history by its sha256 alone)."""
+    """What a card says of the model a checkpoint was continued from (`pretrain --start-from`): its weights'
+    sha256, recipe and digest, steps, and the machine it trained on when that was recorded."""
     lineage = start.get("lineage", {})
     return {"weights_sha256": start.get("weights_sha256"), "recipe": lineage.get("recipe"),
             "recipe_digest": lineage.get("recipe_digest"), "steps": lineage.get("steps"),

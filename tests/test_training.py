@@ -208,10 +208,9 @@ def test_hum_families_go_into_a_share_of_the_noise_and_leave_every_other_draw_as
             lines[round(k * mains / 2) - 2:round(k * mains / 2) + 3] = True
         assert np.sum(spectrum[lines] ** 2) > 0.999 * np.sum(spectrum ** 2)
         noise_rms = float(expected["noise"].double().pow(2).mean().sqrt())
-        fundamental = np.zeros_like(hum)  # the fundamental alone, fitted at its frequency
         t = np.arange(hum.size) / RATE
         basis = np.stack([np.sin(2 * np.pi * mains * t), np.cos(2 * np.pi * mains * t)], axis=1)
-        fundamental = basis @ np.linalg.lstsq(basis, hum, rcond=None)[0]
+        fundamental = basis @ np.linalg.lstsq(basis, hum, rcond=None)[0]  # the fundamental alone, fitted
         level_db = 20 * math.log10(np.sqrt(np.mean(fundamental ** 2)) / noise_rms)
         assert abs(level_db - origin["hum"]["level_db"]) < 0.8  # the drift and the level's slow breathing
         added.append(mains)

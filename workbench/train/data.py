@@ -82,7 +82,7 @@ class HumSpec:
         """`noise` with a hum family added (for a `share` of generators), and what was added (None: nothing)."""
         from workbench.synth.tape_noise import hum_family
 
-        if self.share <= 0 or rng.random() >= self.share:
+        if rng.random() >= self.share:
             return noise, None
         mains = float(self.mains_hz[int(rng.integers(len(self.mains_hz)))])
         level_db = float(rng.uniform(self.level_db_low, self.level_db_high))

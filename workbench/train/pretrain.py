@@ -160,18 +160,22 @@ def _prepare_data(workspace: Workspace, recipe: dict, dist: Distributed, progres
 def _start_weights(workspace: Workspace, ref: str, model: TwoStageUNet) -> dict:
     """Load the weights of checkpoint or model `ref` into `model` (the recipe's network); returns what the run
     records of them (the checkpoint's sha256 and lineage)."""
-    from workbench.model.checkpoint import load_checkpoint, read_checkpoint_info
+    from workbench.model.checkpoint import load_checkpoint
     from workbench.model_registry import resolve_checkpoint
 
     path, facts = resolve_checkpoint(ref, workspace)
-    start, _ = load_checkpoint(path)
+    start, info = load_checkpoint(path)
     if start.config != model.config:
         raise WorkbenchError(f"{ref}: a {start.config.size!r} network {start.config.channels}, but the recipe trains "
                              f"{model.config.size!r} {model.config.channels}; start from a model of the recipe's size")
     model.load_state_dict(start.state_dict())
-    info = read_checkpoint_info(path)
     return {"ref": str(ref), "uri": facts.get("uri"), "version": facts.get("version"),
             "weights_sha256": info.get("weights_sha256"), "lineage": info.get("lineage", {})}
+
+
+def _start_name(start: dict) -> str:
+    """How tags and descriptions name the weights a run started from: the model URI, else the reference given."""
+    return start["uri"] or start["ref"]
 
 
 def _run_dir(workspace: Workspace, recipe: dict, dist: Distributed, resume: bool) -> tuple[Path, dict]:
@@ -216,7 +220,7 @@ class _MainRank:
                                                             "started": started, "finished": False,
                                                             **({"start_from": self.start_from} if self.start_from else {})})
             if self.start_from:
-                mlflow.set_tags({"start_from": self.start_from["uri"] or self.start_from["ref"],
+                mlflow.set_tags({"start_from": _start_name(self.start_from),
                                  "start_from.weights_sha256": self.start_from["weights_sha256"] or ""})
             tracking.log_recipe(recipe)
             # An adopted run's tags describe the machine that trained it, not this one.
@@ -265,7 +269,7 @@ class _MainRank:
         description = (
             f"General tape-noise model from `workbench pretrain --recipe {recipe['name']}` "
             f"({size} size, {result.step} steps"
-            f"{', from ' + (self.start_from['uri'] or self.start_from['ref']) if self.start_from else ''}, "
+            f"{', from ' + _start_name(self.start_from) if self.start_from else ''}, "
             f"stopped: {result.stopped}). Validation at step "
             f"{best['step']} on {len(validation)} fixed mixtures ({validation_seconds(recipe):g} s, input SNR "
             f"{best['val_input_snr_db']:.1f} dB on average): ΔSNR {best['val_delta_snr_db']:+.2f} dB, loss "
@@ -278,7 +282,7 @@ class _MainRank:
                 "devices": ",".join(lineage["noise"]["training"]["devices"]),
                 "noise_digest": lineage["noise"]["training"]["digest"],
                 "corpus_digest": lineage["corpus"]["training"]["digest"], "run_id": self.run_id,
-                **({"start_from": self.start_from["uri"] or self.start_from["ref"]} if self.start_from else {})}
+                **({"start_from": _start_name(self.start_from)} if self.start_from else {})}
         version = register_checkpoint(checkpoint, GENERAL_MODEL, tags=tags,
                                       description=description, workspace=self.workspace)
         if alias:
