@@ -15,7 +15,8 @@ it renders and ingests blank tape (the variants copy every simulator parameter o
 dropouts off), runs a fresh `finetune_device` study, pretrains the specialist, and trains the CONTROL: an
 equal-compute rival, the base model trained with the best trial's very settings (steps, learning rate,
 schedule, frozen layers, the machine's validation noise choosing the kept step) on the general model's
-noise mix instead of the machine's. A gain of the fine-tuned model over the control is specialisation,
+noise mix instead of the machine's, mixed as the base's own last training mixed it (the box's synthetic hum
+families included). A gain of the fine-tuned model over the control is specialisation,
 not merely more training. When the recipe learns the machine's hum template ([finetune] hum_template),
 the base network behind that template is scored too: what the network's own fine-tuning adds. All five models and spectral gating are then scored on the machine's test
 fragments (the finetune protocol), and the script prints ΔSNR side by side, the paired gains of the
@@ -144,14 +145,31 @@ def measure(workspace, machine: str, recipe: str, general_devices: list[str], sp
             if SPECIALIST in delta else None}
 
 
+def base_training_hum(plan) -> dict | None:
+    """The [data] hum of the recipe the base model was last trained with (its checkpoint's lineage), if any:
+    the boxed model was continued with synthetic hum families in half its examples (recipes/general-hum.toml)."""
+    from workbench.model.checkpoint import read_checkpoint_info
+    from workbench.recipes import load_recipe
+
+    recipe = (read_checkpoint_info(plan.base_path).get("lineage") or {}).get("recipe")
+    return load_recipe(recipe)["data"].get("hum") if recipe else None
+
+
 def train_control(plan, params: dict, general_devices: list[str], run_dir: Path):
     """The equal-compute rival: the base trained with the fine-tuned model's best trial settings, on the
-    general model's train noise (`general_devices`) instead of the machine's; its best validation step kept."""
+    general model's train noise (`general_devices`) instead of the machine's, mixed as the base's own training
+    mixed it (its recipe's synthetic hum families included: without them the control forgets the hum the base
+    removes, and a gain over it would be partly that forgetting); its best validation step kept."""
     from workbench.train.loop import BEST_FILE, load_weights
     from workbench.train.pretrain import select_noise
     from workbench.train.tuning import train_with_params, validation_mixtures  # the study's own data and loop
 
-    general = dataclasses.replace(plan, noise={**plan.noise, "train": select_noise(plan.workspace, general_devices, [], "train")})
+    recipe = copy.deepcopy(plan.recipe)
+    hum = base_training_hum(plan)
+    if hum is not None:
+        recipe["data"]["hum"] = hum
+    general = dataclasses.replace(plan, recipe=recipe,
+                                  noise={**plan.noise, "train": select_noise(plan.workspace, general_devices, [], "train")})
     _, model = train_with_params(general, params, run_dir, base_model=plan.base_model,
                                  validation=validation_mixtures(plan), progress=lambda *a, **k: None, stage="control")
     load_weights(model, run_dir / BEST_FILE)
